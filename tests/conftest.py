@@ -1,0 +1,116 @@
+"""Shared fixtures: a real Mosquitto broker on a free loopback port, and a leak check."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
+
+
+@dataclass
+class Broker:
+    """A Mosquitto process on 127.0.0.1 that tests can stop and start again."""
+
+    workdir: Path
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        conf = self.workdir / "mosquitto.conf"
+        conf.write_text(
+            f"listener {self.port} 127.0.0.1\n"
+            "allow_anonymous true\n"
+            "persistence true\n"
+            f"persistence_location {self.workdir}/\n"
+            "max_inflight_messages 0\n"
+            "max_queued_messages 0\n"
+            "log_type error\n"
+        )
+        self.proc = subprocess.Popen(
+            [MOSQUITTO, "-c", str(conf)],
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.workdir / "mosquitto.log", "ab"),  # noqa: SIM115
+        )
+        wait_port(self.port)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self.proc = None
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Broker]:
+    """A fresh Mosquitto broker, stopped at the end of the test."""
+    if not os.path.exists(MOSQUITTO):
+        pytest.fail("mosquitto is not installed (apt-get install mosquitto)")
+    b = Broker(tmp_path / "broker")
+    b.workdir.mkdir()
+    b.start()
+    try:
+        yield b
+    finally:
+        b.stop()
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_threads() -> Iterator[None]:
+    """Fail a test that leaves threads running behind it."""
+    before = set(threading.enumerate())
+    yield
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline:
+        extra = [t for t in threading.enumerate() if t not in before and t.is_alive()]
+        extra = [t for t in extra if not t.daemon or not t.name.startswith("asyncio_")]
+        if not extra:
+            return
+        time.sleep(0.05)
+    names = ", ".join(t.name for t in extra)
+    pytest.fail(f"test left threads running: {names}")
+
+
+@pytest.fixture(autouse=True)
+async def no_leaked_tasks() -> None:
+    """Fail an async test that leaves asyncio tasks running on its loop."""
+    yield  # type: ignore[misc]
+    current = asyncio.current_task()
+    for _ in range(50):
+        others = [t for t in asyncio.all_tasks() if t is not current and not t.done()]
+        if not others:
+            return
+        await asyncio.sleep(0.02)
+    pytest.fail(f"test left tasks running: {[t.get_name() for t in others]}")
