@@ -1,0 +1,244 @@
+"""The controller contract: what a controller is given, what it returns, and how it is found.
+
+Every controller (the thesis's fuzzy controllers, the close-loop baseline, the
+rule-based fallback, an ML model) is a small object with a ``name``, an async
+``decide(ctx) -> Decision`` and a ``close()``. Controllers are registered by
+name with :func:`register` and built with :func:`create`, so the gateway picks
+one from the config string without an if/elif chain (STYLE.md habit 9).
+
+``decide`` is async only so that a controller backed by a model can await a
+worker thread; every built-in controller is pure, synchronous numpy code
+underneath. The safety layer sits below every controller and may clamp or
+refuse the doses returned here.
+
+The registry is the one piece of module-level state in rules/: it is filled
+once, at import time, by the ``@register`` decorators and never changed
+afterwards (registering a name twice is an error), so it is configuration,
+not mutable run-time state.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Literal, Protocol, TypeVar
+
+__all__ = [
+    "ACTUATORS",
+    "Controller",
+    "ControllerError",
+    "ControllerFactory",
+    "ControllerOptions",
+    "Decision",
+    "DecisionContext",
+    "Dose",
+    "PlantConstants",
+    "RulesError",
+    "UnknownControllerError",
+    "create",
+    "names",
+    "register",
+]
+
+#: The actuators a hydroponic node drives, by their NodeLink names.
+ACTUATORS: tuple[str, ...] = ("nutrient", "ph_up", "ph_down", "refill")
+
+_DEFAULT_FLOW_ML_S: Mapping[str, float] = MappingProxyType(
+    {"nutrient": 1.58, "ph_up": 1.58, "ph_down": 1.58, "refill": 1.58}
+)
+
+
+class RulesError(Exception):
+    """Base of every error raised by the rules/ layer."""
+
+
+class ControllerError(RulesError):
+    """A controller could not be built or could not decide."""
+
+
+class UnknownControllerError(ControllerError, KeyError):
+    """No controller is registered under the requested name."""
+
+    def __init__(self, name: str, known: tuple[str, ...]) -> None:
+        super().__init__(f"unknown controller {name!r} (known: {', '.join(known)})")
+        self.name = name
+        self.known = known
+
+    def __str__(self) -> str:
+        # KeyError quotes its argument; keep the plain message.
+        return str(self.args[0])
+
+
+@dataclass(frozen=True)
+class Dose:
+    """One actuator run: ``duty`` 0..255 (PWM) for ``ms`` milliseconds."""
+
+    actuator: str
+    duty: int
+    ms: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.duty <= 255:
+            raise ValueError(f"duty must be 0..255, got {self.duty}")
+        if self.ms < 0:
+            raise ValueError(f"ms must be >= 0, got {self.ms}")
+
+
+@dataclass(frozen=True)
+class PlantConstants:
+    """The physical constants that dose-computing controllers need.
+
+    Defaults are the control documentation's plant: a 10 L tank, a
+    10,000 ppm nutrient stock and pumps of 1.58 ml/s.
+    """
+
+    tank_volume_l: float = 10.0
+    stock_ppm: float = 10000.0
+    flow_ml_s: Mapping[str, float] = field(default_factory=lambda: _DEFAULT_FLOW_ML_S)
+
+    def __post_init__(self) -> None:
+        if not self.tank_volume_l > 0:
+            raise ValueError(f"tank_volume_l must be > 0, got {self.tank_volume_l}")
+        if not self.stock_ppm > 0:
+            raise ValueError(f"stock_ppm must be > 0, got {self.stock_ppm}")
+        for actuator, flow in self.flow_ml_s.items():
+            if not flow > 0:
+                raise ValueError(f"flow_ml_s[{actuator}] must be > 0, got {flow}")
+        # Freeze the mapping too, so a frozen PlantConstants is really immutable.
+        object.__setattr__(self, "flow_ml_s", MappingProxyType(dict(self.flow_ml_s)))
+
+    def flow(self, actuator: str) -> float:
+        """The flow of ``actuator`` in ml/s; raises ``KeyError`` if it has none."""
+        return self.flow_ml_s[actuator]
+
+
+@dataclass(frozen=True)
+class DecisionContext:
+    """Everything a controller may look at for one decision of one loop.
+
+    ``measured`` is the averaged measurement of the loop's variable (ppm for
+    ``"tds"``, pH for ``"ph"``); ``previous_error`` is the error of the
+    previous decision in the same cycle (``None`` at the start of a cycle);
+    ``values`` holds the latest calibrated readings of every key;
+    ``band`` is the (low, high) range that counts as on target.
+    """
+
+    loop: Literal["tds", "ph"]
+    setpoint: float
+    measured: float
+    previous_error: float | None
+    values: Mapping[str, float]
+    plant: PlantConstants
+    band: tuple[float, float]
+
+    @property
+    def error(self) -> float:
+        """``setpoint - measured``: positive when the value is too low."""
+        return self.setpoint - self.measured
+
+    @property
+    def delta_error(self) -> float:
+        """``error - previous_error``, 0 when there is no previous error."""
+        if self.previous_error is None:
+            return 0.0
+        return self.error - self.previous_error
+
+    @property
+    def in_band(self) -> bool:
+        """Whether the measurement lies inside ``band`` (edges included)."""
+        low, high = self.band
+        return low <= self.measured <= high
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The doses one decision asks for, and who really decided.
+
+    ``controller`` names whoever actually decided, e.g. ``"rb"`` when the
+    ``"ml"`` controller fell back to the rule-based one; ``note`` says why
+    when that is not obvious (a fallback, no rule fired, ...).
+    """
+
+    doses: tuple[Dose, ...]
+    controller: str
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class ControllerOptions:
+    """Construction options shared by every controller factory."""
+
+    rb_variant: str = "band"
+    model_path: str | None = None
+
+
+class Controller(Protocol):
+    """What the gateway needs from a controller."""
+
+    name: str
+
+    async def decide(self, ctx: DecisionContext) -> Decision:
+        """Return the doses for ``ctx.loop`` given the context."""
+        ...
+
+    def close(self) -> None:
+        """Release whatever the controller holds (threads, models)."""
+        ...
+
+
+ControllerFactory = Callable[[ControllerOptions], Controller]
+_F = TypeVar("_F", bound=ControllerFactory)
+
+_REGISTRY: dict[str, ControllerFactory] = {}
+
+#: Modules whose import registers the built-in controllers.
+_BUILTIN_MODULES: tuple[str, ...] = ("rules.rb",)
+
+
+def register(name: str) -> Callable[[_F], _F]:
+    """Class or function decorator: register a controller factory under ``name``."""
+
+    def decorator(factory: _F) -> _F:
+        if name in _REGISTRY and _REGISTRY[name] is not factory:
+            raise ControllerError(f"controller {name!r} is already registered")
+        _REGISTRY[name] = factory
+        return factory
+
+    return decorator
+
+
+def _load_builtins() -> None:
+    for module in _BUILTIN_MODULES:
+        importlib.import_module(module)
+
+
+def names() -> tuple[str, ...]:
+    """The names of every registered controller, sorted."""
+    _load_builtins()
+    return tuple(sorted(_REGISTRY))
+
+
+def create(name: str, options: ControllerOptions | None = None) -> Controller:
+    """Build the controller registered under ``name``.
+
+    Raises :class:`UnknownControllerError` for an unknown name and
+    :class:`ControllerError` (chained) when the factory itself fails.
+    """
+    _load_builtins()
+    try:
+        factory = _REGISTRY[name]
+    except KeyError:
+        raise UnknownControllerError(name, tuple(sorted(_REGISTRY))) from None
+    try:
+        return factory(options if options is not None else ControllerOptions())
+    except ControllerError:
+        raise
+    except (ValueError, TypeError, OSError) as exc:
+        raise ControllerError(f"cannot build controller {name!r}: {exc}") from exc
+
+
+# Register the built-in controllers on import. These modules import this one;
+# everything they need is defined above, so the cycle is harmless.
+_load_builtins()

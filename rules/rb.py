@@ -1,0 +1,177 @@
+"""The control documentation's rule-based (RB) controller: the fallback of last resort.
+
+RB only acts when a value is *outside* its band (seed 002, "Zone: OUTSIDE
+threshold") and computes pump seconds with simple physics:
+
+- pH below the band: ``ph_up = min(cap_ph, (ref - pH) * gain)``; above it:
+  ``ph_down = min(cap_ph, (pH - ref) * gain)``. The gain (50 s per pH unit)
+  is the document's empirical constant ("~80 ml per pH unit"); it is not
+  derived from the plant.
+- ppm below the band: nutrient by mass balance, ``Vadd = (ref - ppm)·V/Cs``,
+  ``t = Vadd/Q``, capped at ``cap_nutrient_s``. With the default plant this
+  is 63.29 s per 100 ppm; the document rounds it to 63 s.
+- ppm above the band: fresh water by dilution, ``Vwater = V·(ppm/ref - 1)``,
+  ``t = Vwater/Q``, capped at ``cap_refill_s``.
+- water level below ``level_low``: refill at least ``low_level_refill_s``.
+
+The document contradicts itself about the reference ``ref``: its formulas
+use the band edge (pH 5.5 / 6.5, 560 / 840 ppm), its worked example the
+target (e = 6.0 − 5.3 → 35 s). Both are here: ``variant="band"`` (default,
+the formulas) and ``variant="target"`` (the example), chosen by
+``ControllerOptions.rb_variant``. In both, RB only acts outside the band.
+
+The tank volume, stock concentration and flows come from
+:class:`~rules.controller.PlantConstants`, so another tank or pump changes
+the nutrient and water doses consistently.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Literal
+
+from rules.controller import (
+    ControllerError,
+    ControllerOptions,
+    Decision,
+    DecisionContext,
+    Dose,
+    PlantConstants,
+    register,
+)
+
+__all__ = ["RbController", "RbSeconds", "RbThresholds", "rb_seconds"]
+
+RbVariant = Literal["band", "target"]
+_VARIANTS: tuple[RbVariant, ...] = ("band", "target")
+
+
+@dataclass(frozen=True)
+class RbThresholds:
+    """Bands, targets and caps of the RB controller (seed 002 defaults)."""
+
+    ph_low: float = 5.5
+    ph_high: float = 6.5
+    ph_target: float = 6.0
+    ppm_low: float = 560.0
+    ppm_high: float = 840.0
+    ppm_target: float = 700.0
+    level_low: float = 1.2
+    level_target: float = 1.8
+    cap_ph_s: float = 50.0
+    cap_nutrient_s: float = 63.0
+    cap_refill_s: float = 120.0
+    low_level_refill_s: float = 60.0
+    ph_gain_s_per_unit: float = 50.0
+
+
+@dataclass(frozen=True)
+class RbSeconds:
+    """Pump run times in seconds (0 means: do not run)."""
+
+    ph_up: float
+    ph_down: float
+    nutrient: float
+    refill: float
+
+
+def rb_seconds(
+    ph: float,
+    ppm: float,
+    water_level: float | None,
+    *,
+    variant: RbVariant = "band",
+    thresholds: RbThresholds = RbThresholds(),  # noqa: B008 - frozen, immutable default
+    plant: PlantConstants = PlantConstants(),  # noqa: B008 - frozen, immutable default
+) -> RbSeconds:
+    """Seconds each pump should run for the given readings (pure function).
+
+    ``variant`` picks the reference of the proportional terms: the band edge
+    (``"band"``) or the target (``"target"``). A ``water_level`` of ``None``
+    (no level sensor) disables the low-level refill rule.
+    """
+    if variant not in _VARIANTS:
+        raise ValueError(f"variant must be one of {_VARIANTS}, got {variant!r}")
+    t = thresholds
+    by_band = variant == "band"
+
+    ph_up = ph_down = nutrient = refill = 0.0
+    if ph < t.ph_low:
+        ref = t.ph_low if by_band else t.ph_target
+        ph_up = min(t.cap_ph_s, (ref - ph) * t.ph_gain_s_per_unit)
+    elif ph > t.ph_high:
+        ref = t.ph_high if by_band else t.ph_target
+        ph_down = min(t.cap_ph_s, (ph - ref) * t.ph_gain_s_per_unit)
+
+    volume_ml = plant.tank_volume_l * 1000.0
+    if ppm < t.ppm_low:
+        ref = t.ppm_low if by_band else t.ppm_target
+        stock_ml = (ref - ppm) * volume_ml / plant.stock_ppm  # mass balance
+        nutrient = min(t.cap_nutrient_s, stock_ml / plant.flow("nutrient"))
+    elif ppm > t.ppm_high:
+        ref = t.ppm_high if by_band else t.ppm_target
+        water_ml = volume_ml * (ppm / ref - 1.0)  # dilution C1·V1 = C2·V2
+        refill = min(t.cap_refill_s, water_ml / plant.flow("refill"))
+
+    if water_level is not None and water_level < t.level_low:
+        refill = max(refill, t.low_level_refill_s)
+
+    return RbSeconds(ph_up=ph_up, ph_down=ph_down, nutrient=nutrient, refill=refill)
+
+
+def _dose(actuator: str, seconds: float) -> Dose | None:
+    ms = round(seconds * 1000.0)
+    return Dose(actuator, 255, ms) if ms > 0 else None
+
+
+@register("rb")
+class RbController:
+    """Registered controller ``"rb"``: RB doses for one loop, PWM 255.
+
+    The loop's band and target come from the decision context (the node's
+    setpoint and tolerance, or a crop preset); the other thresholds and the
+    caps are ``thresholds``. With the document's setpoints (700 ppm ± 140,
+    pH 6.0 ± 0.5) the two agree.
+    """
+
+    name = "rb"
+
+    def __init__(
+        self,
+        options: ControllerOptions | None = None,
+        thresholds: RbThresholds = RbThresholds(),  # noqa: B008 - frozen, immutable default
+    ) -> None:
+        variant = (options or ControllerOptions()).rb_variant
+        if variant not in _VARIANTS:
+            raise ControllerError(f"rb_variant must be one of {_VARIANTS}, got {variant!r}")
+        self.variant: RbVariant = "band" if variant == "band" else "target"
+        self.thresholds = thresholds
+
+    def seconds(self, ctx: DecisionContext) -> RbSeconds:
+        """RB seconds for ``ctx`` with the loop's band and target taken from ``ctx``."""
+        low, high = ctx.band
+        level = ctx.values.get("water_level")
+        if ctx.loop == "tds":
+            t = replace(self.thresholds, ppm_low=low, ppm_high=high, ppm_target=ctx.setpoint)
+            ph = (t.ph_low + t.ph_high) / 2.0  # the other loop is not this call's business
+            return rb_seconds(ph, ctx.measured, level, variant=self.variant, thresholds=t,
+                              plant=ctx.plant)
+        t = replace(self.thresholds, ph_low=low, ph_high=high, ph_target=ctx.setpoint)
+        ppm = (t.ppm_low + t.ppm_high) / 2.0
+        return rb_seconds(ctx.measured, ppm, None, variant=self.variant, thresholds=t,
+                          plant=ctx.plant)
+
+    async def decide(self, ctx: DecisionContext) -> Decision:
+        """Doses of ``ctx.loop``: nutrient and/or refill (tds), ph_up or ph_down (ph)."""
+        s = self.seconds(ctx)
+        pairs = (
+            (("nutrient", s.nutrient), ("refill", s.refill))
+            if ctx.loop == "tds"
+            else (("ph_up", s.ph_up), ("ph_down", s.ph_down))
+        )
+        doses = tuple(d for a, sec in pairs if (d := _dose(a, sec)) is not None)
+        note = "" if doses else "inside band"
+        return Decision(doses=doses, controller=self.name, note=note)
+
+    def close(self) -> None:
+        """Nothing to release."""
