@@ -1,0 +1,381 @@
+"""Edge control of one node: settings, the control cycle, and every actuation.
+
+Every actuation of a node, whether a controller or an RPC asked for it, goes
+through `NodeControl.actuate`, and so through the node's `SafetyGuard`. The
+control cycle exists only when the node has a `control:` section; manual
+doses and `stop` work on every node.
+
+Settings changed at run time (shared attributes, `set_mode`) are validated
+as a whole, applied at once and persisted in the store together with the
+config file's own values: after a restart the run-time values win, unless the
+config file itself was edited since, in which case the file wins.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from drivers.link import LinkError
+from gateway.clock import Clock
+from gateway.errors import CommandError
+from gateway.config import ConfigError, ControlConfig, NodeConfig, apply_control_update
+from gateway.config import control_settings as settings_of
+from gateway.store import Store
+from gateway.systemd import fields
+from rules.controller import Controller, ControllerOptions, Dose, PlantConstants, create
+from rules.cycle import ControlCycle, CycleSettings, Triggers
+from rules.safety import SafetyGuard, SafetyLimits, SafetyRefusal, SensorWatch
+from rules.severity import DEFAULT_BANDS, Band
+
+if TYPE_CHECKING:
+    from gateway.node import NodeRunner
+
+log = logging.getLogger("hydrogate.control")
+
+#: How often the control loop wakes without a new reading (schedules, hold times).
+TICK_S = 1.0
+
+
+def _plant_constants(config: NodeConfig) -> PlantConstants:
+    if config.plant is None:
+        return PlantConstants()
+    return PlantConstants(
+        tank_volume_l=config.plant.tank_volume_l,
+        stock_ppm=config.plant.stock_ppm,
+        flow_ml_s=dict(config.plant.flow_ml_s),
+    )
+
+
+def _limits(config: NodeConfig) -> SafetyLimits:
+    s = config.safety
+    return SafetyLimits(
+        max_actuation_ms=s.max_actuation_ms,
+        max_ms_per_hour=s.max_ms_per_hour,
+        stale_after_s=s.stale_after_s,
+        min_water_level_l=s.min_water_level_l,
+        ph_range=s.ph_range,
+        tds_range=s.tds_range,
+        stuck_after_s=s.stuck_after_s,
+    )
+
+
+class NodeControl:
+    """Safety, manual doses and (with a `control:` section) the automatic cycle."""
+
+    def __init__(self, node: NodeRunner, config: NodeConfig, *, store: Store, clock: Clock) -> None:
+        self._node = node
+        self._config = config
+        self._store = store
+        self._clock = clock
+        self.plant = _plant_constants(config)
+        self.watch = SensorWatch()
+        self.guard = SafetyGuard(_limits(config), actuators=(), watch=self.watch)
+        self.settings: ControlConfig | None = config.control
+        self._controller: Controller | None = None
+        self._cycle: ControlCycle | None = None
+        self._triggers: Triggers | None = None
+        self._rebuild()
+
+    # -------------------------------------------------------------- settings
+    @property
+    def severity_bands(self) -> Mapping[str, Band]:
+        """Severity bands, with the crop's pH and ppm ranges when one is set."""
+        bands = dict(DEFAULT_BANDS)
+        settings = self.settings
+        if settings is not None:
+            if settings.tds_band is not None:
+                bands["tds"] = bands["tds"].with_normal(*settings.tds_band)
+            if settings.ph_band is not None:
+                bands["ph"] = bands["ph"].with_normal(*settings.ph_band)
+        return bands
+
+    def _rebuild(self, *, controller_changed: bool = True) -> None:
+        settings = self.settings
+        if settings is None:
+            return
+        if controller_changed or self._controller is None:
+            if self._controller is not None:
+                self._controller.close()
+            self._controller = create(
+                settings.controller,
+                ControllerOptions(rb_variant=settings.rb_variant),
+            )
+        cycle_settings = CycleSettings(
+            tds_setpoint=settings.tds_setpoint,
+            ph_setpoint=settings.ph_setpoint,
+            tds_tolerance_pct=settings.tds_tolerance_pct,
+            ph_tolerance=settings.ph_tolerance,
+            tds_average_s=settings.tds_average_s,
+            ph_average_s=settings.ph_average_s,
+            mixing_wait_s=settings.mixing_wait_s,
+            tds_hold_s=settings.tds_hold_s,
+            ph_hold_s=settings.ph_hold_s,
+            max_cycle_s=settings.max_cycle_s,
+        )
+        running = self._cycle is not None and self._cycle.state != "idle"
+        if running:
+            self.abort("control settings changed")
+        self._cycle = ControlCycle(
+            cycle_settings,
+            self._controller,
+            self.plant,
+            actuators=self._node.actuators or ("nutrient", "ph_up", "ph_down", "refill"),
+        )
+        self._triggers = Triggers(settings.schedule, settings.interval)
+
+    async def load_settings(self) -> None:
+        """Restore run-time settings and the rolling-hour actuation ledger."""
+        now_wall = self._clock.time()
+        history = await self._store.actuations_since(self._node.name, now_wall - 3600)
+        self.guard = SafetyGuard(
+            _limits(self._config),
+            actuators=self._node.actuators,
+            watch=self.watch,
+            history=[(a, self._to_mono(ts), ms) for a, ts, ms in history],
+        )
+        base = self._config.control
+        if base is None:
+            return
+        saved = await self._store.load_settings(self._node.name)
+        if not saved:
+            return
+        if saved.get("base") != settings_of(base):
+            log.info(
+                "node %s: config file changed since the last run-time settings; the file wins",
+                self._node.name,
+                extra=fields(node=self._node.name),
+            )
+            await self._store.save_settings(self._node.name, {})
+            return
+        try:
+            self.settings = apply_control_update(base, saved.get("current", {}))
+        except ConfigError as exc:
+            log.warning("node %s: saved settings ignored: %s", self._node.name, exc)
+            return
+        self._rebuild()
+        log.info(
+            "node %s: run-time settings restored: %s",
+            self._node.name,
+            settings_of(self.settings),
+            extra=fields(node=self._node.name),
+        )
+
+    def _to_mono(self, wall_s: float) -> float:
+        return self._clock.monotonic() - (self._clock.time() - wall_s)
+
+    async def update_settings(self, data: Mapping[str, Any], *, source: str) -> dict[str, Any]:
+        """Validate and apply an update as a whole; raises CommandError if any value is bad."""
+        if self.settings is None or self._config.control is None:
+            raise CommandError(f"node {self._node.name} has no control section")
+        try:
+            updated = apply_control_update(self.settings, data)
+        except ConfigError as exc:
+            log.warning(
+                "node %s: %s refused: %s",
+                self._node.name,
+                source,
+                "; ".join(f"{p}: {m}" for p, m in exc.errors),
+                extra=fields(node=self._node.name),
+            )
+            raise CommandError(str(exc)) from exc
+        old = self.settings
+        self.settings = updated
+        self._rebuild(controller_changed=updated.controller != old.controller)
+        current = settings_of(updated)
+        await self._store.save_settings(
+            self._node.name, {"base": settings_of(self._config.control), "current": current}
+        )
+        log.info(
+            "node %s: settings updated by %s: %s",
+            self._node.name,
+            source,
+            {k: current[k] for k in data if k in current},
+            extra=fields(node=self._node.name),
+        )
+        return current
+
+    # -------------------------------------------------------------- the loop
+    def observe(self, values: Mapping[str, float | None]) -> None:
+        """Feed the safety watch with a calibrated reading."""
+        self.watch.update(self._clock.monotonic(), values)
+
+    async def run(self, reading: asyncio.Event) -> None:
+        """While the link is up: start cycles when due and carry out their doses."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(TICK_S):
+                    await reading.wait()
+            reading.clear()
+            await self.tick()
+
+    async def tick(self) -> None:
+        """One control step: triggers, then the cycle's doses through the guard."""
+        cycle, settings, triggers = self._cycle, self.settings, self._triggers
+        if cycle is None or settings is None or triggers is None:
+            return
+        now = self._clock.monotonic()
+        if settings.mode == "auto" and cycle.state == "idle" and triggers.due(self._clock.now()):
+            self._start(now, "schedule" if settings.schedule else "interval")
+        if cycle.state == "idle":
+            return
+        doses = await cycle.tick(now, dict(self._node.latest))
+        decision = cycle.last_decision
+        who = decision.controller if decision is not None else settings.controller
+        for dose in doses:
+            try:
+                await self.actuate(dose, controller=who, strict=False)
+            except (SafetyRefusal, CommandError, LinkError):
+                # Logged and recorded where raised; the cycle re-decides next window.
+                continue
+
+    def _start(self, now: float, why: str) -> None:
+        assert self._cycle is not None
+        self._cycle.start(now)
+        log.info(
+            "node %s: control cycle started (%s)", self._node.name, why,
+            extra=fields(node=self._node.name),
+        )
+
+    def abort(self, why: str) -> None:
+        """Abort the running cycle (actuators are stopped by the caller)."""
+        if self._cycle is not None and self._cycle.state != "idle":
+            self._cycle.abort(self._clock.monotonic())
+            log.info(
+                "node %s: control cycle aborted (%s)", self._node.name, why,
+                extra=fields(node=self._node.name),
+            )
+
+    def link_lost(self) -> None:
+        """No commands can reach the node: abort; its own watchdog stops the pumps."""
+        self.abort("link lost")
+        self.guard.stop_all(self._clock.monotonic())
+
+    def node_rebooted(self) -> None:
+        """A node restart stopped its actuators."""
+        self.guard.stop_all(self._clock.monotonic())
+
+    def stopped(self) -> None:
+        """The node confirmed `stop`."""
+        self.guard.stop_all(self._clock.monotonic())
+
+    def close(self) -> None:
+        """Release the controller (an ML controller owns a worker thread)."""
+        if self._controller is not None:
+            self._controller.close()
+            self._controller = None
+
+    # ------------------------------------------------------------- actuation
+    async def actuate(self, dose: Dose, *, controller: str, strict: bool) -> Dose:
+        """Run one dose through the safety guard and command it on the node."""
+        node = self._node
+        link = node.link()
+        now = self._clock.monotonic()
+        ts = int(self._clock.time() * 1000)
+        try:
+            if dose.actuator not in node.actuators:
+                raise SafetyRefusal(dose.actuator, "the node did not announce this actuator")
+            permit = self.guard.permit(dose, now, strict=strict)
+        except SafetyRefusal as exc:
+            self._refused(ts, dose, exc, controller)
+            raise
+        granted = permit.dose
+        if permit.clamped_reason:
+            log.warning(
+                "node %s: %s shortened from %d to %d ms (%s)",
+                node.name, dose.actuator, dose.ms, granted.ms, permit.clamped_reason,
+                extra=fields(node=node.name, actuator=dose.actuator),
+            )
+        try:
+            await link.request(
+                "actuate", actuator=granted.actuator, duty=granted.duty, ms=granted.ms
+            )
+        except LinkError:
+            # It may have run: count it against the hourly budget all the same.
+            self.guard.record(granted, now)
+            await self._store.record_actuation(node.name, granted.actuator, ts / 1000, granted.ms)
+            raise
+        self.guard.record(granted, now)
+        node.running[granted.actuator] = 1
+        await self._store.record_actuation(node.name, granted.actuator, ts / 1000, granted.ms)
+        entry: dict[str, Any] = {
+            f"{granted.actuator}_ms": granted.ms,
+            f"{granted.actuator}_duty": granted.duty,
+            "controller": controller,
+        }
+        if permit.clamped_reason:
+            entry["safety_clamped"] = f"{granted.actuator}: {permit.clamped_reason}"
+        node.record(ts, entry)
+        log.info(
+            "node %s: %s %d ms at duty %d (%s)",
+            node.name, granted.actuator, granted.ms, granted.duty, controller,
+            extra=fields(node=node.name, actuator=granted.actuator),
+        )
+        return granted
+
+    def _refused(self, ts: int, dose: Dose, exc: SafetyRefusal, controller: str) -> None:
+        log.warning(
+            "node %s: %s %d ms refused by safety (%s): %s",
+            self._node.name, dose.actuator, dose.ms, controller, exc.reason,
+            extra=fields(node=self._node.name, actuator=dose.actuator),
+        )
+        self._node.record(ts, {"safety_refused": f"{dose.actuator}: {exc.reason}"})
+
+    # ------------------------------------------------------------------- RPC
+    def state(self) -> dict[str, Any]:
+        """Cycle state and every control setting by its config name."""
+        state: dict[str, Any] = {"cycle": self._cycle.state if self._cycle else "idle"}
+        if self.settings is not None:
+            state.update(settings_of(self.settings))
+            decision = self._cycle.last_decision if self._cycle else None
+            if decision is not None:
+                state["last_controller"] = decision.controller
+        return state
+
+    async def rpc(self, method: str, params: Any) -> dict[str, Any]:
+        """The control RPCs of CONTRACT.md; raises CommandError with the reason."""
+        if method == "actuate":
+            dose = _parse_dose(params)
+            try:
+                granted = await self.actuate(dose, controller="manual", strict=True)
+            except SafetyRefusal as exc:
+                raise CommandError(f"refused by safety: {exc.reason}") from exc
+            except LinkError as exc:
+                raise CommandError(f"node did not confirm: {exc}") from exc
+            return {"actuator": granted.actuator, "ms": granted.ms, "duty": granted.duty}
+        if method in ("force_on", "force_stop", "set_mode") and self._cycle is None:
+            raise CommandError(f"node {self._node.name} has no control section")
+        if method == "force_on":
+            self._node.link()
+            if self._cycle is not None and self._cycle.state == "idle":
+                self._start(self._clock.monotonic(), "force_on")
+            return {"cycle": self._cycle.state if self._cycle else "idle"}
+        if method == "force_stop":
+            self.abort("force_stop")
+            if not await self._node.stop_actuators():
+                raise CommandError("cycle aborted, but the node did not confirm stop")
+            return {"cycle": "idle"}
+        if method == "set_mode":
+            mode = params.get("mode") if isinstance(params, Mapping) else params
+            current = await self.update_settings({"mode": mode}, source="RPC set_mode")
+            return {"mode": current["mode"]}
+        raise CommandError(f"unknown method {method!r}")
+
+
+def _parse_dose(params: Any) -> Dose:
+    if not isinstance(params, Mapping):
+        raise CommandError("params must be an object with actuator, ms and optional duty")
+    actuator = params.get("actuator")
+    ms = params.get("ms")
+    duty = params.get("duty", 255)
+    if not isinstance(actuator, str) or not actuator:
+        raise CommandError("params.actuator must be an actuator name")
+    for name, value, low, high in (("ms", ms, 1, 600000), ("duty", duty, 0, 255)):
+        if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
+            raise CommandError(f"params.{name} must be an integer")
+        if not low <= int(value) <= high:
+            raise CommandError(f"params.{name} must be between {low} and {high}")
+    return Dose(actuator, int(duty), int(ms))  # type: ignore[arg-type]

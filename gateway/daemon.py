@@ -1,0 +1,283 @@
+"""The daemon: builds the store, node tasks and uplink from a Config and runs them.
+
+Every task has one owner, the TaskGroup of `Gateway.run`. Signals only set
+flags: SIGTERM/SIGINT stop (actuators commanded off, buffer committed),
+SIGHUP reloads the config file (a bad file is refused and the running
+config stays).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from gateway.clock import Clock, SystemClock
+from gateway.config import Config, ConfigError, NodeConfig, load_config
+from gateway.errors import CommandError
+from gateway.node import NodeRunner
+from gateway.store import Store
+from gateway.systemd import fields, notify
+from gateway.uplink import Uplink
+
+log = logging.getLogger("hydrogate")
+
+#: SIGTERM must finish within 10 s (CONTRACT.md); stopping actuators gets this much.
+STOP_ACTUATORS_S = 5.0
+#: Keys a node's shared attributes may set (CONTRACT.md).
+SHARED_KEYS = ("mode", "controller", "tds_setpoint", "ph_setpoint", "schedule", "interval")
+
+
+class Gateway:
+    """The running gateway: node tasks, store, uplink; also the uplink's handler."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        config_path: Path | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.clock = clock or SystemClock()
+        self.started = time.monotonic()
+        self.runners: dict[str, NodeRunner] = {}
+        self.store: Store | None = None
+        self.uplink: Uplink | None = None
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._tg: asyncio.TaskGroup | None = None
+        self._stop = asyncio.Event()
+        self._reload = asyncio.Event()
+        self.ready = asyncio.Event()
+
+    # ------------------------------------------------------------ lifecycle
+    def request_stop(self) -> None:
+        """Ask the gateway to stop cleanly (signal-safe)."""
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        """True once a stop was requested."""
+        return self._stop.is_set()
+
+    async def wait_stopping(self) -> None:
+        """Wait until a stop is requested."""
+        await self._stop.wait()
+
+    def request_reload(self) -> None:
+        """Ask the gateway to re-read its config file (signal-safe)."""
+        self._reload.set()
+
+    async def run(self) -> None:
+        """Run until `request_stop`; then stop actuators, say goodbye, commit."""
+        cfg = self.config
+        async with Store.open(
+            cfg.storage.path,
+            max_rows=cfg.storage.max_rows,
+            max_bytes=cfg.storage.max_bytes,
+            max_payload_bytes=cfg.thingsboard.max_payload_bytes if cfg.thingsboard else 65536,
+            commit_interval=cfg.storage.commit_interval,
+        ) as store:
+            self.store = store
+            async with asyncio.TaskGroup() as tg:
+                self._tg = tg
+                for node in cfg.nodes:
+                    self._start_node(node)
+                self._start_uplink()
+                notify("READY=1")
+                notify(f"STATUS=running {len(cfg.nodes)} nodes")
+                self.ready.set()
+                log.info(
+                    "hydrogate %s running: %d nodes, buffer %s, %s",
+                    cfg.gateway.name,
+                    len(cfg.nodes),
+                    cfg.storage.path,
+                    f"ThingsBoard {cfg.thingsboard.host}:{cfg.thingsboard.port}"
+                    if cfg.thingsboard
+                    else "offline (buffer only)",
+                )
+                await self._supervise()
+                notify("STOPPING=1")
+                await self._shutdown()
+            self._tg = None
+        log.info("hydrogate stopped; %d readings buffered", store.stats.depth)
+
+    async def _supervise(self) -> None:
+        while not self._stop.is_set():
+            stop = asyncio.ensure_future(self._stop.wait())
+            reload = asyncio.ensure_future(self._reload.wait())
+            try:
+                await asyncio.wait({stop, reload}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stop.cancel()
+                reload.cancel()
+            if self._reload.is_set() and not self._stop.is_set():
+                self._reload.clear()
+                await self.reload()
+
+    async def _shutdown(self) -> None:
+        runners = list(self.runners.values())
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(STOP_ACTUATORS_S):
+                await asyncio.gather(*(r.shutdown() for r in runners))
+        for name in list(self._tasks):
+            await self._stop_task(name)
+        if self.uplink is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(2.0):
+                    await self.uplink.say_goodbye()
+            await self._stop_task("uplink")
+        assert self.store is not None
+        await self.store.flush()
+
+    def _start_node(self, node: NodeConfig) -> None:
+        assert self._tg is not None and self.store is not None
+        runner = NodeRunner(node, store=self.store, clock=self.clock)
+        self.runners[node.name] = runner
+        self._tasks[f"node:{node.name}"] = self._tg.create_task(
+            runner.run(), name=f"node:{node.name}"
+        )
+
+    def _start_uplink(self) -> None:
+        tb = self.config.thingsboard
+        if tb is None or self._tg is None or self.store is None:
+            self.uplink = None
+            return
+        self.uplink = Uplink(
+            tb,
+            gateway_name=self.config.gateway.name,
+            store=self.store,
+            handler=self,
+            devices=lambda: list(self.runners),
+            health_interval=self.config.gateway.health_interval,
+            health_extra=self.health_extra,
+        )
+        self._tasks["uplink"] = self._tg.create_task(self.uplink.run(), name="uplink")
+
+    async def _stop_task(self, name: str) -> None:
+        task = self._tasks.pop(name, None)
+        if task is None:
+            return
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    # ---------------------------------------------------------------- reload
+    async def reload(self) -> None:
+        """Apply the config file again; a bad file changes nothing."""
+        if self.config_path is None:
+            log.warning("SIGHUP ignored: no config file to reload")
+            return
+        try:
+            new = await asyncio.to_thread(load_config, self.config_path)
+        except ConfigError as exc:
+            log.error("reload refused, keeping the running config:\n%s", exc)
+            return
+        old = self.config
+        if new.storage != old.storage:
+            log.warning("storage settings changed: they take effect at the next restart")
+        self.config = new
+        old_nodes = {n.name: n for n in old.nodes}
+        new_nodes = {n.name: n for n in new.nodes}
+        for name, node in old_nodes.items():
+            if new_nodes.get(name) != node:
+                await self._remove_node(name, left=name not in new_nodes)
+        for name, node in new_nodes.items():
+            if old_nodes.get(name) != node:
+                self._start_node(node)
+                if self.uplink is not None:
+                    await self.uplink.device_added(name)
+        if new.thingsboard != old.thingsboard or new.gateway != old.gateway:
+            await self._stop_task("uplink")
+            self._start_uplink()
+        log.info("configuration reloaded from %s", self.config_path)
+
+    async def _remove_node(self, name: str, *, left: bool) -> None:
+        runner = self.runners.pop(name, None)
+        if runner is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(STOP_ACTUATORS_S):
+                    await runner.shutdown()
+        await self._stop_task(f"node:{name}")
+        if left and self.uplink is not None:
+            await self.uplink.device_removed(name)
+        log.info("node %s %s", name, "removed" if left else "restarted with new settings",
+                 extra=fields(node=name))
+
+    # ------------------------------------------------- uplink handler (RPC, attributes)
+    def shared_attribute_keys(self, device: str) -> list[str]:
+        """The shared attributes to request for a device at each session start."""
+        runner = self.runners.get(device)
+        if runner is None or runner.control.settings is None:
+            return []
+        return list(SHARED_KEYS)
+
+    def on_attributes(self, device: str, data: Mapping[str, Any]) -> None:
+        """Shared attributes changed on the server: apply them as a whole."""
+        runner = self.runners.get(device)
+        if runner is None:
+            log.warning("attributes for unknown device %r ignored", device)
+            return
+        update = {k: v for k, v in data.items() if k in SHARED_KEYS}
+        ignored = sorted(set(data) - set(update) - {"deleted"})
+        if ignored:
+            log.info("device %s: attributes %s are not settings, ignored", device, ignored)
+        if not update or runner.control.settings is None:
+            return
+        task = asyncio.ensure_future(self._apply_attributes(runner, update))
+        self._background(task)
+
+    async def _apply_attributes(self, runner: NodeRunner, update: Mapping[str, Any]) -> None:
+        with contextlib.suppress(CommandError):  # logged by update_settings
+            await runner.control.update_settings(update, source="shared attributes")
+
+    def _background(self, task: asyncio.Future[None]) -> None:
+        holder = self._tasks
+        key = f"bg:{id(task)}"
+        holder[key] = task  # type: ignore[assignment]
+        task.add_done_callback(lambda _t: holder.pop(key, None))
+
+    async def on_rpc(self, device: str, method: str, params: Any) -> dict[str, Any]:
+        """A server-side RPC to one node's device; the reply's `data`."""
+        runner = self.runners.get(device)
+        if runner is None:
+            return {"success": False, "error": f"unknown device {device!r}"}
+        try:
+            result = await runner.rpc(method, params)
+        except CommandError as exc:
+            return {"success": False, "error": str(exc)}
+        return {"success": True, **result}
+
+    def health_extra(self) -> Mapping[str, Any]:
+        """Per-node figures added to the gateway's own health telemetry."""
+        extra: dict[str, Any] = {"nodes_up": sum(r.link_up for r in self.runners.values())}
+        for name, runner in self.runners.items():
+            extra[f"{name}_link_errors"] = runner.stats.total_errors()
+            extra[f"{name}_link"] = "up" if runner.link_up else "down"
+        return extra
+
+
+async def run_daemon(
+    config: Config,
+    *,
+    config_path: Path | None = None,
+    signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGINT),
+) -> int:
+    """`hydrogate run`: the gateway with its signal handlers; returns the exit code."""
+    gateway = Gateway(config, config_path=config_path)
+    loop = asyncio.get_running_loop()
+    for sig in signals:
+        loop.add_signal_handler(sig, gateway.request_stop)
+    loop.add_signal_handler(signal.SIGHUP, gateway.request_reload)
+    try:
+        await gateway.run()
+    finally:
+        for sig in (*signals, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+    return 0

@@ -1,0 +1,322 @@
+"""One task per node: keep the link up, poll, stamp and store every reading.
+
+A `NodeRunner` owns everything about one NodeLink node: the link (reconnected
+with backoff), the latest values, the counters, and (when the node has a
+`control:` section) its `NodeControl`. A slow or dead node only ever delays
+its own task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from drivers.backoff import Backoff
+from drivers.link import Link, LinkError, LinkStats, RequestTimeout, open_link
+from drivers.nodelink import Event, Reply, clean_values
+from gateway.clock import Clock
+from gateway.config import NodeConfig
+from gateway.control import NodeControl
+from gateway.errors import CommandError
+from gateway.store import InvalidMessage, Store
+from gateway.systemd import fields
+from rules.calibration import Calibrator
+from rules.severity import Severity, assess
+
+log = logging.getLogger("hydrogate.node")
+
+#: Failed reads in a row after which the link is treated as down and reopened.
+MAX_FAILED_READS = 3
+#: Severity is assessed at most this often (seconds): it is for people, not pumps.
+SEVERITY_PERIOD_S = 1.0
+
+
+class NodeRunner:
+    """Polls one node and turns its replies and reports into stored readings."""
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        *,
+        store: Store,
+        clock: Clock,
+        backoff: Backoff | None = None,
+    ) -> None:
+        self.config = config
+        self.name = config.name
+        self._store = store
+        self._clock = clock
+        self._backoff = backoff or Backoff()
+        self.stats = LinkStats()
+        self.link_up = False
+        self.link_reason = "not connected yet"
+        self.fw: str | None = None
+        self.sensors: tuple[str, ...] = ()
+        self.actuators: tuple[str, ...] = ()
+        self.running: dict[str, int] = {}
+        self.latest: dict[str, float] = {}
+        self.latest_ts: int | None = None
+        self.flags: dict[str, str] = {}
+        self.readings = 0
+        self.severity: Severity | None = None
+        self._severity_key: tuple[str, tuple[str, ...]] | None = None
+        self._severity_at = -math.inf
+        self._calibrator = Calibrator(config.calibration) if config.calibration else None
+        self._link: Link | None = None
+        self._reading_event = asyncio.Event()
+        self.control = NodeControl(self, config, store=store, clock=clock)
+
+    # ------------------------------------------------------------------ link
+    async def run(self) -> None:
+        """Run until cancelled: connect, poll, reconnect with backoff."""
+        await self.control.load_settings()
+        try:
+            while True:
+                try:
+                    await self._session()
+                except LinkError as exc:
+                    self._set_down(str(exc) or type(exc).__name__)
+                except OSError as exc:
+                    self._set_down(f"{type(exc).__name__}: {exc}")
+                await asyncio.sleep(self._backoff.next())
+        finally:
+            self._link = None
+            self.control.close()
+
+    async def _session(self) -> None:
+        cfg = self.config
+        async with open_link(
+            cfg.url,
+            stats=self.stats,
+            on_event=self._on_event,
+            timeout=cfg.timeout,
+            retries=cfg.retries,
+            keepalive=cfg.keepalive,
+        ) as link:
+            hello = await link.request("hello")
+            self._on_hello(hello)
+            self.control.announced(self.actuators)
+            # We lost track of what ran while we were away: start from all off.
+            await link.request("stop")
+            self.running = {}
+            self._link = link
+            self._set_up()
+            self._backoff.reset()
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    tg.create_task(self._poll_loop(link), name=f"poll:{self.name}")
+                    if self.control.automatic:
+                        tg.create_task(
+                            self.control.run(self._reading_event), name=f"control:{self.name}"
+                        )
+            except* LinkError as group:
+                raise group.exceptions[0] from None
+            finally:
+                self._link = None
+                self.control.link_lost()
+
+    async def _poll_loop(self, link: Link) -> None:
+        interval = self.config.poll_interval
+        failures = 0
+        next_at = self._clock.monotonic()
+        while True:
+            try:
+                reply = await link.request("read")
+            except RequestTimeout:
+                failures += 1
+                if failures >= MAX_FAILED_READS:
+                    raise
+            else:
+                failures = 0
+                self._on_reading(reply.body)
+            next_at += interval
+            now = self._clock.monotonic()
+            if next_at < now:  # fell behind: skip missed polls rather than burst
+                next_at = now + interval - ((now - next_at) % interval)
+            await asyncio.sleep(next_at - now)
+
+    def _on_hello(self, hello: Reply) -> None:
+        body = hello.body
+        self.fw = str(body.get("fw", ""))
+        self.sensors = tuple(body.get("sensors", ()))
+        self.actuators = tuple(body.get("actuators", ()))
+        reported = body.get("node")
+        if reported and reported != self.name:
+            log.info(
+                "node %s introduces itself as %r (fw %s)",
+                self.name,
+                reported,
+                self.fw,
+                extra=fields(node=self.name),
+            )
+
+    def _set_up(self) -> None:
+        if not self.link_up:
+            log.info(
+                "node %s link up (%s, fw %s, actuators %s)",
+                self.name,
+                self.config.url,
+                self.fw,
+                ",".join(self.actuators) or "none",
+                extra=fields(node=self.name),
+            )
+        self.link_up = True
+        self.link_reason = ""
+
+    def _set_down(self, reason: str) -> None:
+        if self.link_up or self.link_reason != reason:
+            log.warning(
+                "node %s link down: %s", self.name, reason, extra=fields(node=self.name)
+            )
+        self.link_up = False
+        self.link_reason = reason
+        self.running = {}
+
+    # -------------------------------------------------------------- readings
+    def _on_event(self, event: Event) -> None:
+        body = event.body
+        if event.event == "report":
+            self._on_reading(body)
+        elif event.event == "actuator":
+            actuator = body.get("actuator")
+            if isinstance(actuator, str):
+                self.running[actuator] = 1 if body.get("on") else 0
+        elif event.event == "boot":
+            log.info(
+                "node %s (re)started (fw %s)",
+                self.name,
+                body.get("fw"),
+                extra=fields(node=self.name),
+            )
+            self.running = {}
+            self.control.node_rebooted()
+
+    def _on_reading(self, body: Mapping[str, Any]) -> None:
+        """Calibrate, stamp with our clock and commit one reading."""
+        raw = body.get("values")
+        if not isinstance(raw, Mapping):
+            self.stats.count("field")
+            return
+        values, dropped = clean_values(raw)
+        if dropped:
+            self.stats.count("bad_value", dropped)
+        flags: Mapping[str, str] = {}
+        if self._calibrator is not None:
+            calibrated = self._calibrator.apply(values)
+            values, flags = calibrated.values, calibrated.flags
+        ts = int(self._clock.time() * 1000)
+        entry: dict[str, Any] = {k: v for k, v in values.items() if v is not None}
+        for key, flag in flags.items():
+            entry[f"{key}_flag"] = flag
+        if not entry:
+            return
+        try:
+            self._store.append(self.name, ts, entry)
+        except InvalidMessage as exc:
+            self.stats.count("invalid_reading")
+            log.warning("node %s: reading refused: %s", self.name, exc)
+            return
+        self.readings += 1
+        self.latest_ts = ts
+        for key, value in values.items():
+            if value is None:
+                self.latest.pop(key, None)
+            else:
+                self.latest[key] = value
+        self.flags = dict(flags)
+        self.control.observe(values)
+        self._reading_event.set()
+        self._update_severity(ts)
+
+    def _update_severity(self, ts: int) -> None:
+        now = self._clock.monotonic()
+        if now - self._severity_at < SEVERITY_PERIOD_S:
+            return
+        self._severity_at = now
+        severity = assess(self.latest, self.control.severity_bands)
+        off = tuple(sorted(k for k, degree in severity.degrees.items() if degree > 0))
+        key = (severity.level, off)
+        self.severity = severity
+        if key == self._severity_key:
+            return
+        self._severity_key = key
+        self.record(ts, {"severity": severity.level, "severity_reason": severity.reason or "ok"})
+        if severity.level in ("warning", "urgent"):
+            log.warning(
+                "node %s severity %s: %s",
+                self.name,
+                severity.level,
+                severity.reason,
+                extra=fields(node=self.name, severity=severity.level),
+            )
+
+    def record(self, ts: int, values: Mapping[str, Any]) -> None:
+        """Commit a gateway-made entry (actuation, severity, refusal) for this device."""
+        try:
+            self._store.append(self.name, ts, values)
+        except InvalidMessage as exc:  # our own entries are small; this is a bug
+            log.error("node %s: entry refused by validation: %s", self.name, exc)
+
+    # ---------------------------------------------------------------- commands
+    def link(self) -> Link:
+        """The open link, or CommandError when the node is unreachable."""
+        if self._link is None or not self.link_up:
+            raise CommandError(f"node {self.name} link is down ({self.link_reason})")
+        return self._link
+
+    async def stop_actuators(self, *, timeout: float = 3.0) -> bool:
+        """Send NodeLink `stop`; True if the node confirmed it."""
+        link = self._link
+        if link is None:
+            return False
+        try:
+            async with asyncio.timeout(timeout):
+                await link.request("stop")
+        except (LinkError, TimeoutError) as exc:
+            log.warning(
+                "node %s: stop not confirmed: %s", self.name, exc, extra=fields(node=self.name)
+            )
+            return False
+        self.running = {key: 0 for key in self.running}
+        self.control.stopped()
+        return True
+
+    async def shutdown(self) -> None:
+        """Clean stop: abort any cycle and command every actuator off."""
+        self.control.abort("gateway stopping")
+        with contextlib.suppress(CommandError):
+            self.link()
+            await self.stop_actuators()
+
+    def state(self) -> dict[str, Any]:
+        """The node's state as `get_state` reports it."""
+        state: dict[str, Any] = {
+            "values": dict(self.latest),
+            "ts": self.latest_ts,
+            "actuators": {a: self.running.get(a, 0) for a in self.actuators},
+            "link": "up" if self.link_up else "down",
+            "link_errors": self.stats.total_errors(),
+            "fw": self.fw,
+        }
+        if self.flags:
+            state["flags"] = dict(self.flags)
+        if self.severity is not None:
+            state["severity"] = self.severity.level
+            state["severity_reason"] = self.severity.reason
+        state.update(self.control.state())
+        return state
+
+    async def rpc(self, method: str, params: Any) -> dict[str, Any]:
+        """Carry out a server-side RPC; raises CommandError with the reason to report."""
+        if method == "get_state":
+            return self.state()
+        if method == "stop":
+            self.link()
+            if not await self.stop_actuators():
+                raise CommandError("node did not confirm stop")
+            return {}
+        return await self.control.rpc(method, params)

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Install what hydrogate needs on Debian 12 / Raspberry Pi OS (bookworm) into ./.venv.
+# Usage: scripts/setup.sh [--test]   (--test adds Mosquitto and the test tools)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+want_test=0
+[ "${1:-}" = "--test" ] && want_test=1
+
+sudo_cmd=""
+[ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
+
+pkgs=(python3 python3-venv python3-dev gcc pkg-config libsystemd-dev)
+[ "$want_test" = 1 ] && pkgs+=(mosquitto)
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  $sudo_cmd apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+# The test broker is started by the tests themselves, never as a system service.
+if [ "$want_test" = 1 ] && command -v systemctl >/dev/null 2>&1; then
+  $sudo_cmd systemctl disable --now mosquitto >/dev/null 2>&1 || true
+fi
+
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+if [ "$want_test" = 1 ]; then
+  .venv/bin/python -m pip install -q -e ".[systemd,test]"
+else
+  .venv/bin/python -m pip install -q -e ".[systemd]"
+fi
