@@ -194,7 +194,7 @@ _F = TypeVar("_F", bound=ControllerFactory)
 _REGISTRY: dict[str, ControllerFactory] = {}
 
 #: Modules whose import registers the built-in controllers.
-_BUILTIN_MODULES: tuple[str, ...] = ("rules.rb",)
+_BUILTIN_MODULES: tuple[str, ...] = ("rules.rb", "rules.thesis")
 
 
 def register(name: str) -> Callable[[_F], _F]:
