@@ -1,0 +1,833 @@
+"""The configuration: YAML validated once, at the edge, into frozen dataclasses.
+
+:func:`load_config` reads a file, :func:`parse_config` validates already
+loaded data. Both collect *every* problem with its YAML path
+(``nodes[1].control.ph_setpoint: must be between 3 and 9``) and raise one
+:class:`ConfigError` listing them; nothing is clamped or guessed. The keys,
+defaults and messages are part of the project's outer contract
+(/work/shared/CONTRACT.md, "Configuration").
+
+Relative file paths (``storage.path``, ``thingsboard.access_token_file``,
+``thingsboard.ca_file``) are relative to the folder of the config file, so a
+config behaves the same whatever directory the daemon starts in.
+
+:func:`apply_control_update` validates the run-time control settings that
+ThingsBoard may change (shared attributes, RPC) with the same validators, as a
+whole; :func:`control_settings` gives them back as JSON-able values to persist.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import re
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, TypeVar
+from urllib.parse import SplitResult, parse_qs, urlsplit
+
+import yaml
+
+from gateway import crops
+from gateway.validators import (
+    ErrorList,
+    Invalid,
+    Section,
+    Validator,
+    boolean,
+    device_name,
+    duration,
+    duration_range,
+    file_path,
+    fmt_number,
+    host_name,
+    int_range,
+    key_name,
+    list_of,
+    milliseconds,
+    num_range,
+    number,
+    number_pair,
+    one_of,
+    read_secret,
+    schedule,
+    size_range,
+    string,
+    suggest,
+)
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+CONTROLLER_NAMES: tuple[str, ...] = ("fuzzy", "rb", "ml", "closeloop", "mamdani")
+"""Controller names the config accepts unless the caller passes its own registry.
+
+``rules/`` registers controllers by name; the daemon may pass those names as
+``controllers=`` to :func:`parse_config` and :func:`apply_control_update`.
+This tuple is the default for callers (and tests) that have no registry.
+"""
+
+RUNTIME_KEYS: tuple[str, ...] = (
+    "mode",
+    "controller",
+    "tds_setpoint",
+    "ph_setpoint",
+    "schedule",
+    "interval",
+)
+"""Control settings that ThingsBoard may change at run time."""
+
+DEFAULT_TCP_PORT = 3333
+DEFAULT_BAUD = 115200
+STANDARD_BAUDS = (1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200, 230400, 460800, 921600)
+NODE_WATCHDOG_S = 30.0
+"""A node stops its actuators after this long without a frame (NODELINK.md)."""
+FLOW_ACTUATORS = ("nutrient", "ph_up", "ph_down", "refill")
+DEFAULT_FLOW_ML_S = 1.58
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used; ``errors`` holds every ``(yaml_path, message)``.
+
+    The path is empty for a problem with the document as a whole, and is the
+    file's name for a file that cannot be read or parsed.
+    """
+
+    def __init__(self, errors: Iterable[tuple[str, str]]) -> None:
+        self.errors: list[tuple[str, str]] = list(errors)
+        super().__init__(self.errors)
+
+    def __str__(self) -> str:
+        return "\n".join(f"{path}: {message}" if path else message for path, message in self.errors)
+
+
+class FrozenMap(Mapping[K, V]):
+    """A read-only, hashable mapping, so that frozen config objects stay hashable."""
+
+    __slots__ = ("_data",)
+
+    def __init__(self, items: Mapping[K, V] | Iterable[tuple[K, V]] = ()) -> None:
+        self._data: dict[K, V] = dict(items)
+
+    def __getitem__(self, key: K) -> V:
+        return self._data[key]
+
+    def __iter__(self) -> Iterator[K]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __hash__(self) -> int:
+        return hash(frozenset(self._data.items()))
+
+    def __repr__(self) -> str:
+        return f"FrozenMap({self._data!r})"
+
+
+# --- the validated configuration ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    """The gateway itself: its device name in ThingsBoard and how often it reports health."""
+
+    name: str
+    health_interval: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class StorageConfig:
+    """The SQLite store-and-forward buffer and its retention limits."""
+
+    path: Path
+    max_rows: int = 2_000_000
+    max_bytes: int | None = None
+    commit_interval: float = 0.02
+
+
+@dataclass(frozen=True, slots=True)
+class ThingsBoardConfig:
+    """The MQTT session with ThingsBoard; the token is kept out of ``repr``."""
+
+    host: str
+    access_token: str = field(repr=False)
+    port: int = 1883
+    tls: bool = False
+    ca_file: Path | None = None
+    max_payload_bytes: int = 65536
+    client_id: str | None = None
+    keepalive: int = 60
+    device_type: str = "hydro-node"
+
+
+@dataclass(frozen=True, slots=True)
+class CalibrationMap:
+    """``key = polyval(poly, source)``; readings of ``source`` outside ``valid`` are flagged.
+
+    ``poly`` is highest order first (as ``numpy.polyval`` takes it).
+    ``temp_coefficient`` (per °C) compensates the result to 25 °C with
+    ``water_temp``: ``value / (1 + k·(T − 25))``.
+    """
+
+    key: str
+    source: str
+    poly: tuple[float, ...]
+    valid: tuple[float, float] | None = None
+    temp_coefficient: float | None = None
+
+
+def _default_flows() -> FrozenMap[str, float]:
+    return FrozenMap((name, DEFAULT_FLOW_ML_S) for name in FLOW_ACTUATORS)
+
+
+@dataclass(frozen=True, slots=True)
+class PlantConfig:
+    """The physical constants that dose-computing controllers need (seed 002 defaults)."""
+
+    tank_volume_l: float = 10.0
+    stock_ppm: float = 10000.0
+    flow_ml_s: FrozenMap[str, float] = field(default_factory=_default_flows)
+
+
+@dataclass(frozen=True, slots=True)
+class ControlConfig:
+    """Edge control of one node. ``*_band`` come from a crop preset, else None.
+
+    ``interval`` is seconds between evaluations in auto mode (0: schedule
+    only); ``schedule`` holds local times of day, sorted.
+    """
+
+    tds_setpoint: float
+    ph_setpoint: float
+    mode: str = "auto"
+    controller: str = "fuzzy"
+    crop: str | None = None
+    tds_band: tuple[float, float] | None = None
+    ph_band: tuple[float, float] | None = None
+    tds_tolerance_pct: float = 5.0
+    ph_tolerance: float = 0.15
+    schedule: tuple[datetime.time, ...] = ()
+    interval: float = 30.0
+    rb_variant: str = "band"
+    tds_average_s: float = 10.0
+    ph_average_s: float = 30.0
+    mixing_wait_s: float = 60.0
+    tds_hold_s: float = 180.0
+    ph_hold_s: float = 300.0
+    max_cycle_s: float = 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class SafetyConfig:
+    """Limits enforced below every controller and RPC, and plausibility of readings.
+
+    A reading outside ``ph_range``/``tds_range`` is physically implausible; a
+    value that does not change at all for ``stuck_after_s`` is stuck (0: off).
+    """
+
+    max_actuation_ms: int = 120_000
+    max_ms_per_hour: int = 600_000
+    stale_after_s: float = 60.0
+    min_water_level_l: float = 1.0
+    ph_range: tuple[float, float] = (2.0, 12.0)
+    tds_range: tuple[float, float] = (0.0, 5000.0)
+    stuck_after_s: float = 900.0
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    """One NodeLink node; ``url`` is normalised (default port or baud made explicit)."""
+
+    name: str
+    url: str
+    poll_interval: float = 5.0
+    timeout: float = 1.0
+    retries: int = 2
+    keepalive: float = 10.0
+    calibration: FrozenMap[str, CalibrationMap] = field(default_factory=FrozenMap)
+    plant: PlantConfig | None = None
+    control: ControlConfig | None = None
+    safety: SafetyConfig = field(default_factory=SafetyConfig)
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole configuration; ``thingsboard`` is None for an offline, buffer-only gateway."""
+
+    gateway: GatewayConfig
+    storage: StorageConfig
+    thingsboard: ThingsBoardConfig | None
+    nodes: tuple[NodeConfig, ...]
+
+
+# --- node URLs ---------------------------------------------------------------------------------
+
+
+def _tcp_url(parts: SplitResult) -> str:
+    try:
+        port = parts.port
+    except ValueError as err:
+        raise Invalid(f"has a bad port: {err}") from err
+    if port is None and parts.netloc.endswith(":"):
+        raise Invalid("has an empty port")
+    if not parts.hostname:
+        raise Invalid("needs a host: tcp://host:port")
+    if parts.username is not None or parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise Invalid("must be tcp://host:port with nothing else")
+    port = DEFAULT_TCP_PORT if port is None else port
+    if not 1 <= port <= 65535:
+        raise Invalid(f"port must be between 1 and 65535, not {port}")
+    host = host_name(parts.hostname)
+    return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
+
+
+def _serial_url(parts: SplitResult) -> str:
+    if parts.netloc:
+        raise Invalid("must name an absolute device path: serial:///dev/ttyUSB0 (three slashes)")
+    if not parts.path.startswith("/") or parts.path == "/" or parts.fragment:
+        raise Invalid("must be serial:///dev/<device>?baud=N")
+    options = parse_qs(parts.query, keep_blank_values=True)
+    for name in options:
+        if name != "baud":
+            raise Invalid(f"has an unknown option {name!r}{suggest(name, ['baud'])}")
+    values = options.get("baud", [str(DEFAULT_BAUD)])
+    if len(values) != 1 or not values[0].isdigit() or int(values[0]) not in STANDARD_BAUDS:
+        bauds = ", ".join(map(str, STANDARD_BAUDS))
+        raise Invalid(f"baud must be one of {bauds}; not {','.join(values)!r}")
+    return f"serial://{parts.path}?baud={int(values[0])}"
+
+
+URL_SCHEMES: Mapping[str, Callable[[SplitResult], str]] = MappingProxyType(
+    {"tcp": _tcp_url, "serial": _serial_url}
+)
+"""How each transport's URL is checked and normalised, by scheme."""
+
+
+def node_url(value: Any) -> str:
+    """``tcp://host[:port]`` (default port 3333) or ``serial:///dev/X[?baud=N]`` (115200)."""
+    text = string(value).strip()
+    try:
+        parts = urlsplit(text)
+    except ValueError as err:
+        raise Invalid(f"is not a valid URL: {err}") from err
+    check = URL_SCHEMES.get(parts.scheme.lower())
+    if check is None:
+        raise Invalid(
+            f"must be tcp://host:port or serial:///dev/...?baud=N; {text!r} has an unknown scheme"
+        )
+    return check(parts)
+
+
+# --- sections ----------------------------------------------------------------------------------
+
+
+def _gateway(sec: Section) -> GatewayConfig | None:
+    name = sec.require("name", device_name)
+    health = sec.get("health_interval", duration_range(1, 86400), 60.0)
+    sec.finish()
+    return None if name is None else GatewayConfig(name=name, health_interval=health)
+
+
+def _storage(sec: Section, base_dir: Path | None) -> StorageConfig | None:
+    path = sec.require("path", file_path(base_dir, must_exist=False))
+    config = StorageConfig(
+        path=Path(),
+        max_rows=sec.get("max_rows", int_range(1, 1_000_000_000), 2_000_000),
+        max_bytes=sec.optional("max_bytes", size_range(1 << 20)),
+        commit_interval=sec.get("commit_interval", duration_range(0, 10), 0.02),
+    )
+    sec.finish()
+    return None if path is None else dataclasses.replace(config, path=path)
+
+
+def _thingsboard(sec: Section, base_dir: Path | None) -> ThingsBoardConfig | None:
+    host = sec.require("host", host_name)
+    tls = sec.get("tls", boolean, False)
+    port = sec.get("port", int_range(1, 65535), 8883 if tls else 1883)
+    token = _access_token(sec, base_dir)
+    ca_file = sec.optional("ca_file", file_path(base_dir, must_exist=True))
+    if ca_file is not None and not tls:
+        sec.errors.add(sec.path_of("ca_file"), "is only used with tls: true")
+    config = ThingsBoardConfig(
+        host=host or "",
+        access_token=token or "",
+        port=port,
+        tls=tls,
+        ca_file=ca_file,
+        max_payload_bytes=sec.get("max_payload_bytes", size_range(1024, 268_435_455), 65536),
+        client_id=sec.optional("client_id", string),
+        keepalive=sec.get("keepalive", int_range(1, 65535, unit="s"), 60),
+        device_type=sec.get("device_type", device_name, "hydro-node"),
+    )
+    sec.finish()
+    return None if host is None or token is None else config
+
+
+def _access_token(sec: Section, base_dir: Path | None) -> str | None:
+    inline, from_file = sec.has("access_token"), sec.has("access_token_file")
+    if inline and from_file:
+        sec.errors.add(sec.path_of("access_token_file"), "give access_token or this, not both")
+        return None
+    if from_file:
+        path = sec.optional("access_token_file", file_path(base_dir, must_exist=False))
+        if path is None:
+            return None
+        return sec.errors.check(sec.path_of("access_token_file"), read_secret, path)
+    if not inline:
+        sec.errors.add(sec.path_of("access_token"), "is required (or access_token_file)")
+        return None
+    return sec.optional("access_token", string)
+
+
+def _points_to_poly(value: Any) -> tuple[float, ...]:
+    """Two calibration points ``[[x1, y1], [x2, y2]]`` -> the line through them."""
+    points = list_of(list_of(number))(value)
+    if len(points) != 2 or any(len(p) != 2 for p in points):
+        raise Invalid("must be two points [[x1, y1], [x2, y2]]")
+    (x1, y1), (x2, y2) = points
+    if x1 == x2:
+        raise Invalid("must have two different x values")
+    slope = (y2 - y1) / (x2 - x1)
+    return slope, y1 - slope * x1
+
+
+def _poly(value: Any) -> tuple[float, ...]:
+    coefficients = list_of(number)(value)
+    if not 1 <= len(coefficients) <= 10:
+        raise Invalid(f"must have 1 to 10 coefficients, not {len(coefficients)}")
+    return tuple(coefficients)
+
+
+def _calibration_map(sec: Section, key: str) -> CalibrationMap | None:
+    source = sec.require("source", key_name)
+    if sec.has("poly") and sec.has("points"):
+        sec.errors.add(sec.path, "give poly or points, not both")
+        poly = None
+    elif sec.has("points"):
+        poly = sec.optional("points", _points_to_poly)
+    else:
+        poly = sec.require("poly", _poly)
+    valid = sec.optional("valid", number_pair())
+    temp_coefficient = sec.optional("temp_coefficient", num_range(0, 0.1))
+    sec.finish()
+    if source is None or poly is None:
+        return None
+    return CalibrationMap(key, source, poly, valid, temp_coefficient)
+
+
+def _calibration(sec: Section) -> FrozenMap[str, CalibrationMap]:
+    maps: dict[str, CalibrationMap] = {}
+    for raw_key in sec.data:
+        key = sec.errors.check(sec.path_of(str(raw_key)), key_name, raw_key)
+        if key is None:
+            continue
+        calibration = _calibration_map(sec.section(key), key)
+        if calibration is not None:
+            maps[key] = calibration
+    return FrozenMap(maps)
+
+
+def _plant(sec: Section) -> PlantConfig:
+    tank = sec.get("tank_volume_l", num_range(0, 100_000, lo_open=True, unit="L"), 10.0)
+    stock = sec.get("stock_ppm", num_range(0, 1_000_000, lo_open=True, unit="ppm"), 10000.0)
+    flows = sec.section("flow_ml_s")
+    rate = num_range(0, 1000, lo_open=True, unit="ml/s")
+    flow = FrozenMap((name, flows.get(name, rate, DEFAULT_FLOW_ML_S)) for name in FLOW_ACTUATORS)
+    flows.finish()
+    sec.finish()
+    return PlantConfig(tank_volume_l=tank, stock_ppm=stock, flow_ml_s=flow)
+
+
+def _interval(value: Any) -> float:
+    seconds = duration(value)
+    if seconds != 0 and not 1 <= seconds <= 86400:
+        raise Invalid("must be 0 (schedule only) or between 1 s and 86400 s")
+    return seconds
+
+
+def _runtime_validators(controllers: Collection[str]) -> dict[str, Validator[Any]]:
+    """The validators of :data:`RUNTIME_KEYS`, shared by the config and run-time updates."""
+    return {
+        "mode": one_of("auto", "manual"),
+        "controller": one_of(*controllers),
+        "tds_setpoint": num_range(50, 5000),
+        "ph_setpoint": num_range(3, 9),
+        "schedule": schedule,
+        "interval": _interval,
+    }
+
+
+def _crop(value: Any) -> crops.Crop:
+    name = string(value)
+    crop = crops.find_crop(name)
+    if crop is None:
+        hint = suggest(crops.canonical(name), crops.CROPS)
+        raise Invalid(f"is not a known crop{hint}; known: {', '.join(crops.CROPS)}")
+    return crop
+
+
+def _control(sec: Section, controllers: Collection[str]) -> ControlConfig | None:
+    runtime = _runtime_validators(controllers)
+    crop = sec.optional("crop", _crop)
+    setpoints: dict[str, float | None] = {}
+    for key in ("tds_setpoint", "ph_setpoint"):
+        if sec.has(key):
+            setpoints[key] = sec.optional(key, runtime[key])
+        elif crop is not None:
+            setpoints[key] = crop.tds_setpoint if key == "tds_setpoint" else crop.ph_setpoint
+        elif sec.has("crop"):  # a bad crop was already reported
+            setpoints[key] = None
+        else:
+            sec.errors.add(sec.path_of(key), "is required (or give a crop)")
+            setpoints[key] = None
+    seconds = duration_range  # bounds for the cycle timings, in seconds
+    config = ControlConfig(
+        tds_setpoint=0.0,
+        ph_setpoint=0.0,
+        mode=sec.get("mode", runtime["mode"], "auto"),
+        controller=sec.get("controller", runtime["controller"], "fuzzy"),
+        crop=None if crop is None else crop.name,
+        tds_band=None if crop is None else crop.ppm,
+        ph_band=None if crop is None else crop.ph,
+        tds_tolerance_pct=sec.get("tds_tolerance_pct", num_range(0, 50, lo_open=True), 5.0),
+        ph_tolerance=sec.get("ph_tolerance", num_range(0, 2, lo_open=True), 0.15),
+        schedule=sec.get("schedule", runtime["schedule"], ()),
+        interval=sec.get("interval", runtime["interval"], 30.0),
+        rb_variant=sec.get("rb_variant", one_of("band", "target"), "band"),
+        tds_average_s=sec.get("tds_average_s", seconds(1, 600), 10.0),
+        ph_average_s=sec.get("ph_average_s", seconds(1, 600), 30.0),
+        mixing_wait_s=sec.get("mixing_wait_s", seconds(0, 3600), 60.0),
+        tds_hold_s=sec.get("tds_hold_s", seconds(0, 3600), 180.0),
+        ph_hold_s=sec.get("ph_hold_s", seconds(0, 3600), 300.0),
+        max_cycle_s=sec.get("max_cycle_s", seconds(60, 86400), 3600.0),
+    )
+    least = config.tds_hold_s + config.ph_hold_s
+    if config.max_cycle_s < least:
+        sec.errors.add(
+            sec.path_of("max_cycle_s"),
+            f"must be at least tds_hold_s + ph_hold_s ({fmt_number(least)} s), "
+            "or no cycle could ever finish",
+        )
+    sec.finish()
+    tds, ph = setpoints["tds_setpoint"], setpoints["ph_setpoint"]
+    if tds is None or ph is None:
+        return None
+    return dataclasses.replace(config, tds_setpoint=tds, ph_setpoint=ph)
+
+
+def _safety(sec: Section, poll_interval: float) -> SafetyConfig:
+    config = SafetyConfig(
+        max_actuation_ms=sec.get("max_actuation_ms", milliseconds(1, 600_000), 120_000),
+        max_ms_per_hour=sec.get("max_ms_per_hour", milliseconds(1, 3_600_000), 600_000),
+        stale_after_s=sec.get("stale_after_s", duration_range(0, 86400, lo_open=True), 60.0),
+        min_water_level_l=sec.get("min_water_level_l", num_range(0, 100_000, unit="L"), 1.0),
+        ph_range=sec.get("ph_range", number_pair(lo=0, hi=14), (2.0, 12.0)),
+        tds_range=sec.get("tds_range", number_pair(lo=0, hi=100_000), (0.0, 5000.0)),
+        stuck_after_s=sec.get("stuck_after_s", duration_range(0, 7 * 86400), 900.0),
+    )
+    if sec.has("max_ms_per_hour") and config.max_ms_per_hour < config.max_actuation_ms:
+        sec.errors.add(
+            sec.path_of("max_ms_per_hour"),
+            f"must be at least max_actuation_ms ({config.max_actuation_ms} ms)",
+        )
+    elif config.max_ms_per_hour < config.max_actuation_ms:
+        sec.errors.add(
+            sec.path_of("max_actuation_ms"),
+            f"must be at most max_ms_per_hour ({config.max_ms_per_hour} ms)",
+        )
+    poll = fmt_number(poll_interval)
+    if config.stale_after_s <= poll_interval:
+        sec.errors.add(sec.path_of("stale_after_s"), f"must be more than poll_interval ({poll} s)")
+    if 0 < config.stuck_after_s <= poll_interval:
+        sec.errors.add(
+            sec.path_of("stuck_after_s"), f"must be 0 (off) or more than poll_interval ({poll} s)"
+        )
+    sec.finish()
+    return config
+
+
+def _check_setpoints(
+    control: ControlConfig, safety: SafetyConfig, errors: ErrorList, path: str
+) -> None:
+    """Setpoints must lie within the safety layer's plausible ranges, or control would fight it."""
+    for key, value, limits, limits_key in (
+        ("tds_setpoint", control.tds_setpoint, safety.tds_range, "tds_range"),
+        ("ph_setpoint", control.ph_setpoint, safety.ph_range, "ph_range"),
+    ):
+        if not limits[0] <= value <= limits[1]:
+            shown = f"[{fmt_number(limits[0])}, {fmt_number(limits[1])}]"
+            errors.add(
+                f"{path}.{key}" if path else key,
+                f"{fmt_number(value)} is outside safety.{limits_key} {shown}",
+            )
+
+
+def _node(sec: Section, controllers: Collection[str]) -> NodeConfig | None:
+    name = sec.require("name", device_name)
+    url = sec.require("url", node_url)
+    poll = sec.get("poll_interval", duration_range(0, 3600, lo_open=True), 5.0)
+    timeout = sec.get("timeout", duration_range(0, 60, lo_open=True), 1.0)
+    retries = sec.get("retries", int_range(0, 10), 2)
+    keepalive = sec.get(
+        "keepalive", duration_range(0, NODE_WATCHDOG_S, lo_open=True, hi_open=True), 10.0
+    )
+    calibration = _calibration(sec.section("calibration"))
+    plant = _plant(sec.section("plant")) if "plant" in sec.data else None
+    control = _control(sec.section("control"), controllers) if "control" in sec.data else None
+    safety = _safety(sec.section("safety"), poll)
+    if control is not None:
+        _check_setpoints(control, safety, sec.errors, sec.path_of("control"))
+    sec.finish()
+    if name is None or url is None:
+        return None
+    return NodeConfig(
+        name=name,
+        url=url,
+        poll_interval=poll,
+        timeout=timeout,
+        retries=retries,
+        keepalive=keepalive,
+        calibration=calibration,
+        plant=plant,
+        control=control,
+        safety=safety,
+    )
+
+
+def _nodes(root: Section, controllers: Collection[str]) -> tuple[NodeConfig, ...]:
+    raw = root.raw("nodes")
+    if raw is None:
+        root.errors.add("nodes", "is required (a list of nodes)")
+        return ()
+    if not isinstance(raw, list):
+        root.errors.add("nodes", "must be a list of nodes")
+        return ()
+    if not raw:
+        root.errors.add("nodes", "must list at least one node")
+    nodes: list[NodeConfig] = []
+    for i, item in enumerate(raw):
+        node = _node(Section(root.errors, f"nodes[{i}]", item), controllers)
+        if node is not None:
+            nodes.append(node)
+    return tuple(nodes)
+
+
+def _check_names(raw_nodes: Any, gateway_name: str | None, errors: ErrorList) -> None:
+    """Device names are unique: no two nodes alike, and none named like the gateway."""
+    if not isinstance(raw_nodes, list):
+        return
+    first: dict[str, int] = {}
+    for i, item in enumerate(raw_nodes):
+        name = item.get("name") if isinstance(item, Mapping) else None
+        if not isinstance(name, str):
+            continue
+        if name == gateway_name:
+            errors.add(f"nodes[{i}].name", "is the gateway's own name (gateway.name)")
+        if name in first:
+            errors.add(f"nodes[{i}].name", f"repeats the name of nodes[{first[name]}]")
+        first.setdefault(name, i)
+
+
+# --- public API --------------------------------------------------------------------------------
+
+
+def parse_config(
+    data: Any,
+    *,
+    base_dir: str | Path | None = None,
+    controllers: Collection[str] = CONTROLLER_NAMES,
+) -> Config:
+    """Validate loaded YAML (or any equal data) into a :class:`Config`.
+
+    ``base_dir`` anchors relative file paths (default: the working directory);
+    ``controllers`` are the controller names to accept. Raises
+    :class:`ConfigError` with every problem found.
+    """
+    base = None if base_dir is None else Path(base_dir)
+    errors = ErrorList()
+    root = Section(errors, "", data)
+    gateway = _gateway(root.section("gateway"))
+    storage = _storage(root.section("storage"), base)
+    thingsboard = (
+        _thingsboard(root.section("thingsboard"), base) if "thingsboard" in root.data else None
+    )
+    nodes = _nodes(root, controllers)
+    _check_names(root.data.get("nodes"), None if gateway is None else gateway.name, errors)
+    root.finish()
+    if errors or gateway is None or storage is None:
+        raise ConfigError(errors.items)
+    return Config(gateway=gateway, storage=storage, thingsboard=thingsboard, nodes=nodes)
+
+
+class _Loader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` with YAML 1.2 numbers and duplicate keys refused.
+
+    YAML 1.1 reads an unquoted ``15:00`` as the base-60 number 900, which
+    would turn a schedule into nonsense; here it stays the string "15:00".
+    A key given twice in one mapping is an error instead of "last one wins".
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                key = self.construct_object(key_node)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping",
+                        node.start_mark,
+                        f"found duplicate key {key!r}",
+                        key_node.start_mark,
+                    )
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+_INT = "tag:yaml.org,2002:int"
+_FLOAT = "tag:yaml.org,2002:float"
+# PyYAML's own int and float patterns without their YAML 1.1 base-60 alternatives.
+_INT_RE = re.compile(
+    r"""^(?:[-+]?0b[0-1_]+
+    |[-+]?0[0-7_]+
+    |[-+]?(?:0|[1-9][0-9_]*)
+    |[-+]?0x[0-9a-fA-F_]+)$""",
+    re.X,
+)
+_FLOAT_RE = re.compile(
+    r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?
+    |\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""",
+    re.X,
+)
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in (_INT, _FLOAT)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(_INT, _INT_RE, list("-+0123456789"))
+_Loader.add_implicit_resolver(_FLOAT, _FLOAT_RE, list("-+0123456789."))
+
+
+def load_config(path: str | Path, *, controllers: Collection[str] = CONTROLLER_NAMES) -> Config:
+    """Read and validate a YAML config file; relative paths in it are relative to its folder."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        raise ConfigError([(str(path), f"cannot read: {reason}")]) from err
+    try:
+        data = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError([(str(path), f"{where}{err.problem or err.context}")]) from err
+    except yaml.YAMLError as err:
+        raise ConfigError([(str(path), f"is not valid YAML: {err}")]) from err
+    return parse_config(data, base_dir=path.parent, controllers=controllers)
+
+
+def apply_control_update(
+    control: ControlConfig,
+    data: Mapping[str, Any],
+    *,
+    path_prefix: str = "",
+    controllers: Collection[str] = CONTROLLER_NAMES,
+    safety: SafetyConfig | None = None,
+) -> ControlConfig:
+    """``control`` with a run-time update applied, or ConfigError and nothing applied.
+
+    ``data`` holds some of :data:`RUNTIME_KEYS` (a ThingsBoard shared-attribute
+    update or RPC params); every value is checked with the config's own
+    validators and any bad or unknown key refuses the whole update. Error paths
+    start with ``path_prefix`` (e.g. ``"tank-a"`` gives ``tank-a.ph_setpoint``).
+    With ``safety``, setpoints must also lie within its plausible ranges.
+    """
+    errors = ErrorList()
+    sec = Section(errors, path_prefix, data)
+    changes: dict[str, Any] = {}
+    for key, validator in _runtime_validators(controllers).items():
+        if key in sec.data:
+            value = errors.check(sec.path_of(key), validator, sec.raw(key))
+            if value is not None:
+                changes[key] = value
+    sec.finish()
+    updated = dataclasses.replace(control, **changes)
+    if safety is not None and not errors:
+        _check_setpoints(updated, safety, errors, path_prefix)
+    if errors:
+        raise ConfigError(errors.items)
+    return updated
+
+
+def control_settings(control: ControlConfig) -> dict[str, Any]:
+    """The run-time settings as JSON-able values; :func:`apply_control_update` takes them back."""
+    return {
+        "mode": control.mode,
+        "controller": control.controller,
+        "tds_setpoint": control.tds_setpoint,
+        "ph_setpoint": control.ph_setpoint,
+        "schedule": [f"{t:%H:%M}" for t in control.schedule],
+        "interval": control.interval,
+    }
+
+
+def _seconds(value: float) -> str:
+    return f"{fmt_number(value)} s"
+
+
+def _size(n: int) -> str:
+    """Bytes the way the user probably wrote them: 2 GiB, 500 MB, else rounded IEC."""
+    units = (("GiB", 1 << 30), ("GB", 10**9), ("MiB", 1 << 20), ("MB", 10**6), ("KiB", 1 << 10))
+    for unit, scale in units:
+        if n >= scale and n % scale == 0:
+            return f"{n // scale} {unit}"
+    for unit, scale in units[::2]:
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def _control_line(control: ControlConfig | None) -> str:
+    if control is None:
+        return "monitor only"
+    crop = f" ({control.crop})" if control.crop else ""
+    when = [f"every {_seconds(control.interval)}"] if control.interval else []
+    if control.schedule:
+        when.append("at " + " ".join(f"{t:%H:%M}" for t in control.schedule))
+    return (
+        f"{control.mode} {control.controller}, tds {fmt_number(control.tds_setpoint)} ppm, "
+        f"pH {fmt_number(control.ph_setpoint)}{crop}, {', '.join(when) or 'on demand only'}"
+    )
+
+
+def summarize(config: Config) -> str:
+    """A short human summary for ``hydrogate check-config``."""
+    storage = config.storage
+    retention = f"at most {storage.max_rows} rows"
+    if storage.max_bytes is not None:
+        retention += f" or {_size(storage.max_bytes)}"
+    tb = config.thingsboard
+    uplink = (
+        "offline (buffer only)"
+        if tb is None
+        else f"{tb.host}:{tb.port}{' tls' if tb.tls else ''}"
+        f", max payload {_size(tb.max_payload_bytes)}"
+    )
+    lines = [
+        f"gateway      {config.gateway.name}"
+        f" (health every {_seconds(config.gateway.health_interval)})",
+        f"storage      {storage.path} ({retention})",
+        f"thingsboard  {uplink}",
+        f"nodes        {len(config.nodes)}",
+    ]
+    for node in config.nodes:
+        calibrated = ", ".join(sorted(node.calibration)) or "none"
+        lines.append(
+            f"  {node.name}: {node.url}, poll {_seconds(node.poll_interval)}, "
+            f"calibrated: {calibrated}; {_control_line(node.control)}"
+        )
+    return "\n".join(lines)
