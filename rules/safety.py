@@ -239,8 +239,12 @@ class _Ledger:
         return bool(self.runs) and self.runs[-1].start <= now < self.runs[-1].end
 
     def run_start(self, now: float) -> float | None:
-        """When the current continuous run began, ``None`` if the pump is off at ``now``."""
-        if not self.running(now):
+        """When the run that a start at ``now`` would continue began, else ``None``.
+
+        A run that ends exactly at ``now`` counts: restarting a pump the moment
+        it stops makes one continuous run.
+        """
+        if not self.runs or not self.runs[-1].start <= now <= self.runs[-1].end:
             return None
         start = self.runs[-1].start
         for prev in reversed(self.runs[:-1]):
