@@ -103,7 +103,7 @@ class SafetyLimits:
 
     ``ph_range`` and ``tds_range`` are the physically possible values: a
     reading outside them is a broken probe or a bad calibration, not a tank
-    to correct.
+    to correct. ``stuck_after_s`` of 0 turns the stuck-value check off.
     """
 
     max_actuation_ms: int = 120_000
@@ -119,10 +119,10 @@ class SafetyLimits:
             raise ValueError(f"max_actuation_ms must be 1..{_NODELINK_MAX_MS}")
         if not 1 <= self.max_ms_per_hour <= _HOUR_S * 1000:
             raise ValueError("max_ms_per_hour must be 1..3600000")
-        for name in ("stale_after_s", "stuck_after_s"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a positive number of seconds")
+        if not (math.isfinite(self.stale_after_s) and self.stale_after_s > 0):
+            raise ValueError("stale_after_s must be a positive number of seconds")
+        if not (math.isfinite(self.stuck_after_s) and self.stuck_after_s >= 0):
+            raise ValueError("stuck_after_s must be >= 0 seconds (0: no stuck check)")
         if not math.isfinite(self.min_water_level_l):
             raise ValueError("min_water_level_l must be finite")
         for name in ("ph_range", "tds_range"):
@@ -192,7 +192,8 @@ class SensorWatch:
         rng = limits.physical_range(key)
         if rng is not None and not rng[0] <= st.value <= rng[1]:
             return "sensor_out_of_range", f"{key}={st.value:g} outside {rng[0]:g}..{rng[1]:g}"
-        if st.changed is not None and now - st.changed > limits.stuck_after_s:
+        stuck_after = limits.stuck_after_s
+        if stuck_after > 0 and st.changed is not None and now - st.changed > stuck_after:
             return "sensor_stuck", f"{key}={st.value:g} unchanged for {now - st.changed:.0f} s"
         return None
 

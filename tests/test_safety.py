@@ -209,6 +209,12 @@ def test_stuck_sensor_refused_and_recovers_on_change() -> None:
     guard.permit(Dose("ph_up", 255, 1000), 1000.0, strict=True)
 
 
+def test_stuck_check_can_be_turned_off() -> None:
+    guard = make_guard(SafetyLimits(stuck_after_s=0))
+    guard.watch.update(5000.0, {"ph": 6.0, "tds": 800.0})
+    guard.permit(Dose("ph_up", 255, 1000), 5000.0, strict=True)
+
+
 def test_low_water_refuses_nutrient_and_ph_but_not_refill() -> None:
     guard = make_guard(values={**GOOD, "water_level": 0.8})
     for actuator in ("nutrient", "ph_up", "ph_down"):
