@@ -1,0 +1,416 @@
+"""ThingsBoard MQTT Gateway API payloads: pure builders, validators and parsers.
+
+Everything the gateway sends to ThingsBoard is built here, and everything it
+receives is parsed here, with no I/O. The rules come from
+/work/shared/THINGSBOARD.md: on MQTT 3.1.1 the server closes the session on
+any payload it cannot parse, and a store that resends until acknowledged would
+then resend that payload forever. So every outgoing entry is validated before
+it is stored (`telemetry_entry`), every payload is kept under the size limit
+(`build_telemetry`), and every incoming message is parsed into a small frozen
+dataclass or refused with `MalformedMessage`, never with anything else.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+# Topics of the Gateway API (gateway -> server unless noted).
+CONNECT = "v1/gateway/connect"
+DISCONNECT = "v1/gateway/disconnect"
+TELEMETRY = "v1/gateway/telemetry"
+ATTRIBUTES = "v1/gateway/attributes"  # also server -> gateway: shared attribute updates
+ATTRIBUTES_REQUEST = "v1/gateway/attributes/request"
+ATTRIBUTES_RESPONSE = "v1/gateway/attributes/response"  # server -> gateway
+RPC = "v1/gateway/rpc"  # both directions
+GATEWAY_TELEMETRY = "v1/devices/me/telemetry"
+
+#: The only filters a gateway may subscribe to; any other makes the subscription fail.
+SUBSCRIPTIONS = (ATTRIBUTES, RPC, ATTRIBUTES_RESPONSE)
+
+#: ThingsBoard stores device names in a varchar(255).
+MAX_DEVICE_NAME = 255
+#: Nesting allowed inside a value (ThingsBoard stores objects as JSON text).
+MAX_DEPTH = 8
+_INT64 = 2**63
+
+_dumps = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+
+
+class TbMessageError(ValueError):
+    """Base of the errors of this module."""
+
+
+class InvalidMessage(TbMessageError):
+    """Something we were about to send that ThingsBoard would refuse."""
+
+
+class MalformedMessage(TbMessageError):
+    """A message from the server that is not what the Gateway API documents."""
+
+
+class MalformedRpc(MalformedMessage):
+    """An RPC whose device and id are readable but whose body is not.
+
+    It carries `device` and `id` so that the gateway can still answer it with
+    ``{"success": false, "error": ...}`` instead of leaving the caller to time out.
+    """
+
+    def __init__(self, message: str, *, device: str, id: int) -> None:
+        super().__init__(message)
+        self.device = device
+        self.id = id
+
+
+class OutboxRow(NamedTuple):
+    """One buffered reading: its outbox id, device, timestamp and entry JSON text."""
+
+    id: int
+    device: str
+    ts: int
+    entry: str
+
+
+# ------------------------------------------------------------------ limits
+def mqtt_overhead(topic: str) -> int:
+    """Bytes a QoS 1 PUBLISH adds around its payload on ``topic``.
+
+    Fixed header (1 byte + up to 4 bytes of remaining length), the topic with
+    its 2-byte length, and the 2-byte packet id. ThingsBoard's limit
+    (``NETTY_MAX_PAYLOAD_SIZE``) applies to the packet, so the payload gets
+    the configured limit minus this.
+    """
+    return 5 + 2 + len(topic.encode()) + 2
+
+
+def payload_limit(max_packet_bytes: int, topic: str = TELEMETRY) -> int:
+    """The largest payload on ``topic`` that keeps the packet within ``max_packet_bytes``."""
+    limit = max_packet_bytes - mqtt_overhead(topic)
+    if limit <= 0:
+        raise ValueError(f"max_payload_bytes {max_packet_bytes} leaves no room for a payload")
+    return limit
+
+
+def single_entry_size(device: str, entry: str) -> int:
+    """Size of ``{"<device>":[<entry>]}``, the smallest telemetry payload carrying ``entry``.
+
+    Both texts are ASCII (``json`` escapes everything else), so characters are bytes.
+    """
+    return len(_dumps(device)) + len(entry) + 5
+
+
+# ------------------------------------------------------------- validation
+def check_device(device: object) -> str:
+    """Return ``device`` if ThingsBoard accepts it as a device name, else raise InvalidMessage."""
+    if not isinstance(device, str):
+        raise InvalidMessage(f"device name must be a string, got {type(device).__name__}")
+    if not device.strip():
+        raise InvalidMessage("device name is empty")
+    if len(device) > MAX_DEVICE_NAME:
+        raise InvalidMessage(f"device name longer than {MAX_DEVICE_NAME} characters")
+    return device
+
+
+def _check_value(key: str, value: object, depth: int) -> None:
+    """Raise InvalidMessage unless ``value`` is JSON ThingsBoard stores as sent."""
+    if value is None or isinstance(value, str | bool):
+        return
+    if isinstance(value, int):
+        if not -_INT64 <= value < _INT64:
+            raise InvalidMessage(f"{key}: integer {value} does not fit in 64 bits")
+        return
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise InvalidMessage(f"{key}: {value} is not a finite number")
+        return
+    if depth >= MAX_DEPTH:
+        raise InvalidMessage(f"{key}: nested deeper than {MAX_DEPTH} levels")
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise InvalidMessage(f"{key}: object key {k!r} is not a string")
+            _check_value(f"{key}.{k}", v, depth + 1)
+        return
+    if isinstance(value, list | tuple):
+        for i, v in enumerate(value):
+            _check_value(f"{key}[{i}]", v, depth + 1)
+        return
+    raise InvalidMessage(f"{key}: {type(value).__name__} is not a JSON value")
+
+
+def clean_entry_values(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Validated telemetry values, ``None`` left out (ThingsBoard has no null values).
+
+    Raises InvalidMessage for a non-string or empty key, a non-finite number,
+    anything that is not JSON, or when no value is left.
+    """
+    if not isinstance(values, Mapping):
+        raise InvalidMessage(f"values must be a mapping, got {type(values).__name__}")
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if not isinstance(key, str) or not key:
+            raise InvalidMessage(f"telemetry key {key!r} is not a non-empty string")
+        if value is None:
+            continue
+        # Fast path for the common case, a finite float.
+        if type(value) is not float or not math.isfinite(value):
+            _check_value(key, value, 0)
+        out[key] = value
+    if not out:
+        raise InvalidMessage("no values to send")
+    return out
+
+
+def check_ts(ts_ms: object) -> int:
+    """Return ``ts_ms`` if it is a usable timestamp (integer ms since the epoch), else raise."""
+    if type(ts_ms) is not int or not 0 <= ts_ms < _INT64:
+        raise InvalidMessage(f"ts must be a non-negative integer of milliseconds, got {ts_ms!r}")
+    return ts_ms
+
+
+def telemetry_entry(device: str, ts_ms: int, values: Mapping[str, Any], max_payload: int) -> str:
+    """The entry text ``{"ts":..,"values":{..}}`` for one reading, validated.
+
+    ``max_payload`` is the payload limit (see `payload_limit`): the entry must
+    fit in a telemetry message on its own, or it could never be sent.
+    """
+    return encode_entry(check_device(device), check_ts(ts_ms), values, max_payload)
+
+
+def encode_entry(device: str, ts_ms: int, values: Mapping[str, Any], max_payload: int) -> str:
+    """`telemetry_entry` for a device and ts already checked (`check_device`, `check_ts`)."""
+    entry = _dumps({"ts": ts_ms, "values": clean_entry_values(values)})
+    size = single_entry_size(device, entry)
+    if size > max_payload:
+        raise InvalidMessage(f"entry of {size} bytes exceeds the payload limit of {max_payload}")
+    return entry
+
+
+# ---------------------------------------------------------------- builders
+def connect(device: str, device_type: str | None = None) -> bytes:
+    """Payload announcing ``device`` (``type`` is the profile of a newly created device)."""
+    msg: dict[str, str] = {"device": check_device(device)}
+    if device_type:
+        msg["type"] = device_type
+    return _dumps(msg).encode()
+
+
+def disconnect(device: str) -> bytes:
+    """Payload telling the server that ``device`` is no longer behind this gateway."""
+    return _dumps({"device": check_device(device)}).encode()
+
+
+def build_telemetry(rows: Iterable[OutboxRow], max_bytes: int) -> list[tuple[bytes, list[int]]]:
+    """Pack outbox rows into telemetry payloads of at most ``max_bytes`` each.
+
+    Rows are taken in the order given (the outbox's id order); within a payload
+    they are grouped by device, and every device's entries keep their order
+    within and across payloads. Each result is ``(payload, ids it carries)``.
+    Entry texts are copied verbatim: they were validated when stored.
+    Raises InvalidMessage for a row too large to travel even on its own.
+    """
+    out: list[tuple[bytes, list[int]]] = []
+    groups: dict[str, list[str]] = {}
+    ids: list[int] = []
+    # Size of the payload so far, counting a comma before every group: the
+    # "{}" (2 bytes) minus the first group's comma that is never written.
+    size = 1
+    for row in rows:
+        entries = groups.get(row.device)
+        # ,"<device>":[<entry>]  for a new group;  ,<entry>  for one more entry.
+        added = (
+            len(row.entry) + 1
+            if entries is not None
+            else single_entry_size(row.device, row.entry) - 1
+        )
+        if size + added > max_bytes and ids:
+            out.append((_encode(groups), ids))
+            groups, ids, size = {}, [], 1
+            entries = None
+            added = single_entry_size(row.device, row.entry) - 1
+        if size + added > max_bytes:
+            raise InvalidMessage(
+                f"outbox row {row.id} ({row.device}) does not fit in {max_bytes} bytes"
+            )
+        if entries is None:
+            groups[row.device] = [row.entry]
+        else:
+            entries.append(row.entry)
+        ids.append(row.id)
+        size += added
+    if ids:
+        out.append((_encode(groups), ids))
+    return out
+
+
+def _encode(groups: Mapping[str, Sequence[str]]) -> bytes:
+    parts = [f"{_dumps(device)}:[{','.join(entries)}]" for device, entries in groups.items()]
+    return ("{" + ",".join(parts) + "}").encode()
+
+
+def attributes_request(request_id: int, device: str, keys: Sequence[str]) -> bytes:
+    """Request for the shared attributes ``keys`` of ``device``.
+
+    ``client`` must be the boolean false: the documented ``"client":[...]``
+    form makes the server close the connection.
+    """
+    if not keys or not all(isinstance(k, str) and k for k in keys):
+        raise InvalidMessage(f"attribute keys must be non-empty strings, got {keys!r}")
+    return _dumps(
+        {"id": request_id, "device": check_device(device), "client": False, "keys": list(keys)}
+    ).encode()
+
+
+def rpc_reply(device: str, request_id: int, data: Mapping[str, Any]) -> bytes:
+    """Reply to the server-side RPC ``request_id`` of ``device``.
+
+    Raises InvalidMessage when ``data`` is not JSON (e.g. holds NaN); the
+    caller then replies with an error instead.
+    """
+    if not isinstance(data, Mapping):
+        raise InvalidMessage(f"RPC reply data must be a mapping, got {type(data).__name__}")
+    for key, value in data.items():
+        if not isinstance(key, str):
+            raise InvalidMessage(f"RPC reply key {key!r} is not a string")
+        _check_value(key, value, 0)
+    return _dumps({"device": check_device(device), "id": request_id, "data": dict(data)}).encode()
+
+
+def rpc_error(device: str, request_id: int, error: str) -> bytes:
+    """Reply ``{"success": false, "error": ...}`` to an RPC that cannot be carried out."""
+    return rpc_reply(device, request_id, {"success": False, "error": str(error)})
+
+
+def gateway_telemetry(values: Mapping[str, Any]) -> bytes:
+    """The gateway device's own telemetry (``{"k": v, ...}``, stamped by the server)."""
+    return _dumps(clean_entry_values(values)).encode()
+
+
+# ----------------------------------------------------------------- parsers
+@dataclass(frozen=True)
+class AttributeUpdate:
+    """Shared attributes of ``device`` changed (``data``) or were deleted (``deleted``)."""
+
+    device: str
+    data: Mapping[str, Any]
+    deleted: tuple[str, ...] = ()
+
+
+_NO_VALUE: Any = object()
+
+
+@dataclass(frozen=True)
+class AttributeResponse:
+    """The server's answer to attribute request ``id``.
+
+    For a single key the server sends only ``value`` (without the key name),
+    so the caller resolves it with the keys it asked for (`resolve`).
+    """
+
+    id: int
+    device: str
+    values: Mapping[str, Any] = field(default_factory=dict)
+    value: Any = _NO_VALUE
+
+    def resolve(self, keys: Sequence[str]) -> dict[str, Any]:
+        """The attributes found, as key -> value, given the keys that were requested."""
+        if self.value is _NO_VALUE:
+            return dict(self.values)
+        if len(keys) != 1:
+            raise MalformedMessage(
+                f"attribute response {self.id} has one value but {len(keys)} keys were requested"
+            )
+        return {keys[0]: self.value}
+
+
+@dataclass(frozen=True)
+class RpcRequest:
+    """A server-side RPC to ``device``: reply with the same ``id``."""
+
+    device: str
+    id: int
+    method: str
+    params: Any
+
+
+def _load_object(payload: object) -> dict[str, Any]:
+    if isinstance(payload, bytes | bytearray):
+        try:
+            payload = payload.decode()
+        except UnicodeDecodeError as exc:
+            raise MalformedMessage("payload is not UTF-8") from exc
+    if not isinstance(payload, str):
+        raise MalformedMessage(f"payload of type {type(payload).__name__}")
+    try:
+        obj = json.loads(payload)
+    except (ValueError, RecursionError) as exc:
+        raise MalformedMessage(f"payload is not JSON: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise MalformedMessage(f"payload is a JSON {type(obj).__name__}, not an object")
+    return obj
+
+
+def _device(obj: Mapping[str, Any]) -> str:
+    device = obj.get("device")
+    if not isinstance(device, str) or not device:
+        raise MalformedMessage(f"missing or invalid 'device': {device!r}")
+    return device
+
+
+def _id(obj: Mapping[str, Any]) -> int:
+    rid = obj.get("id")
+    if type(rid) is not int:
+        raise MalformedMessage(f"missing or invalid 'id': {rid!r}")
+    return rid
+
+
+def parse_attribute_update(payload: object) -> AttributeUpdate:
+    """Parse ``{"device":..,"data":{..}}`` from ``v1/gateway/attributes``."""
+    obj = _load_object(payload)
+    device = _device(obj)
+    data = obj.get("data")
+    if not isinstance(data, dict):
+        raise MalformedMessage(f"attribute update for {device}: 'data' is not an object")
+    deleted: tuple[str, ...] = ()
+    if "deleted" in data:
+        raw = data["deleted"]
+        if not isinstance(raw, list) or not all(isinstance(k, str) for k in raw):
+            raise MalformedMessage(f"attribute update for {device}: 'deleted' is not a key list")
+        deleted = tuple(raw)
+    return AttributeUpdate(device, data, deleted)
+
+
+def parse_attribute_response(payload: object) -> AttributeResponse:
+    """Parse a response from ``v1/gateway/attributes/response`` (one, several or no keys)."""
+    obj = _load_object(payload)
+    rid = _id(obj)
+    device = _device(obj)
+    if "values" in obj:
+        values = obj["values"]
+        if not isinstance(values, dict):
+            raise MalformedMessage(f"attribute response {rid}: 'values' is not an object")
+        return AttributeResponse(rid, device, values=values)
+    if "value" in obj:
+        return AttributeResponse(rid, device, value=obj["value"])
+    return AttributeResponse(rid, device)
+
+
+def parse_rpc(payload: object) -> RpcRequest:
+    """Parse ``{"device":..,"data":{"id":..,"method":..,"params":..}}`` from ``v1/gateway/rpc``.
+
+    Raises MalformedRpc (answerable) when device and id are readable but the
+    method is not, MalformedMessage (not answerable) otherwise.
+    """
+    obj = _load_object(payload)
+    device = _device(obj)
+    data = obj.get("data")
+    if not isinstance(data, dict):
+        raise MalformedMessage(f"RPC for {device}: 'data' is not an object")
+    rid = _id(data)
+    method = data.get("method")
+    if not isinstance(method, str) or not method:
+        raise MalformedRpc(f"RPC {rid} for {device}: missing method", device=device, id=rid)
+    return RpcRequest(device, rid, method, data.get("params"))
