@@ -1,0 +1,304 @@
+"""The SQLite outbox: order, timestamps, retention, validation, crash safety, settings."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from gateway.store import InvalidMessage, Store, StoreClosed, StoreError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+async def test_rows_come_back_in_order_with_their_entries(tmp_path: Path) -> None:
+    async with Store.open(tmp_path / "s.db", max_rows=None, max_bytes=None) as store:
+        for i in range(10):
+            store.append("tank-a" if i % 2 else "tank-b", 1000 + i, {"i": i})
+        await store.flush()
+        rows = await store.peek(100)
+        assert [r.id for r in rows] == sorted(r.id for r in rows)
+        assert [json.loads(r.entry)["values"]["i"] for r in rows] == list(range(10))
+        assert all(json.loads(r.entry)["ts"] == r.ts for r in rows)
+        assert store.stats.received == 10
+        assert store.stats.depth == 10
+        assert store.stats.bytes == sum(len(r.device) + len(r.entry) for r in rows)
+        later = await store.peek(3, after_id=rows[4].id)
+        assert later == rows[5:8]
+
+
+async def test_peek_max_bytes_returns_at_least_one_row(tmp_path: Path) -> None:
+    async with Store.open(tmp_path / "s.db", max_rows=None, max_bytes=None) as store:
+        for i in range(5):
+            store.append("tank-a", i, {"v": i})
+        rows = await store.peek(10)
+        one = len(rows[0].device) + len(rows[0].entry)
+        assert len(await store.peek(10, max_bytes=1)) == 1
+        assert len(await store.peek(10, max_bytes=2 * one)) == 2
+        assert len(await store.peek(10, max_bytes=2 * one + 1)) == 2
+
+
+async def test_timestamps_strictly_increase_per_device_across_restarts(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    async with Store.open(path, max_rows=None, max_bytes=None) as store:
+        store.append("tank-a", 1000, {"v": 1})
+        store.append("tank-a", 1000, {"v": 2})  # same ms
+        store.append("tank-a", 900, {"v": 3})  # clock stepped back
+        store.append("tank-b", 1000, {"v": 4})  # other device: untouched
+        store.append("tank-a", 5000, {"v": 5})
+        rows = await store.peek(10)
+        await store.ack([r.id for r in rows])  # the outbox is empty again
+    assert [(r.device, r.ts) for r in rows] == [
+        ("tank-a", 1000),
+        ("tank-a", 1001),
+        ("tank-a", 1002),
+        ("tank-b", 1000),
+        ("tank-a", 5000),
+    ]
+    async with Store.open(path, max_rows=None, max_bytes=None) as store:
+        store.append("tank-a", 4000, {"v": 6})
+        [row] = await store.peek(10)
+        assert row.ts == 5001
+        assert json.loads(row.entry)["ts"] == 5001
+        assert row.id > rows[-1].id  # ids are never reused, even from an empty outbox
+
+
+async def test_a_refused_reading_does_not_move_the_device_clock(tmp_path: Path) -> None:
+    async with Store.open(tmp_path / "s.db", max_rows=None, max_bytes=None) as store:
+        with pytest.raises(InvalidMessage):
+            store.append("tank-a", 9000, {"v": math.nan})
+        store.append("tank-a", 1000, {"v": 1})
+        [row] = await store.peek(10)
+        assert row.ts == 1000
+
+
+@pytest.mark.parametrize(
+    ("device", "ts", "values"),
+    [
+        ("", 1, {"v": 1}),
+        (None, 1, {"v": 1}),
+        ("tank-a", 1, {}),
+        ("tank-a", 1, {"v": None}),
+        ("tank-a", 1, {"v": math.nan}),
+        ("tank-a", 1, {"v": math.inf}),
+        ("tank-a", 1, {"v": {"nested": {1, 2}}}),
+        ("tank-a", 1, {"v": "x" * 3000}),
+        ("tank-a", 1.5, {"v": 1}),
+        ("tank-a", None, {"v": 1}),
+    ],
+)
+async def test_append_refuses_at_once(
+    tmp_path: Path, device: object, ts: object, values: object
+) -> None:
+    async with Store.open(
+        tmp_path / "s.db", max_rows=None, max_bytes=None, max_payload_bytes=2048
+    ) as store:
+        with pytest.raises(InvalidMessage):
+            store.append(device, ts, values)  # type: ignore[arg-type]
+        await store.flush()
+        assert store.stats.received == 0
+        assert await store.peek(10) == []
+
+
+async def test_ack_deletes_by_ranges_and_counts_forwarded(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    async with Store.open(path, max_rows=None, max_bytes=None) as store:
+        for i in range(10):
+            store.append("tank-a", i, {"v": i})
+        rows = await store.peek(10)
+        ids = [r.id for r in rows]
+        assert await store.ack(ids[0:3] + ids[5:7]) == 5
+        assert await store.ack(ids[0:2]) == 0  # already gone: not counted twice
+        left = await store.peek(10)
+        assert [r.id for r in left] == ids[3:5] + ids[7:]
+        stats = store.stats
+        assert (stats.forwarded, stats.depth) == (5, 5)
+        assert stats.bytes == sum(len(r.device) + len(r.entry) for r in left)
+    async with Store.open(path, max_rows=None, max_bytes=None) as store:
+        assert (store.stats.forwarded, store.stats.received, store.stats.depth) == (5, 10, 5)
+
+
+async def test_retention_by_rows_evicts_oldest_and_counts(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "s.db"
+    caplog.set_level("INFO", logger="hydrogate.store")
+    async with Store.open(path, max_rows=100, max_bytes=None, commit_interval=0) as store:
+        for batch in range(5):
+            for i in range(50):
+                store.append("tank-a", batch * 50 + i, {"v": batch * 50 + i})
+            await store.flush()
+        rows = await store.peek(1000)
+        assert len(rows) == 100
+        assert [json.loads(r.entry)["values"]["v"] for r in rows] == list(range(150, 250))
+        assert store.stats.evicted == 150
+        assert store.stats.depth == 100
+        # One warning for the whole episode, however many commits evicted.
+        warnings = [r for r in caplog.records if "evicting" in r.getMessage()]
+        assert len(warnings) == 1
+        await store.ack([r.id for r in rows])
+        store.append("tank-a", 10_000, {"v": 0})
+        await store.flush()
+        assert any("below its limits" in r.getMessage() for r in caplog.records)
+    async with Store.open(path, max_rows=None, max_bytes=None) as store:
+        assert store.stats.evicted == 150
+
+
+async def test_retention_by_bytes(tmp_path: Path) -> None:
+    async with Store.open(tmp_path / "s.db", max_rows=None, max_bytes=1000) as store:
+        for i in range(100):
+            store.append("tank-a", i, {"v": i})
+        await store.flush()
+        stats = store.stats
+        assert 0 < stats.bytes <= 1000
+        assert stats.evicted + stats.depth == 100
+        rows = await store.peek(1000)
+        assert json.loads(rows[-1].entry)["values"]["v"] == 99
+
+
+async def test_lower_limits_apply_when_reopened(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    async with Store.open(path, max_rows=None, max_bytes=None) as store:
+        for i in range(20):
+            store.append("tank-a", i, {"v": i})
+    async with Store.open(path, max_rows=5, max_bytes=None) as store:
+        assert (store.stats.depth, store.stats.evicted) == (5, 15)
+
+
+async def test_close_commits_what_was_queued(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    async with Store.open(path, max_rows=None, max_bytes=None, commit_interval=10) as store:
+        for i in range(1000):
+            store.append("tank-a", i, {"v": i})
+    with pytest.raises(StoreClosed):
+        store.append("tank-a", 1, {"v": 1})
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM outbox").fetchone()[0] == 1000
+
+
+async def test_committed_event_is_set_after_a_commit(tmp_path: Path) -> None:
+    async with Store.open(tmp_path / "s.db", max_rows=None, max_bytes=None) as store:
+        store.committed.clear()
+        store.append("tank-a", 1, {"v": 1})
+        async with asyncio.timeout(5):
+            await store.committed.wait()
+        assert store.stats.depth == 1
+
+
+async def test_writer_is_one_named_thread(tmp_path: Path) -> None:
+    async with Store.open(tmp_path / "s.db", max_rows=None, max_bytes=None):
+        names = [t.name for t in threading.enumerate()]
+        assert names.count("hydrogate-store") == 1
+    assert "hydrogate-store" not in [t.name for t in threading.enumerate()]
+
+
+async def test_settings_persist_and_are_replaced_as_a_whole(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    async with Store.open(path, max_rows=None, max_bytes=None) as store:
+        assert await store.load_settings("tank-a") == {}
+        await store.save_settings("tank-a", {"mode": "manual", "schedule": ["09:00"]})
+        await store.save_settings("tank-a", {"mode": "auto", "current": {"tds_setpoint": 900}})
+        await store.save_settings("tank-b", {"mode": "manual"})
+        with pytest.raises(StoreError):
+            await store.save_settings("tank-a", {"bad": math.nan})
+    async with Store.open(path, max_rows=None, max_bytes=None) as store:
+        assert await store.load_settings("tank-a") == {
+            "mode": "auto",
+            "current": {"tds_setpoint": 900},
+        }
+        assert await store.load_settings("tank-b") == {"mode": "manual"}
+
+
+async def test_actuation_ledger_survives_restarts(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    now = 1_732_200_000.0
+    async with Store.open(path, max_rows=None, max_bytes=None) as store:
+        await store.record_actuation("tank-a", "nutrient", now - 7200, 1000)
+        await store.record_actuation("tank-a", "nutrient", now - 1800, 2000)
+        await store.record_actuation("tank-a", "ph_up", now - 60, 500)
+        await store.record_actuation("tank-b", "refill", now - 60, 9000)
+    async with Store.open(path, max_rows=None, max_bytes=None) as store:
+        since = await store.actuations_since("tank-a", now - 3600)
+        assert since == [("nutrient", now - 1800, 2000), ("ph_up", now - 60, 500)]
+        assert since[0].actuator == "nutrient"
+        # Entries older than a day are pruned when a new one is recorded.
+        await store.record_actuation("tank-a", "nutrient", now + 86_400 - 1000, 100)
+        assert len(await store.actuations_since("tank-a", 0)) == 2
+
+
+async def test_refuses_a_newer_schema(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute("PRAGMA user_version = 99")
+    with pytest.raises(StoreError, match="schema version 99"):
+        async with Store.open(path, max_rows=None, max_bytes=None):
+            pass
+
+
+async def test_unusable_path_raises_store_error(tmp_path: Path) -> None:
+    with pytest.raises(StoreError):
+        async with Store.open(tmp_path / "missing" / "s.db", max_rows=None, max_bytes=None):
+            pass
+
+
+async def test_hundred_thousand_appends_commit(tmp_path: Path) -> None:
+    async with Store.open(tmp_path / "s.db", max_rows=None, max_bytes=None) as store:
+        for i in range(100_000):
+            store.append(f"tank-{i % 4}", 1_732_200_000_000 + i, {"tds": 800.0 + i, "ph": 6.0})
+        await store.flush()
+        assert store.stats.received == 100_000
+        assert store.stats.depth == 100_000
+
+
+CHILD = """
+import asyncio, sys
+from gateway.store import Store
+
+async def main():
+    async with Store.open(sys.argv[1], max_rows=None, max_bytes=None) as store:
+        for i in range(5000):
+            store.append("tank-a", 1_732_200_000_000 + i, {"i": i})
+        await store.flush()
+        print(store.stats.received, flush=True)
+        while True:  # keep appending, uncommitted, until killed
+            store.append("tank-a", 1, {"i": -1})
+            await asyncio.sleep(0)
+
+asyncio.run(main())
+"""
+
+
+async def test_committed_rows_survive_sigkill(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        CHILD,
+        str(path),
+        stdout=subprocess.PIPE,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.stdout is not None
+    try:
+        async with asyncio.timeout(20):
+            line = await proc.stdout.readline()
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        await proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert int(line) == 5000
+    async with Store.open(path, max_rows=None, max_bytes=None) as store:
+        assert store.stats.received >= 5000
+        rows = await store.peek(5000)
+        assert [json.loads(r.entry)["values"]["i"] for r in rows] == list(range(5000))
+        assert store.stats.depth == store.stats.received
