@@ -750,7 +750,7 @@ def apply_control_update(
     sec = Section(errors, path_prefix, data)
     changes: dict[str, Any] = {}
     for key, validator in _runtime_validators(controllers).items():
-        if key in sec.data:
+        if sec.has(key) or key in sec.data:  # has() marks the key known, for suggestions
             value = errors.check(sec.path_of(key), validator, sec.raw(key))
             if value is not None:
                 changes[key] = value

@@ -127,7 +127,8 @@ class Section:
     def require(self, key: str, validator: Validator[T]) -> T | None:
         """The validated value; None (and an error) when missing or bad."""
         if not self.has(key):
-            self.errors.add(self.path_of(key), "is required")
+            if self.ok:  # a section that is not a mapping was reported once already
+                self.errors.add(self.path_of(key), "is required")
             return None
         return self.errors.check(self.path_of(key), validator, self.raw(key))
 
@@ -442,13 +443,17 @@ def schedule(value: Any) -> tuple[datetime.time, ...]:
             value = [part.strip() for part in text.split(",")] if text else []
     if not isinstance(value, list | tuple):
         raise Invalid(f'must be a list of times "HH:MM", not {type_name(value)}')
-    times = list_of(time_of_day)(value)
-    seen: set[datetime.time] = set()
+    times: set[datetime.time] = set()
     problems: list[tuple[tuple[PathPart, ...], str]] = []
-    for i, t in enumerate(times):
-        if t in seen:
+    for i, element in enumerate(value):
+        try:
+            t = time_of_day(element)
+        except Invalid as err:
+            problems.append(((i,), str(err)))
+            continue
+        if t in times:
             problems.append(((i,), f"repeats {t:%H:%M}"))
-        seen.add(t)
+        times.add(t)
     if problems:
         raise Invalid.many(problems)
     return tuple(sorted(times))
