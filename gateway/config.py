@@ -294,7 +294,11 @@ def _serial_url(parts: SplitResult) -> str:
         if name != "baud":
             raise Invalid(f"has an unknown option {name!r}{suggest(name, ['baud'])}")
     values = options.get("baud", [str(DEFAULT_BAUD)])
-    if len(values) != 1 or not values[0].isdigit() or int(values[0]) not in STANDARD_BAUDS:
+    if (
+        len(values) != 1
+        or not re.fullmatch("[0-9]{1,7}", values[0])
+        or int(values[0]) not in STANDARD_BAUDS
+    ):
         bauds = ", ".join(map(str, STANDARD_BAUDS))
         raise Invalid(f"baud must be one of {bauds}; not {','.join(values)!r}")
     return f"serial://{parts.path}?baud={int(values[0])}"
@@ -333,14 +337,13 @@ def _gateway(sec: Section) -> GatewayConfig | None:
 
 def _storage(sec: Section, base_dir: Path | None) -> StorageConfig | None:
     path = sec.require("path", file_path(base_dir, must_exist=False))
-    config = StorageConfig(
-        path=Path(),
-        max_rows=sec.get("max_rows", int_range(1, 1_000_000_000), 2_000_000),
-        max_bytes=sec.optional("max_bytes", size_range(1 << 20)),
-        commit_interval=sec.get("commit_interval", duration_range(0, 10), 0.02),
-    )
+    max_rows = sec.get("max_rows", int_range(1, 1_000_000_000), 2_000_000)
+    max_bytes = sec.optional("max_bytes", size_range(1 << 20))
+    commit_interval = sec.get("commit_interval", duration_range(0, 10), 0.02)
     sec.finish()
-    return None if path is None else dataclasses.replace(config, path=path)
+    if path is None:
+        return None
+    return StorageConfig(path, max_rows, max_bytes, commit_interval)
 
 
 def _thingsboard(sec: Section, base_dir: Path | None) -> ThingsBoardConfig | None:
@@ -351,19 +354,24 @@ def _thingsboard(sec: Section, base_dir: Path | None) -> ThingsBoardConfig | Non
     ca_file = sec.optional("ca_file", file_path(base_dir, must_exist=True))
     if ca_file is not None and not tls:
         sec.errors.add(sec.path_of("ca_file"), "is only used with tls: true")
-    config = ThingsBoardConfig(
-        host=host or "",
-        access_token=token or "",
+    max_payload = sec.get("max_payload_bytes", size_range(1024, 268_435_455), 65536)
+    client_id = sec.optional("client_id", string)
+    keepalive = sec.get("keepalive", int_range(1, 65535, unit="s"), 60)
+    device_type = sec.get("device_type", device_name, "hydro-node")
+    sec.finish()
+    if host is None or token is None:
+        return None
+    return ThingsBoardConfig(
+        host=host,
+        access_token=token,
         port=port,
         tls=tls,
         ca_file=ca_file,
-        max_payload_bytes=sec.get("max_payload_bytes", size_range(1024, 268_435_455), 65536),
-        client_id=sec.optional("client_id", string),
-        keepalive=sec.get("keepalive", int_range(1, 65535, unit="s"), 60),
-        device_type=sec.get("device_type", device_name, "hydro-node"),
+        max_payload_bytes=max_payload,
+        client_id=client_id,
+        keepalive=keepalive,
+        device_type=device_type,
     )
-    sec.finish()
-    return None if host is None or token is None else config
 
 
 def _access_token(sec: Section, base_dir: Path | None) -> str | None:
@@ -483,7 +491,6 @@ def _control(sec: Section, controllers: Collection[str]) -> ControlConfig | None
         else:
             sec.errors.add(sec.path_of(key), "is required (or give a crop)")
             setpoints[key] = None
-    seconds = duration_range  # bounds for the cycle timings, in seconds
     config = ControlConfig(
         tds_setpoint=0.0,
         ph_setpoint=0.0,
@@ -497,12 +504,12 @@ def _control(sec: Section, controllers: Collection[str]) -> ControlConfig | None
         schedule=sec.get("schedule", runtime["schedule"], ()),
         interval=sec.get("interval", runtime["interval"], 30.0),
         rb_variant=sec.get("rb_variant", one_of("band", "target"), "band"),
-        tds_average_s=sec.get("tds_average_s", seconds(1, 600), 10.0),
-        ph_average_s=sec.get("ph_average_s", seconds(1, 600), 30.0),
-        mixing_wait_s=sec.get("mixing_wait_s", seconds(0, 3600), 60.0),
-        tds_hold_s=sec.get("tds_hold_s", seconds(0, 3600), 180.0),
-        ph_hold_s=sec.get("ph_hold_s", seconds(0, 3600), 300.0),
-        max_cycle_s=sec.get("max_cycle_s", seconds(60, 86400), 3600.0),
+        tds_average_s=sec.get("tds_average_s", duration_range(1, 600), 10.0),
+        ph_average_s=sec.get("ph_average_s", duration_range(1, 600), 30.0),
+        mixing_wait_s=sec.get("mixing_wait_s", duration_range(0, 3600), 60.0),
+        tds_hold_s=sec.get("tds_hold_s", duration_range(0, 3600), 180.0),
+        ph_hold_s=sec.get("ph_hold_s", duration_range(0, 3600), 300.0),
+        max_cycle_s=sec.get("max_cycle_s", duration_range(60, 86400), 3600.0),
     )
     least = config.tds_hold_s + config.ph_hold_s
     if config.max_cycle_s < least:

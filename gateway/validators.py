@@ -323,7 +323,7 @@ def num_range(
 
 # --- durations, sizes, times ------------------------------------------------------------------
 
-_DURATION = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|sec|min|h)\s*")
+_DURATION = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(ms|s|sec|min|h)\s*")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "sec": 1.0, "min": 60.0, "h": 3600.0}
 
 
@@ -368,7 +368,7 @@ def milliseconds(lo: int, hi: int) -> Validator[int]:
     return validate
 
 
-_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?)\s*([kKMGT]i?)?B?\s*")
+_SIZE = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([kKMGT]i?)?B?\s*")
 _SIZE_UNITS = {
     None: 1,
     "k": 1000,
@@ -410,7 +410,7 @@ def size_range(lo: int, hi: int | None = None) -> Validator[int]:
     return validate
 
 
-_TIME = re.compile(r"([01]?\d|2[0-3]):([0-5]\d)")
+_TIME = re.compile(r"([01]?[0-9]|2[0-3]):([0-5][0-9])")
 
 
 def time_of_day(value: Any) -> datetime.time:
@@ -509,7 +509,10 @@ def file_path(base_dir: Path | None, *, must_exist: bool) -> Validator[Path]:
         text = string(value)
         if "\0" in text:
             raise Invalid("must not contain a NUL character")
-        path = Path(text).expanduser()
+        try:
+            path = Path(text).expanduser()
+        except RuntimeError as err:  # "~user" of an unknown user
+            raise Invalid(f"cannot expand {text!r}: no such home directory") from err
         if base_dir is not None and not path.is_absolute():
             path = base_dir / path
         try:

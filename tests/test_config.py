@@ -274,6 +274,12 @@ BAD = [
     ("storage.path", 5, "storage.path", "must be a string, not an integer"),
     ("storage.path", "/tmp", "storage.path", "/tmp is a directory, not a file"),
     (
+        "storage.path",
+        "~nosuchuser/b.sqlite",
+        "storage.path",
+        "cannot expand '~nosuchuser/b.sqlite': no such home directory",
+    ),
+    (
         "storage.max_bytes",
         "lots",
         "storage.max_bytes",
@@ -1103,6 +1109,8 @@ SCALARS = (
             "auto",
             "/",
             "\0",
+            "~nosuchuser",
+            '["09:00"]',
         ]
     )
 )
