@@ -12,9 +12,10 @@ underneath. The safety layer sits below every controller and may clamp or
 refuse the doses returned here.
 
 The registry is the one piece of module-level state in rules/: it is filled
-once, at import time, by the ``@register`` decorators and never changed
-afterwards (registering a name twice is an error), so it is configuration,
-not mutable run-time state.
+by the ``@register`` decorators when the controller modules are imported
+(the built-ins are imported by the first :func:`names` or :func:`create`)
+and never changed afterwards (registering another factory under a taken
+name is an error), so it is configuration, not mutable run-time state.
 """
 
 from __future__ import annotations
@@ -210,6 +211,13 @@ def register(name: str) -> Callable[[_F], _F]:
 
 
 def _load_builtins() -> None:
+    """Import the built-in controller modules (their decorators register them).
+
+    Done lazily by :func:`names` and :func:`create` rather than at import
+    time, because those modules import this one (and rules.fuzzy imports
+    ``RulesError`` from here): importing them from here at import time would
+    be a cycle whose outcome depends on which module is imported first.
+    """
     for module in _BUILTIN_MODULES:
         importlib.import_module(module)
 
@@ -238,7 +246,3 @@ def create(name: str, options: ControllerOptions | None = None) -> Controller:
     except (ValueError, TypeError, OSError) as exc:
         raise ControllerError(f"cannot build controller {name!r}: {exc}") from exc
 
-
-# Register the built-in controllers on import. These modules import this one;
-# everything they need is defined above, so the cycle is harmless.
-_load_builtins()

@@ -17,7 +17,10 @@ How the outputs drive the pumps, as in the firmware's ``tds_control_loop`` /
   rules give a non-zero time.
 - A time of 0 ms means no dose (the firmware starts a 0 ms timer).
 - PWM and time are truncated to integers, as the firmware's ``float`` to
-  ``int`` argument conversion does.
+  ``int`` argument conversion does (after rounding to 6 decimals, so that
+  float noise such as 2749.9999999 does not lose a millisecond).
+- A non-finite measurement or setpoint is refused (``ControllerError``)
+  rather than dosed on: the firmware would run pH-down on a NaN error.
 - When no rule fires the firmware's ``isnan`` fallback applies: PWM 255 and
   2000 ms (TDS) / 5000 ms (pH). With inputs clamped to the universes and the
   thesis's sets covering them, this only happens for a NaN input.
@@ -33,6 +36,7 @@ The "close loop" baseline of the thesis runs a constant PWM 255 for 2 s
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -40,6 +44,7 @@ import numpy as np
 import numpy.typing as npt
 
 from rules.controller import (
+    ControllerError,
     ControllerOptions,
     Decision,
     DecisionContext,
@@ -162,9 +167,10 @@ def thesis_output(
     pwm_fb, ms_fb = FALLBACK[loop]
     pwm = np.where(result.fired, result.outputs["pwm"], pwm_fb)
     ms = np.where(result.fired, result.outputs["time_ms"], ms_fb)
+    # Truncate like the firmware, but after rounding away float noise (2749.9999... is 2750).
     return ThesisOutput(
-        pwm=np.trunc(pwm).astype(np.int64),
-        time_ms=np.trunc(ms).astype(np.int64),
+        pwm=np.trunc(np.round(pwm, 6)).astype(np.int64),
+        time_ms=np.trunc(np.round(ms, 6)).astype(np.int64),
         fired=result.fired,
     )
 
@@ -178,6 +184,13 @@ def doses_for(loop: Loop, error: float, pwm: int, ms: int) -> tuple[Dose, ...]:
     return (Dose("ph_up" if error >= 0 else "ph_down", pwm, ms),)
 
 
+def _check_finite(ctx: DecisionContext) -> None:
+    if not (math.isfinite(ctx.setpoint) and math.isfinite(ctx.measured)):
+        raise ControllerError(
+            f"{ctx.loop}: cannot decide on setpoint {ctx.setpoint} / measured {ctx.measured}"
+        )
+
+
 class _ThesisFuzzy:
     """Shared body of the Sugeno and Mamdani controllers."""
 
@@ -189,6 +202,7 @@ class _ThesisFuzzy:
 
     async def decide(self, ctx: DecisionContext) -> Decision:
         """Fuzzy PWM and time from error and Δerror, mapped to the loop's pumps."""
+        _check_finite(ctx)
         error, delta = ctx.error, ctx.delta_error
         out = thesis_output(ctx.loop, error, delta, self.method)
         pwm, ms, fired = int(out.pwm), int(out.time_ms), bool(out.fired)
@@ -228,6 +242,7 @@ class CloseLoopController:
 
     async def decide(self, ctx: DecisionContext) -> Decision:
         """PWM 255 for 2 s (TDS) / 5 s (pH) towards the setpoint, nothing inside the band."""
+        _check_finite(ctx)
         if ctx.in_band:
             return Decision(doses=(), controller=self.name, note="inside band")
         pwm, ms = CLOSE_LOOP[ctx.loop]
