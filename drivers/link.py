@@ -73,8 +73,11 @@ _NOT_ERRORS: Final = frozenset({"retry", "frames_in", "frames_out"})
 class LinkStats:
     """Counters of one node's link, kept by the node task across reconnects.
 
-    Names are fixed (``COUNTERS``): a misspelt name raises ``KeyError`` rather
-    than silently starting a counter nobody reads.
+    The link's own counters (``COUNTERS``) always exist, at 0 until counted:
+    one per ``FrameError`` reason, ``bad_value`` (counted by the caller from
+    ``clean_values``), ``late_reply``, ``unknown_id``, ``timeout``, ``retry``,
+    ``link_down``, ``callback_error``, ``frames_in`` (frames that decoded) and
+    ``frames_out``. The node task may add counters of its own by counting them.
     """
 
     __slots__ = ("_counts",)
@@ -84,19 +87,17 @@ class LinkStats:
 
     def count(self, name: str, n: int = 1) -> None:
         """Add ``n`` to counter ``name``."""
-        if name not in self._counts:
-            raise KeyError(f"unknown link counter {name!r}")
-        self._counts[name] += n
+        self._counts[name] = self._counts.get(name, 0) + n
 
     def __getitem__(self, name: str) -> int:
-        return self._counts[name]
+        return self._counts.get(name, 0)
 
     def as_dict(self) -> dict[str, int]:
         """A copy of every counter."""
         return dict(self._counts)
 
     def total_errors(self) -> int:
-        """Every counter that records a fault (all but retry, frames_in, frames_out)."""
+        """Every counter that records a fault: all but ``retry``, ``frames_in``, ``frames_out``."""
         return sum(v for k, v in self._counts.items() if k not in _NOT_ERRORS)
 
 
@@ -195,6 +196,7 @@ class Link:
             self.stats.count("frames_out")
             await self._writer.drain()
         except OSError as exc:
+            waiter.cancel()  # raised here instead, with its cause
             self._set_down(f"write failed: {exc}")
             raise LinkDown(f"{self.url}: write failed: {exc}") from exc
         return await waiter
