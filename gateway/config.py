@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import math
 import re
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -399,7 +400,10 @@ def _points_to_poly(value: Any) -> tuple[float, ...]:
     if x1 == x2:
         raise Invalid("must have two different x values")
     slope = (y2 - y1) / (x2 - x1)
-    return slope, y1 - slope * x1
+    offset = y1 - slope * x1
+    if not (math.isfinite(slope) and math.isfinite(offset)):
+        raise Invalid("give a line too steep to compute")
+    return slope, offset
 
 
 def _poly(value: Any) -> tuple[float, ...]:
@@ -416,8 +420,12 @@ def _calibration_map(sec: Section, key: str) -> CalibrationMap | None:
         poly = None
     elif sec.has("points"):
         poly = sec.optional("points", _points_to_poly)
+    elif sec.has("poly"):
+        poly = sec.optional("poly", _poly)
     else:
-        poly = sec.require("poly", _poly)
+        if sec.ok:
+            sec.errors.add(sec.path_of("poly"), "is required (or points)")
+        poly = None
     valid = sec.optional("valid", number_pair())
     temp_coefficient = sec.optional("temp_coefficient", num_range(0, 0.1))
     sec.finish()

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from gateway.config import (
     CONTROLLER_NAMES,
+    RUNTIME_KEYS,
     CalibrationMap,
     Config,
     ConfigError,
@@ -378,7 +379,12 @@ BAD = [
         "nodes[0].calibration.tds.poly[1]",
         "must be a finite number",
     ),
-    ("nodes.0.calibration.tds.poly", DELETE, "nodes[0].calibration.tds.poly", "is required"),
+    (
+        "nodes.0.calibration.tds.poly",
+        DELETE,
+        "nodes[0].calibration.tds.poly",
+        "is required (or points)",
+    ),
     (
         "nodes.0.calibration.tds.valid",
         [1.58, 0.04],
@@ -790,6 +796,7 @@ def test_two_point_calibration_becomes_a_line() -> None:
         ([[1, 2], [1, 3]], "must have two different x values"),
         ([[1, 2]], "must be two points [[x1, y1], [x2, y2]]"),
         ([[1, 2, 3], [4, 5, 6]], "must be two points [[x1, y1], [x2, y2]]"),
+        ([[0, -1e308], [1e-300, 1e308]], "give a line too steep to compute"),
     ],
 )
 def test_bad_points(points: Any, message: str) -> None:
@@ -1001,6 +1008,10 @@ def test_update_must_be_a_mapping_and_crop_is_not_a_runtime_key() -> None:
     with pytest.raises(ConfigError) as info:
         apply_control_update(control(), {"crop": "leek"})
     assert info.value.errors == [("crop", "unknown key")]
+
+
+def test_control_settings_hold_exactly_the_runtime_keys() -> None:
+    assert tuple(control_settings(control())) == RUNTIME_KEYS
 
 
 def test_control_settings_round_trip_through_json() -> None:
