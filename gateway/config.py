@@ -62,7 +62,7 @@ from gateway.validators import (
 K = TypeVar("K")
 V = TypeVar("V")
 
-CONTROLLER_NAMES: tuple[str, ...] = ("fuzzy", "rb", "ml", "closeloop", "mamdani")
+CONTROLLER_NAMES: tuple[str, ...] = ("fuzzy", "rb", "ml", "adaptive", "closeloop", "mamdani")
 """Controller names the config accepts unless the caller passes its own registry.
 
 ``rules/`` registers controllers by name; the daemon may pass those names as

@@ -19,7 +19,7 @@ import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from drivers.link import LinkError
+from drivers.errors import LinkError
 from gateway.clock import Clock
 from gateway.errors import CommandError
 from gateway.config import ConfigError, ControlConfig, NodeConfig, apply_control_update
@@ -78,6 +78,7 @@ class NodeControl:
         self._controller: Controller | None = None
         self._cycle: ControlCycle | None = None
         self._triggers: Triggers | None = None
+        self.last_dose_text: str | None = None
         self._rebuild()
 
     # -------------------------------------------------------------- settings
@@ -133,7 +134,7 @@ class NodeControl:
         history = await self._store.actuations_since(self._node.name, now_wall - 3600)
         self.guard = SafetyGuard(
             _limits(self._config),
-            actuators=self._node.actuators,
+            actuators=self.guard.actuators,
             watch=self.watch,
             history=[(a, self._to_mono(ts), ms) for a, ts, ms in history],
         )
@@ -152,7 +153,9 @@ class NodeControl:
             await self._store.save_settings(self._node.name, {})
             return
         try:
-            self.settings = apply_control_update(base, saved.get("current", {}))
+            self.settings = apply_control_update(
+                base, saved.get("current", {}), safety=self._config.safety
+            )
         except ConfigError as exc:
             log.warning("node %s: saved settings ignored: %s", self._node.name, exc)
             return
@@ -172,7 +175,7 @@ class NodeControl:
         if self.settings is None or self._config.control is None:
             raise CommandError(f"node {self._node.name} has no control section")
         try:
-            updated = apply_control_update(self.settings, data)
+            updated = apply_control_update(self.settings, data, safety=self._config.safety)
         except ConfigError as exc:
             log.warning(
                 "node %s: %s refused: %s",
@@ -249,10 +252,21 @@ class NodeControl:
                 extra=fields(node=self._node.name),
             )
 
+    @property
+    def automatic(self) -> bool:
+        """Whether this node has a control section (and so a control loop)."""
+        return self._cycle is not None
+
+    def announced(self, actuators: tuple[str, ...]) -> None:
+        """The node's `hello` listed these actuators: only they may be commanded."""
+        self.guard.announce(actuators)
+        if self.settings is not None:
+            self._rebuild(controller_changed=False)
+
     def link_lost(self) -> None:
         """No commands can reach the node: abort; its own watchdog stops the pumps."""
         self.abort("link lost")
-        self.guard.stop_all(self._clock.monotonic())
+        self.guard.stop_all(self._clock.monotonic(), confirmed=False)
 
     def node_rebooted(self) -> None:
         """A node restart stopped its actuators."""
@@ -276,8 +290,6 @@ class NodeControl:
         now = self._clock.monotonic()
         ts = int(self._clock.time() * 1000)
         try:
-            if dose.actuator not in node.actuators:
-                raise SafetyRefusal(dose.actuator, "the node did not announce this actuator")
             permit = self.guard.permit(dose, now, strict=strict)
         except SafetyRefusal as exc:
             self._refused(ts, dose, exc, controller)
@@ -309,6 +321,7 @@ class NodeControl:
         if permit.clamped_reason:
             entry["safety_clamped"] = f"{granted.actuator}: {permit.clamped_reason}"
         node.record(ts, entry)
+        self.last_dose_text = f"{granted.actuator} {granted.ms} ms ({controller})"
         log.info(
             "node %s: %s %d ms at duty %d (%s)",
             node.name, granted.actuator, granted.ms, granted.duty, controller,

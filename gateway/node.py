@@ -16,7 +16,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from drivers.backoff import Backoff
-from drivers.link import Link, LinkError, LinkStats, RequestTimeout, open_link
+from drivers.errors import LinkDown, LinkError, NodeRefused, RequestTimeout
+from drivers.link import Link, LinkStats, open_link
 from drivers.nodelink import Event, Reply, clean_values
 from gateway.clock import Clock
 from gateway.config import NodeConfig
@@ -109,6 +110,7 @@ class NodeRunner:
             try:
                 async with asyncio.TaskGroup() as tg:
                     tg.create_task(self._poll_loop(link), name=f"poll:{self.name}")
+                    tg.create_task(self._watch(link), name=f"watch:{self.name}")
                     if self.control.automatic:
                         tg.create_task(
                             self.control.run(self._reading_event), name=f"control:{self.name}"
@@ -118,6 +120,11 @@ class NodeRunner:
             finally:
                 self._link = None
                 self.control.link_lost()
+
+    async def _watch(self, link: Link) -> None:
+        """End the session as soon as the transport closes, even between polls."""
+        await link.wait_down()
+        raise LinkDown("connection closed")
 
     async def _poll_loop(self, link: Link) -> None:
         interval = self.config.poll_interval
@@ -130,6 +137,9 @@ class NodeRunner:
                 failures += 1
                 if failures >= MAX_FAILED_READS:
                     raise
+            except NodeRefused as exc:  # the node is there but cannot read its sensors
+                self.stats.count("read_refused")
+                log.debug("node %s refused read: %s", self.name, exc.error)
             else:
                 failures = 0
                 self._on_reading(reply.body)
