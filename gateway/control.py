@@ -84,8 +84,24 @@ class NodeControl:
     # -------------------------------------------------------------- settings
     @property
     def severity_bands(self) -> Mapping[str, Band]:
-        """Severity bands, with the crop's pH and ppm ranges when one is set."""
+        """Severity bands for this tank: its crop's ranges and its own volume.
+
+        The control documentation's water-level band (normal 1.2-2.5 L,
+        critical below 1.0 L) is for a reservoir that is full at 2.5 L; we
+        scale it to this tank (`plant.tank_volume_l`), so a full 10 L tank is
+        normal from 4.8 to 10 L and critical below 4 L.
+        """
         bands = dict(DEFAULT_BANDS)
+        level = bands["water_level"]
+        scale = self.plant.tank_volume_l / level.high
+        bands["water_level"] = Band(
+            level.label,
+            level.low * scale,
+            level.high * scale,
+            None if level.critical_low is None else level.critical_low * scale,
+            None if level.critical_high is None else level.critical_high * scale,
+            level.decimals,
+        )
         settings = self.settings
         if settings is not None:
             if settings.tds_band is not None:
@@ -126,7 +142,12 @@ class NodeControl:
             self.plant,
             actuators=self._node.actuators or ("nutrient", "ph_up", "ph_down", "refill"),
         )
-        self._triggers = Triggers(settings.schedule, settings.interval)
+        triggers = self._triggers
+        if triggers is None or (triggers.schedule, triggers.interval_s) != (
+            settings.schedule,
+            settings.interval,
+        ):
+            self._triggers = Triggers(settings.schedule, settings.interval)
 
     async def load_settings(self) -> None:
         """Restore run-time settings and the rolling-hour actuation ledger."""

@@ -95,7 +95,7 @@ async def test_broker_outage_loses_nothing(broker: Broker, tmp_path: Path) -> No
         port = await node.serve_tcp("127.0.0.1", 0)
         data = config_dict(
             tmp_path / "gw.sqlite",
-            [node_entry("tank-a", f"tcp://127.0.0.1:{port}", poll_interval=3600)],
+            [node_entry("tank-a", f"tcp://127.0.0.1:{port}", poll_interval=30)],
             broker.port,
         )
         async with Recorder(broker.port) as rec, running_gateway(data) as gw:
@@ -144,7 +144,7 @@ async def test_sigkill_during_outage_loses_no_committed_reading(
         port = await node.serve_tcp("127.0.0.1", 0)
         cfg = write_config(
             tmp_path / "config.yaml",
-            config_dict(db, [node_entry("tank-a", f"tcp://127.0.0.1:{port}", poll_interval=3600)],
+            config_dict(db, [node_entry("tank-a", f"tcp://127.0.0.1:{port}", poll_interval=30)],
                         broker.port),
         )
         broker.stop()
@@ -197,8 +197,8 @@ async def test_misbehaving_nodes_are_counted_and_do_not_stop_the_gateway(
                 what="silent node timeouts",
             )
             stats = gw.runners["faulty"].stats.as_dict()
-            assert stats.get("crc", 0) > 0
-            assert stats.get("json", 0) + stats.get("not_object", 0) > 0
+            # Garbage lines fail the CRC before anything else looks at them.
+            assert stats.get("crc", 0) >= 2
             assert stats.get("too_long", 0) > 0
             assert stats.get("bad_value", 0) > 0
             assert gw.runners["good"].link_up
