@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, Any
 
 from drivers.errors import LinkError
 from gateway.clock import Clock
-from gateway.errors import CommandError
 from gateway.config import ConfigError, ControlConfig, NodeConfig, apply_control_update
 from gateway.config import control_settings as settings_of
+from gateway.errors import CommandError
 from gateway.store import Store
 from gateway.systemd import fields
 from rules.controller import Controller, ControllerOptions, Dose, PlantConstants, create

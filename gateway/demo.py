@@ -84,7 +84,9 @@ def demo_config(urls: dict[str, str], storage: Path, broker: str | None, poll: f
     }
     if broker:
         host, _, port = broker.rpartition(":")
-        data["thingsboard"] = {"host": host or "127.0.0.1", "port": int(port), "access_token": "demo"}
+        data["thingsboard"] = {
+            "host": host or "127.0.0.1", "port": int(port), "access_token": "demo",
+        }
     return parse_config(data)
 
 

@@ -278,13 +278,13 @@ class NodeRunner:
             raise CommandError(f"node {self.name} link is down ({self.link_reason})")
         return self._link
 
-    async def stop_actuators(self, *, timeout: float = 3.0) -> bool:
+    async def stop_actuators(self, *, within: float = 3.0) -> bool:
         """Send NodeLink `stop`; True if the node confirmed it."""
         link = self._link
         if link is None:
             return False
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(within):
                 await link.request("stop")
         except (LinkError, TimeoutError) as exc:
             log.warning(

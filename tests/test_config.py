@@ -456,7 +456,7 @@ BAD = [
         "nodes.0.control.controller",
         "pid",
         "nodes[0].control.controller",
-        "must be one of fuzzy, rb, ml, closeloop, mamdani; not 'pid'",
+        "must be one of fuzzy, rb, ml, adaptive, closeloop, mamdani; not 'pid'",
     ),
     (
         "nodes.0.control.crop",
@@ -974,7 +974,7 @@ def test_update_is_refused_as_a_whole() -> None:
             path_prefix="tank-a",
         )
     assert info.value.errors == [
-        ("tank-a.controller", "must be one of fuzzy, rb, ml, closeloop, mamdani; not 'pid'"),
+        ("tank-a.controller", "must be one of fuzzy, rb, ml, adaptive, closeloop, mamdani; not 'pid'"),
         ("tank-a.ph_setpoint", "must be between 3 and 9"),
         (
             "tank-a.schedule",
