@@ -88,12 +88,13 @@ class NodeControl:
 
         The control documentation's water-level band (normal 1.2-2.5 L,
         critical below 1.0 L) is for a reservoir that is full at 2.5 L; we
-        scale it to this tank (`plant.tank_volume_l`), so a full 10 L tank is
-        normal from 4.8 to 10 L and critical below 4 L.
+        scale it to this tank (`plant.tank_volume_l`) with 5% headroom above
+        full for sensor noise, so a 10 L tank is normal from 5.04 to 10.5 L
+        and critical below 4.2 L.
         """
         bands = dict(DEFAULT_BANDS)
         level = bands["water_level"]
-        scale = self.plant.tank_volume_l / level.high
+        scale = 1.05 * self.plant.tank_volume_l / level.high
         bands["water_level"] = Band(
             level.label,
             level.low * scale,

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
+import logging
 import signal
 import sys
 import tempfile
@@ -127,7 +129,7 @@ async def _run(gateway: Gateway, args: argparse.Namespace) -> int:
             await gateway.ready.wait()
             screen = Screen(sys.stdout)
             while not gateway.stopping:
-                screen.show(render(gateway, time.monotonic() - started))
+                screen.show(render(gateway, time.monotonic() - started) + screen.log_tail())
                 if args.duration and time.monotonic() - started >= args.duration:
                     gateway.request_stop()
                     break
@@ -144,11 +146,26 @@ async def _run(gateway: Gateway, args: argparse.Namespace) -> int:
 
 
 class Screen:
-    """Redraws in place on a terminal; prints plain snapshots when piped."""
+    """Redraws in place on a terminal; prints plain snapshots when piped.
 
-    def __init__(self, out: TextIO) -> None:
+    On a terminal the latest log lines are shown under the table instead of
+    scrolling it away.
+    """
+
+    def __init__(self, out: TextIO, log_lines: int = 8) -> None:
         self._out = out
         self._tty = out.isatty()
+        self._log: collections.deque[str] = collections.deque(maxlen=log_lines)
+        if self._tty:
+            root = logging.getLogger()
+            for handler in list(root.handlers):
+                root.removeHandler(handler)
+            root.addHandler(_TailHandler(self._log))
+
+    def log_tail(self) -> str:
+        if not self._log:
+            return ""
+        return "\nrecent log:\n" + "\n".join(self._log) + "\n"
 
     def show(self, text: str) -> None:
         if self._tty:
@@ -156,6 +173,16 @@ class Screen:
         else:
             self._out.write(text + "\n")
         self._out.flush()
+
+
+class _TailHandler(logging.Handler):
+    def __init__(self, lines: collections.deque[str]) -> None:
+        super().__init__()
+        self._lines = lines
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._lines.append(self.format(record))
 
 
 def _fmt(value: float | None) -> str:
