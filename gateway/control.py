@@ -353,11 +353,11 @@ class NodeControl:
 
     def _refused(self, ts: int, dose: Dose, exc: SafetyRefusal, controller: str) -> None:
         log.warning(
-            "node %s: %s %d ms refused by safety (%s): %s",
-            self._node.name, dose.actuator, dose.ms, controller, exc.reason,
+            "node %s: %d ms refused by safety (%s): %s",
+            self._node.name, dose.ms, controller, exc,
             extra=fields(node=self._node.name, actuator=dose.actuator),
         )
-        self._node.record(ts, {"safety_refused": f"{dose.actuator}: {exc.reason}"})
+        self._node.record(ts, {"safety_refused": str(exc)})
 
     # ------------------------------------------------------------------- RPC
     def state(self) -> dict[str, Any]:
@@ -377,7 +377,7 @@ class NodeControl:
             try:
                 granted = await self.actuate(dose, controller="manual", strict=True)
             except SafetyRefusal as exc:
-                raise CommandError(f"refused by safety: {exc.reason}") from exc
+                raise CommandError(f"refused by safety: {exc}") from exc
             except LinkError as exc:
                 raise CommandError(f"node did not confirm: {exc}") from exc
             return {"actuator": granted.actuator, "ms": granted.ms, "duty": granted.duty}

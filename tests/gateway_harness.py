@@ -52,6 +52,9 @@ async def running_gateway(data: dict[str, Any]) -> AsyncIterator[Gateway]:
     try:
         async with asyncio.timeout(10):
             await gateway.ready.wait()
+            # Subscribed before the test talks to it, as ThingsBoard would queue RPCs.
+            while gateway.uplink is not None and not gateway.uplink.connected:
+                await asyncio.sleep(0.02)
         yield gateway
     finally:
         gateway.request_stop()
