@@ -398,14 +398,19 @@ def parse_attribute_response(payload: object) -> AttributeResponse:
     return AttributeResponse(rid, device)
 
 
-def parse_rpc(payload: object) -> RpcRequest:
+def parse_rpc(payload: object) -> RpcRequest | None:
     """Parse ``{"device":..,"data":{"id":..,"method":..,"params":..}}`` from ``v1/gateway/rpc``.
 
-    Raises MalformedRpc (answerable) when device and id are readable but the
-    method is not, MalformedMessage (not answerable) otherwise.
+    Returns None for a reply (``{"device":..,"id":..,"data":..}``): the topic
+    is shared by both directions, and a plain MQTT broker (the demo's, the
+    tests') hands our own replies back to us. Raises MalformedRpc (answerable)
+    when device and id are readable but the method is not, MalformedMessage
+    (not answerable) otherwise.
     """
     obj = _load_object(payload)
     device = _device(obj)
+    if "id" in obj:
+        return None
     data = obj.get("data")
     if not isinstance(data, dict):
         raise MalformedMessage(f"RPC for {device}: 'data' is not an object")

@@ -226,6 +226,10 @@ def test_parse_rpc() -> None:
     assert tbmsg.parse_rpc(b'{"device":"t","data":{"id":1,"method":"stop"}}').params is None
 
 
+def test_parse_rpc_ignores_replies_echoed_by_a_plain_broker() -> None:
+    assert tbmsg.parse_rpc(tbmsg.rpc_reply("tank-a", 42, {"success": True})) is None
+
+
 def test_parse_rpc_without_method_is_answerable() -> None:
     with pytest.raises(MalformedRpc) as info:
         tbmsg.parse_rpc(b'{"device":"tank-a","data":{"id":42,"params":{}}}')

@@ -1,0 +1,476 @@
+"""The ThingsBoard uplink: one MQTT session at a time, the outbox drained through it.
+
+`Uplink.run` keeps a session with ThingsBoard's MQTT Gateway API up until it
+is cancelled. Each session subscribes to the three gateway topics, announces
+every device (``v1/gateway/connect``) before any of its telemetry, asks for
+their shared attributes, and then runs three tasks in one TaskGroup:
+
+- drain: peek the outbox, pack rows into telemetry messages of at most
+  ``max_payload_bytes``, keep up to ``window`` of them in flight, and delete
+  rows only when their PUBACK arrives (aiomqtt's ``publish(qos=1)`` returns
+  only then: paho marks a QoS 1 message published in ``_do_on_publish``, on
+  PUBACK). After a reconnect it starts again from the first row still in the
+  outbox, so a dropped connection loses nothing and reorders nothing;
+- receive: attribute updates and responses go to the handler, RPCs are
+  answered; anything malformed is logged and counted, never raised;
+- health: the gateway's own telemetry every ``health_interval`` seconds.
+
+When the broker goes away the session ends and the uplink reconnects with
+`drivers.backoff.Backoff`: retries stay at most one second apart for the
+first minute after a healthy session (so delivery resumes within about a
+second of the broker's return), then back off to 30 s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import aiomqtt
+from aiomqtt.exceptions import MqttConnectError
+
+from drivers.backoff import Backoff
+from gateway import tbmsg
+from gateway.config import ThingsBoardConfig
+from gateway.store import Store
+from gateway.systemd import fields
+from gateway.tbmsg import InvalidMessage, MalformedMessage, MalformedRpc, OutboxRow
+
+log = logging.getLogger("hydrogate.uplink")
+
+#: Telemetry messages in flight (published, PUBACK pending) at once.
+WINDOW = 8
+#: One outbox read covers about this many full messages.
+PEEK_MESSAGES = 4
+#: ...and at most this many rows.
+PEEK_ROWS = 20_000
+#: Longest wait for a PUBACK before the session is given up.
+ACK_TIMEOUT_S = 30.0
+#: Longest wait for CONNACK and SUBACK. aiomqtt ignores a connection closed
+#: before CONNACK and waits this long, so it must be short.
+CONNECT_TIMEOUT_S = 3.0
+#: A session that lasted this long was healthy: its loss earns fast retries.
+HEALTHY_S = 5.0
+#: For this long after losing a healthy session, retries stay at most 1 s apart.
+FAST_RETRY_S = 60.0
+#: Longest the uplink spends sending disconnects when it is stopped.
+GOODBYE_S = 2.0
+#: Attribute request ids wrap here (the server reads them as a 32-bit int).
+MAX_REQUEST_ID = 2**31 - 1
+
+
+class UplinkHandler(Protocol):
+    """What the daemon provides to answer the server."""
+
+    def on_attributes(self, device: str, data: Mapping[str, Any]) -> None:
+        """Shared attributes of ``device`` changed (or arrived in a response).
+
+        ``data`` is as the server sent it: key -> value, and for deletions a
+        ``"deleted"`` key listing the removed keys.
+        """
+
+    async def on_rpc(self, device: str, method: str, params: Any) -> dict[str, Any]:
+        """Carry out a server-side RPC; returns the reply's ``data``."""
+        ...
+
+    def shared_attribute_keys(self, device: str) -> list[str]:
+        """The shared attributes to request for ``device`` at each session start."""
+        ...
+
+
+@dataclass
+class UplinkStats:
+    """Counters of the uplink (kept across sessions)."""
+
+    published: int = 0  # messages acknowledged by the broker
+    reconnects: int = 0  # sessions established after the first
+    malformed: int = 0  # incoming messages that could not be understood
+    handler_errors: int = 0  # exceptions raised by the handler
+    rpc: int = 0  # RPCs answered
+    last_error: str | None = None
+    last_outage_s: float | None = None  # how long the last outage lasted
+
+
+@dataclass
+class _Session:
+    """The state of one MQTT session."""
+
+    client: aiomqtt.Client
+    started: float
+    announced: set[str] = field(default_factory=set)
+    requests: dict[int, tuple[str, list[str]]] = field(default_factory=dict)
+    inflight_rows: int = 0
+
+
+class Uplink:
+    """Keeps the ThingsBoard session up and forwards the store's outbox through it."""
+
+    def __init__(
+        self,
+        config: ThingsBoardConfig,
+        *,
+        gateway_name: str,
+        store: Store,
+        handler: UplinkHandler,
+        devices: Callable[[], Sequence[str]],
+        health_interval: float = 60.0,
+        health_extra: Callable[[], Mapping[str, Any]] | None = None,
+        window: int = WINDOW,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if window < 1:
+            raise ValueError(f"window must be at least 1, got {window}")
+        self.config = config
+        self.gateway_name = gateway_name
+        self.stats = UplinkStats()
+        self._store = store
+        self._handler = handler
+        self._devices = devices
+        self._health_interval = health_interval
+        self._health_extra = health_extra
+        self._window = window
+        self._clock = clock
+        self._limit = tbmsg.payload_limit(config.max_payload_bytes)
+        self._started = clock()
+        self._session: _Session | None = None
+        self._sessions = 0
+        self._connected_at: float | None = None  # when the current attempt got its session
+        self._down_since: float | None = None  # start of the current outage
+        self._stopping = False
+        self._request_ids = itertools.cycle(range(1, MAX_REQUEST_ID + 1))
+
+    @property
+    def connected(self) -> bool:
+        """True while a session is established."""
+        return self._session is not None
+
+    # ------------------------------------------------------------- reconnects
+    async def run(self) -> None:
+        """Keep a session up until cancelled (then say goodbye to every device)."""
+        slow = Backoff(initial=0.5, maximum=30.0)
+        fast = Backoff(initial=0.2, maximum=1.0)
+        fast_until = self._clock() + FAST_RETRY_S  # start-up counts as a fresh outage
+        while True:
+            attempt_start = self._clock()
+            error = await self._attempt()
+            now = self._clock()
+            self.stats.last_error = f"{type(error).__name__}: {error}"
+            if self._connected_at is not None:  # this attempt had a session: it is gone now
+                lasted = now - self._connected_at
+                self._down_since = now
+                log.warning(
+                    "ThingsBoard session lost after %.1f s: %s", lasted, error, extra=self._fields
+                )
+                if lasted >= HEALTHY_S:
+                    slow.reset()
+                    fast.reset()
+                    fast_until = now + FAST_RETRY_S
+            elif self._down_since is None:
+                self._down_since = attempt_start
+                log.warning(
+                    "cannot reach ThingsBoard at %s:%s: %s (retrying)",
+                    self.config.host,
+                    self.config.port,
+                    error,
+                    extra=self._fields,
+                )
+            else:
+                log.debug("ThingsBoard still unreachable: %s", error)
+            refused = isinstance(error, MqttConnectError)  # bad token etc.: no hurry
+            await asyncio.sleep(fast.next() if now < fast_until and not refused else slow.next())
+
+    @property
+    def _fields(self) -> dict[str, Any]:
+        return fields(host=self.config.host, gateway=self.gateway_name)
+
+    def _client(self) -> aiomqtt.Client:
+        cfg = self.config
+        tls = aiomqtt.TLSParameters(ca_certs=str(cfg.ca_file) if cfg.ca_file else None)
+        client = aiomqtt.Client(
+            cfg.host,
+            cfg.port,
+            username=cfg.access_token,
+            identifier=cfg.client_id,
+            keepalive=cfg.keepalive,
+            tls_params=tls if cfg.tls else None,
+            max_inflight_messages=max(20, 2 * self._window),
+            timeout=CONNECT_TIMEOUT_S,
+        )
+        client.pending_calls_threshold = 1 << 30  # our window bounds them; no warnings
+        return client
+
+    async def _attempt(self) -> BaseException:
+        """One connection and its session; returns the error that ended it."""
+        self._connected_at = None
+        error: BaseException | None = None
+        try:
+            async with self._client() as client:
+                await self._serve(client)
+        except* (aiomqtt.MqttError, OSError) as group:
+            error = _first_leaf(group)
+        return error if error is not None else ConnectionError("session ended")
+
+    async def _serve(self, client: aiomqtt.Client) -> None:
+        session = _Session(client, started=self._clock())
+        await client.subscribe([(topic, 1) for topic in tbmsg.SUBSCRIPTIONS])
+        await self._announce(session, self._devices())
+        self._connected_at = self._clock()
+        self._session = session
+        if self._down_since is not None:
+            self.stats.last_outage_s = self._connected_at - self._down_since
+            log.info(
+                "ThingsBoard session back after %.1f s",
+                self.stats.last_outage_s,
+                extra=self._fields,
+            )
+        else:
+            log.info("connected to ThingsBoard at %s:%s", self.config.host, self.config.port)
+        if self._sessions:
+            self.stats.reconnects += 1
+        self._sessions += 1
+        self._down_since = None
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._receive(session, tg), name="uplink-receive")
+                await self._request_attributes(session)
+                tg.create_task(self._drain(session), name="uplink-drain")
+                if self._health_interval > 0:
+                    tg.create_task(self._health(session), name="uplink-health")
+        except asyncio.CancelledError:
+            if not self._stopping:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(GOODBYE_S):
+                        await self.say_goodbye()
+            raise
+        finally:
+            self._session = None
+            self._store.count_resent(session.inflight_rows)
+
+    # ---------------------------------------------------------------- devices
+    async def _publish(self, client: aiomqtt.Client, topic: str, payload: bytes) -> None:
+        """Publish at QoS 1 (never retained) and return once the broker acknowledged it."""
+        await client.publish(topic, payload, qos=1, retain=False, timeout=ACK_TIMEOUT_S)
+        self.stats.published += 1
+
+    async def _announce(self, session: _Session, devices: Iterable[str]) -> None:
+        """Publish ``v1/gateway/connect`` for each device not yet announced in this session."""
+        new = [d for d in dict.fromkeys(devices) if d not in session.announced]
+        if not new:
+            return
+        payloads = [tbmsg.connect(d, self.config.device_type) for d in new]
+        await asyncio.gather(*(self._publish(session.client, tbmsg.CONNECT, p) for p in payloads))
+        session.announced.update(new)
+
+    async def device_added(self, name: str) -> None:
+        """Announce a new device now if connected (every session announces all anyway)."""
+        session = self._session
+        if session is None:
+            return
+        try:
+            await self._announce(session, [name])
+            await self._request_attributes(session, [name])
+        except aiomqtt.MqttError as exc:  # the session is ending; the next one announces it
+            log.debug("could not announce %s: %s", name, exc)
+
+    async def device_removed(self, name: str) -> None:
+        """Tell the server that ``name`` left (``v1/gateway/disconnect``) if connected."""
+        session = self._session
+        if session is None:
+            return
+        session.announced.discard(name)
+        try:
+            await self._publish(session.client, tbmsg.DISCONNECT, tbmsg.disconnect(name))
+        except aiomqtt.MqttError as exc:
+            log.debug("could not send disconnect for %s: %s", name, exc)
+
+    async def say_goodbye(self) -> None:
+        """Stop draining and publish ``v1/gateway/disconnect`` for every announced device.
+
+        The daemon calls this before cancelling `run`; a cancelled `run` that
+        was not told does it itself (at most `GOODBYE_S`).
+        """
+        self._stopping = True
+        session = self._session
+        if session is None:
+            return
+        devices = sorted(session.announced)
+        session.announced.clear()
+        try:
+            await asyncio.gather(
+                *(
+                    self._publish(session.client, tbmsg.DISCONNECT, tbmsg.disconnect(d))
+                    for d in devices
+                )
+            )
+        except aiomqtt.MqttError as exc:
+            log.debug("could not send every disconnect: %s", exc)
+
+    async def _request_attributes(
+        self, session: _Session, devices: Iterable[str] | None = None
+    ) -> None:
+        """Ask for the shared attributes the handler wants, one request per device."""
+        for device in self._devices() if devices is None else devices:
+            keys = list(self._handler.shared_attribute_keys(device))
+            if not keys:
+                continue
+            rid = next(self._request_ids)
+            session.requests[rid] = (device, keys)
+            payload = tbmsg.attributes_request(rid, device, keys)
+            await self._publish(session.client, tbmsg.ATTRIBUTES_REQUEST, payload)
+
+    # ------------------------------------------------------------------ drain
+    async def _drain(self, session: _Session) -> None:
+        """Forward the outbox: pipelined messages, rows deleted on PUBACK."""
+        store = self._store
+        window = asyncio.Semaphore(self._window)
+        after = 0  # every row up to here is published (or acknowledged)
+        async with asyncio.TaskGroup() as inflight:
+            while not self._stopping:
+                store.committed.clear()
+                rows = await store.peek(PEEK_ROWS, after, max_bytes=self._limit * PEEK_MESSAGES)
+                if not rows:
+                    await store.committed.wait()
+                    continue
+                batches = await self._pack(rows)
+                if len(batches) > 1:
+                    batches.pop()  # probably not full: let the next read fill it up
+                await self._announce(session, {r.device for r in rows})
+                for payload, ids in batches:
+                    await window.acquire()
+                    session.inflight_rows += len(ids)
+                    inflight.create_task(
+                        self._send(session, payload, ids, window), name="uplink-send"
+                    )
+                    after = ids[-1]
+                if not batches:  # every row was discarded
+                    after = rows[-1].id
+
+    async def _pack(self, rows: list[OutboxRow]) -> list[tuple[bytes, list[int]]]:
+        """Telemetry messages for ``rows``; rows that can never fit are discarded."""
+        try:
+            return tbmsg.build_telemetry(rows, self._limit)
+        except InvalidMessage:
+            # Stored under a larger max_payload_bytes than the current one.
+            too_big = [
+                r.id for r in rows if tbmsg.single_entry_size(r.device, r.entry) > self._limit
+            ]
+            await self._store.discard(too_big)
+            dropped = set(too_big)
+            return tbmsg.build_telemetry([r for r in rows if r.id not in dropped], self._limit)
+
+    async def _send(
+        self, session: _Session, payload: bytes, ids: list[int], window: asyncio.Semaphore
+    ) -> None:
+        try:
+            await self._publish(session.client, tbmsg.TELEMETRY, payload)
+        finally:
+            window.release()
+        session.inflight_rows -= len(ids)
+        await self._store.ack(ids)
+
+    # ---------------------------------------------------------------- health
+    async def _health(self, session: _Session) -> None:
+        while True:
+            await self._publish(session.client, tbmsg.GATEWAY_TELEMETRY, self.health_payload())
+            await asyncio.sleep(self._health_interval)
+
+    def health_payload(self) -> bytes:
+        """The gateway's own telemetry: buffer and uplink figures plus the daemon's extras."""
+        s = self._store.stats
+        values: dict[str, Any] = {
+            "buffer_depth": s.depth,
+            "buffer_bytes": s.bytes,
+            "forwarded": s.forwarded,
+            "evicted": s.evicted,
+            "received": s.received,
+            "duplicates_resent": s.duplicates_resent,
+            "uptime_s": round(self._clock() - self._started, 1),
+            "published": self.stats.published,
+            "reconnects": self.stats.reconnects,
+            "malformed_in": self.stats.malformed,
+        }
+        if self._health_extra is not None:
+            extra = dict(self._health_extra())
+            try:
+                return tbmsg.gateway_telemetry({**values, **extra})
+            except InvalidMessage as exc:
+                log.warning("health extras left out: %s", exc)
+        return tbmsg.gateway_telemetry(values)
+
+    # --------------------------------------------------------------- receive
+    async def _receive(self, session: _Session, tg: asyncio.TaskGroup) -> None:
+        async for message in session.client.messages:
+            topic = message.topic.value
+            try:
+                self._dispatch(session, tg, topic, message.payload)
+            except MalformedRpc as exc:
+                self._malformed(topic, exc)
+                reply = tbmsg.rpc_error(exc.device, exc.id, str(exc))
+                tg.create_task(self._reply(session, reply), name="uplink-rpc-reply")
+            except MalformedMessage as exc:
+                self._malformed(topic, exc)
+
+    def _malformed(self, topic: str, exc: Exception) -> None:
+        self.stats.malformed += 1
+        log.warning("malformed message on %s: %s", topic, exc, extra=fields(topic=topic))
+
+    def _dispatch(self, session: _Session, tg: asyncio.TaskGroup, topic: str, payload: Any) -> None:
+        if topic == tbmsg.RPC:
+            request = tbmsg.parse_rpc(payload)
+            if request is None:  # a reply, echoed by a plain broker
+                return
+            tg.create_task(self._answer(session, request), name=f"uplink-rpc-{request.id}")
+        elif topic == tbmsg.ATTRIBUTES:
+            update = tbmsg.parse_attribute_update(payload)
+            self._give_attributes(update.device, update.data)
+        elif topic == tbmsg.ATTRIBUTES_RESPONSE:
+            response = tbmsg.parse_attribute_response(payload)
+            asked = session.requests.pop(response.id, None)
+            if asked is None or asked[0] != response.device:
+                raise MalformedMessage(f"response to unknown attribute request {response.id}")
+            values = response.resolve(asked[1])
+            if values:
+                self._give_attributes(response.device, values)
+        else:
+            raise MalformedMessage(f"message on unexpected topic {topic}")
+
+    def _give_attributes(self, device: str, data: Mapping[str, Any]) -> None:
+        try:
+            self._handler.on_attributes(device, data)
+        except Exception:  # a handler bug must not end the session
+            self.stats.handler_errors += 1
+            log.exception("attribute handler failed for %s", device, extra=fields(node=device))
+
+    async def _answer(self, session: _Session, request: tbmsg.RpcRequest) -> None:
+        """Run the handler for one RPC and publish its reply (an error reply if it raised)."""
+        try:
+            data = await self._handler.on_rpc(request.device, request.method, request.params)
+            reply = tbmsg.rpc_reply(request.device, request.id, data)
+        except Exception as exc:  # the caller gets the error instead of a timeout
+            self.stats.handler_errors += 1
+            log.exception(
+                "RPC %s to %s failed",
+                request.method,
+                request.device,
+                extra=fields(node=request.device),
+            )
+            reply = tbmsg.rpc_error(request.device, request.id, f"{type(exc).__name__}: {exc}")
+        await self._reply(session, reply)
+
+    async def _reply(self, session: _Session, payload: bytes) -> None:
+        await self._publish(session.client, tbmsg.RPC, payload)
+        self.stats.rpc += 1
+
+
+def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The first exception in a (possibly nested) exception group."""
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
