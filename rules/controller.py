@@ -195,7 +195,7 @@ _F = TypeVar("_F", bound=ControllerFactory)
 _REGISTRY: dict[str, ControllerFactory] = {}
 
 #: Modules whose import registers the built-in controllers.
-_BUILTIN_MODULES: tuple[str, ...] = ("rules.rb", "rules.thesis")
+_BUILTIN_MODULES: tuple[str, ...] = ("rules.rb", "rules.thesis", "rules.adaptive", "rules.ml")
 
 
 def register(name: str) -> Callable[[_F], _F]:

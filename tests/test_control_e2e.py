@@ -154,3 +154,16 @@ async def test_force_on_doses_and_force_stop_aborts(broker: Broker, tmp_path: Pa
             assert not any(node.running.values())
     finally:
         await node.close()
+
+
+def test_every_controller_the_config_accepts_is_registered() -> None:
+    from gateway.config import CONTROLLER_NAMES
+    from rules.controller import ControllerOptions, create, names
+
+    assert set(names()) == set(CONTROLLER_NAMES)
+    for name in CONTROLLER_NAMES:
+        controller = create(name, ControllerOptions())
+        try:
+            assert controller.name == name
+        finally:
+            controller.close()
