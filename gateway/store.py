@@ -357,24 +357,17 @@ class Store:
 
         Rows already gone (evicted meanwhile) are not counted as forwarded.
         """
-        ranges = _ranges(ids)
-
-        def write(conn: sqlite3.Connection, delta: _Delta) -> int:
-            rows = size = 0
-            for first, last in ranges:
-                n, b = _delete_range(conn, first, last)
-                rows += n
-                size += b
-            delta.forwarded += rows
-            delta.depth -= rows
-            delta.bytes -= size
-            return rows
-
-        result: int = await self._submit(write=write)
-        return result
+        return await self._delete(ids, counter="forwarded")
 
     async def discard(self, ids: Iterable[int]) -> int:
         """Delete rows that can never be sent (e.g. the size limit shrank); counted as evicted."""
+        rows = await self._delete(ids, counter="evicted")
+        if rows:
+            log.warning("discarded %d outbox rows that cannot be sent", rows)
+        return rows
+
+    async def _delete(self, ids: Iterable[int], *, counter: str) -> int:
+        """Delete outbox rows by id (in runs of consecutive ids), counting them in ``counter``."""
         ranges = _ranges(ids)
 
         def write(conn: sqlite3.Connection, delta: _Delta) -> int:
@@ -383,14 +376,12 @@ class Store:
                 n, b = _delete_range(conn, first, last)
                 rows += n
                 size += b
-            delta.evicted += rows
+            setattr(delta, counter, getattr(delta, counter) + rows)
             delta.depth -= rows
             delta.bytes -= size
             return rows
 
         result: int = await self._submit(write=write)
-        if result:
-            log.warning("discarded %d outbox rows that cannot be sent", result)
         return result
 
     def count_resent(self, rows: int) -> None:
