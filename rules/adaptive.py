@@ -6,47 +6,59 @@ setpoint, too much near it, and, because the probe sees a dose only after
 the circulation's dead time and mixing lag, they keep dosing while the first
 dose is still on its way (overshoot), or never arrive (pH down in the thesis).
 This controller instead computes the volume the tank needs, doses most of it
-in one run, and then waits until the reading has stopped moving before it
-looks again:
+in one run, and looks again only once it knows where that dose will settle.
+It uses only what a real gateway knows: the configured plant constants
+(tank volume, stock strength, pump flows), the readings, and its own doses.
 
-- **TDS up** — mass balance with the stock: ``v = V·(sp − c)/(Cs − sp)``
+- **TDS up** — mass balance with the stock: ``v = V·(aim − c)/(Cs − aim)``
   (the added volume dilutes too); **TDS down** — dilution with fresh water:
-  ``v = V·(c/sp − 1)``. ``V`` is the measured ``water_level`` when there is
-  one, else the configured tank volume. A correction factor per pump,
-  learned as observed/expected change once mixed, absorbs a wrong stock
-  strength or tank volume.
-- **pH** — no chemistry is assumed. The pH change per ml is learned online
-  from each dose's observed effect once mixed, per pump, starting from a
-  conservative (high) prior of ``PH_PRIOR_PER_ML_L`` pH per ml in one litre,
-  so the first dose is small. Titration curves are steep far from a buffer
-  and flat inside it; from two or more observations the gain is extrapolated
-  log-linearly in pH and the volume is the integral of ``dpH / gain`` from
-  the measurement to the setpoint.
-- Each dose is a fraction of the computed need (``TDS_FRACTION`` of the TDS
-  need; ``PH_FRACTION_*`` of the pH need, smaller while the gain is a single
-  secant, and less again when the value it starts from is extrapolated), so
-  the value approaches from one side; the last few per cent are a short trim
-  dose. An extrapolated value past the setpoint is never acted on with the
-  opposite pump: the controller waits until the reading is steady. Inside a
-  small dead band (``TDS_DEADBAND_PCT`` % of the setpoint below it,
-  ``TDS_DILUTE_DEADBAND_PCT`` % above it, ``PH_DEADBAND`` pH) nothing is
-  dosed.
-- "Mixed" means: the last two changes between consecutive decisions'
-  averaged values are below a settle threshold. Before the first dose of a
-  loop one such change is required, so a tank that is still moving (someone
-  just topped it up) is not dosed on a transient. To save time, three window averages whose changes
-  shrink geometrically (a first-order mixing lag) are extrapolated to where
-  they will settle (Aitken's Δ²). Only steady values teach. A dose without a
-  visible effect (refused by the safety layer, a dry pump) teaches nothing and
-  is never followed by a bigger one.
+  ``v = V·(c/aim − 1)``. ``V`` is the measured ``water_level`` when there is
+  one, else the configured tank volume. The aim lies ``TDS_AIM_PCT`` % on the
+  near side of the setpoint (below it when adding stock, above it when
+  diluting), so the value approaches from one side and stops inside a small
+  dead band instead of trimming past the setpoint. Each dose is
+  ``TDS_FRACTION`` of that need, so a stock stronger or a tank smaller than
+  configured by up to ``1/TDS_FRACTION − 1`` still does not overshoot; a
+  correction factor per pump, learned as observed/expected change from doses
+  whose effect is large against the noise, absorbs such errors for the trims.
+  A dose longer than ``MAX_DOSE_S`` is run in pieces; the pieces follow each
+  other without waiting for the reading, because the mass balance already
+  says where each one lands.
+- **pH** — no chemistry is assumed. The pH change per ml (the gain) is
+  learned online from each dose's effect, per pump, as a secant over the
+  range the dose moved through. Titration curves are steep far from a buffer
+  and flat inside it, and which way the curve bends ahead is unknown until
+  two doses show it, so the model is deliberately pessimistic ahead of what
+  was observed: with no observation the gain is the prior
+  ``PH_PRIOR_PER_ML_L`` (per ml in one litre, steeper than the tanks this
+  gateway serves), a ceiling that makes the first dose fall short; beyond the
+  farthest observed point the gain is assumed to steepen by
+  ``PH_STEEPEN_PER_PH`` (one observation) or ``PH_STEEPEN_FITTED_PER_PH``
+  (a log-linear fit through two observations) per pH, never above the
+  ceiling. The dose is the integral of ``dpH / gain(pH)`` from the value to
+  the setpoint, times a fraction below one: overshooting a pH setpoint costs
+  a dose of the opposite pump and, below pH 5.5, a swing, while falling short
+  costs one more, smaller, dose.
+- "Where it settles": before the first dose of a loop, a window average that
+  agrees with the latest reading (the tank is not moving). After a dose, for
+  pH, three window averages whose changes shrink geometrically (a
+  first-order mixing lag) are extrapolated to their limit (Aitken's Δ²),
+  or two small changes in a row; for TDS, whose windows are short against
+  the mixing lag, the change over the last ``TDS_SETTLE_SPAN`` windows must
+  be small too. An extrapolated value past the setpoint is never acted on
+  with the opposite pump: the controller waits until the reading is steady.
+  A dose without a visible effect (refused by the safety layer, a dry pump)
+  teaches nothing and is never followed by a bigger one.
 
 Decisions are pure arithmetic on the context; the learned state (gains,
-the dose in flight) lives on the instance, one instance per node.
+correction factors, the dose in flight) lives on the instance, one instance
+per node, and carries over from one cycle to the next.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from rules.controller import (
@@ -59,21 +71,29 @@ from rules.controller import (
 
 __all__ = ["AdaptiveController"]
 
-TDS_FRACTION = 0.92
-TDS_DEADBAND_PCT = 1.0
-TDS_DILUTE_DEADBAND_PCT = 1.5
+#: The expected change of the controlled value for a dose of so many ml.
+_Effect = Callable[[float], float]
+
+TDS_FRACTION = 0.95  # of the mass-balance need, per dose
+TDS_AIM_PCT = 0.5  # aim this far on the near side of the setpoint
+TDS_DEADBAND_PCT = 1.0  # no stock while less than this below the setpoint
+TDS_DILUTE_DEADBAND_PCT = 1.5  # no water while less than this above (water costs ~V/c per ppm)
 TDS_SETTLE_PCT = 0.3  # of the setpoint, between consecutive decisions
 TDS_SETTLE_MIN_PPM = 2.5
-PH_FRACTION_ONE = 0.6  # with one secant (or the prior) the curve's bend is unknown
-PH_FRACTION_MODEL = 0.8  # with a log-linear gain model
-PH_DEADBAND = 0.02
+TDS_SETTLE_SPAN = 3  # windows over which the TDS change must be small too
+TDS_LEARN_MIN_PCT = 3.0  # a dose teaches its pump's factor only above this effect
+PH_FRACTION_PRIOR = 0.9  # of the need under the prior (a ceiling: it already falls short)
+PH_FRACTION = 0.85  # of the need under a learned model
+PH_DEADBAND = 0.015
 PH_SETTLE = 0.01
-PH_PRIOR_PER_ML_L = 1.5  # pH per ml of pH solution in 1 L: steeper than any real tank
+PH_PRIOR_PER_ML_L = 1.5  # pH per ml of pH solution in 1 L: steeper than the tanks served
+PH_STEEPEN_PER_PH = 2.0  # assumed d(ln gain)/dpH ahead of a single observation
+PH_STEEPEN_FITTED_PER_PH = 0.5  # extra steepening ahead of a two-point fit
+MAX_SLOPE_PER_PH = 4.0  # bound on a fitted d(ln gain)/dpH
 MAX_DOSE_S = 60.0
 MIN_DOSE_MS = 20
-MAX_SLOPE_PER_PH = 4.0  # bound on d(ln gain)/dpH when extrapolating
 MAX_AITKEN_RATIO = 0.85  # beyond, the extrapolated tail is too sensitive to noise
-PREDICTED_FRACTION = 0.7  # of a dose computed from an extrapolated (not steady) value
+QUIET_FACTOR = 3.0  # first window: latest reading within this many settle thresholds
 
 
 @dataclass
@@ -84,6 +104,7 @@ class _InFlight:
     ml: float
     before: float
     expected: float
+    piece: bool = False  # a piece of a longer TDS dose: the next piece follows at once
 
 
 @dataclass
@@ -103,7 +124,6 @@ class AdaptiveController:
     def __init__(self, options: ControllerOptions | None = None) -> None:
         del options
         self._state: dict[str, _LoopState] = {"tds": _LoopState(), "ph": _LoopState()}
-        self._caution = 1.0
 
     async def decide(self, ctx: DecisionContext) -> Decision:
         """Doses for ``ctx.loop``; none while the last dose is still mixing in."""
@@ -112,87 +132,109 @@ class AdaptiveController:
             st.seen.clear()
             st.in_flight = None
         st.seen.append(ctx.measured)
-        del st.seen[:-4]
-        settled = _settled_value(
-            st.seen, _settle_threshold(ctx), after_dose=st.in_flight is not None
-        )
+        del st.seen[:-8]
+        dose = st.in_flight
+        if dose is not None and dose.piece:
+            # The mass balance says where the last piece lands: dose the next one now.
+            st.in_flight = None
+            return self._tds(ctx, st, dose.before + dose.expected)
+        settled = self._settled(ctx, st)
         if settled is None:
             return self._none("waiting for the reading to settle")
         final, steady = settled
-        dose = st.in_flight
         if dose is not None and not steady and (ctx.setpoint - final) * dose.expected < 0:
             # The extrapolation says the last dose overshoots: never act on that with the
             # opposite pump before the reading has really settled.
             return self._none("extrapolated past the setpoint: waiting for a steady reading")
-        if dose is not None and steady:
+        if dose is not None:
             self._learn(ctx, st, dose, final)
         st.in_flight = None
-        # An extrapolated value tends to fall short after a long dose: dose less on it.
-        self._caution = 1.0 if steady else PREDICTED_FRACTION
-        error = ctx.setpoint - final
         if ctx.loop == "tds":
-            # Diluting costs ~V/c litres per ppm, nutrient ~V/Cs: tolerate a little more above.
-            band_pct = TDS_DEADBAND_PCT if error > 0 else TDS_DILUTE_DEADBAND_PCT
-            if abs(error) <= max(band_pct / 100.0 * ctx.setpoint, TDS_SETTLE_MIN_PPM):
-                return self._none(f"on target (error {error:+.1f} ppm)")
-            actuator, ml, expected = self._tds_need(ctx, st, final)
-            return self._dose(ctx, st, final, actuator=actuator, ml=ml, expected=expected)
-        if abs(error) <= PH_DEADBAND:
-            return self._none(f"on target (error {error:+.3f})")
-        actuator, ml, expected = self._ph_need(ctx, st, final)
-        return self._dose(ctx, st, final, actuator=actuator, ml=ml, expected=expected)
+            return self._tds(ctx, st, final)
+        return self._ph(ctx, st, final)
 
     def close(self) -> None:
         """Nothing to release."""
 
-    # ------------------------------------------------------------------ TDS
-    def _tds_need(self, ctx: DecisionContext, st: _LoopState, c: float) -> tuple[str, float, float]:
-        """(pump, ml to dose, expected change) for the TDS loop from value ``c``."""
-        volume_l = _volume_l(ctx)
+    # ---------------------------------------------------------- settling
+    def _settled(self, ctx: DecisionContext, st: _LoopState) -> tuple[float, bool] | None:
+        """Where the reading settles and whether it is steady there; ``None``: not known yet."""
+        threshold = _settle_threshold(ctx)
+        seen = st.seen
+        if st.in_flight is None:
+            latest = ctx.values.get(ctx.loop)
+            quiet = latest is not None and abs(latest - ctx.measured) <= QUIET_FACTOR * threshold
+            if len(seen) == 1 and quiet:
+                return seen[-1], True
+            if len(seen) >= 2 and abs(seen[-1] - seen[-2]) <= threshold:
+                return seen[-1], True
+            return None
+        if ctx.loop == "tds":
+            return _steady_span(seen, threshold, TDS_SETTLE_SPAN)
+        return _settled_geometric(seen, threshold)
+
+    # ---------------------------------------------------------------- TDS
+    def _tds(self, ctx: DecisionContext, st: _LoopState, c: float) -> Decision:
+        """The TDS decision from value ``c`` (measured, extrapolated or predicted)."""
         sp = ctx.setpoint
-        if c < sp:
-            stock = ctx.plant.stock_ppm
-            if stock <= sp:
-                return "nutrient", 0.0, 0.0
+        error = sp - c
+        # Diluting costs ~V/c litres per ppm, stock ~V/Cs: tolerate a little more above.
+        band_pct = TDS_DEADBAND_PCT if error > 0 else TDS_DILUTE_DEADBAND_PCT
+        if abs(error) <= max(band_pct / 100.0 * sp, TDS_SETTLE_MIN_PPM):
+            return self._none(f"on target (error {error:+.1f} ppm)")
+        volume_l = _volume_l(ctx)
+        if error > 0:
             actuator = "nutrient"
-            need_l = volume_l * (sp - c) / (stock - sp)
+            aim = sp * (1.0 - TDS_AIM_PCT / 100.0)
+            stock = ctx.plant.stock_ppm
+            if stock <= aim:
+                return self._none("the stock is weaker than the setpoint")
+            need_l = volume_l * (aim - c) / (stock - aim)
         else:
             actuator = "refill"
-            need_l = volume_l * (c / sp - 1.0)
+            aim = sp * (1.0 + TDS_AIM_PCT / 100.0)
+            need_l = volume_l * (c / aim - 1.0)
         factor = st.tds_factor.get(actuator, 1.0)
         ml = TDS_FRACTION * need_l * 1000.0 / factor
-        return actuator, ml, self._tds_effect(ctx, actuator, ml, c) * factor
+        return self._dose(
+            ctx, st, c, actuator=actuator, ml=ml, effect=lambda v: _tds_effect(ctx, actuator, v, c)
+        )
+
+    def _learn_tds(
+        self, ctx: DecisionContext, st: _LoopState, dose: _InFlight, final: float
+    ) -> None:
+        observed = final - dose.before
+        if abs(observed) < TDS_LEARN_MIN_PCT / 100.0 * ctx.setpoint:
+            return  # a trim's effect is too small against the noise to correct the model
+        old = st.tds_factor.get(dose.actuator, 1.0)
+        st.tds_factor[dose.actuator] = min(2.0, max(0.5, observed / dose.expected * old))
+
+    # ----------------------------------------------------------------- pH
+    def _ph(self, ctx: DecisionContext, st: _LoopState, x0: float) -> Decision:
+        """The pH decision from value ``x0`` (measured or extrapolated)."""
+        error = ctx.setpoint - x0
+        if abs(error) <= PH_DEADBAND:
+            return self._none(f"on target (error {error:+.3f})")
+        actuator = "ph_up" if error > 0 else "ph_down"
+        observations = st.ph_gains.get(actuator, [])
+        gain = _gain_model(observations, _volume_l(ctx), direction=1.0 if error > 0 else -1.0)
+        fraction = PH_FRACTION if observations else PH_FRACTION_PRIOR
+        ml = fraction * gain.ml_between(x0, ctx.setpoint)
+        return self._dose(
+            ctx,
+            st,
+            x0,
+            actuator=actuator,
+            ml=ml,
+            effect=lambda v: gain.walk(x0, ctx.setpoint, v) - x0,
+        )
 
     @staticmethod
-    def _tds_effect(ctx: DecisionContext, actuator: str, ml: float, c: float) -> float:
-        volume_l = _volume_l(ctx)
-        added = ml / 1000.0
-        inflow = ctx.plant.stock_ppm if actuator == "nutrient" else 0.0
-        return (c * volume_l + inflow * added) / (volume_l + added) - c
-
-    # ------------------------------------------------------------------- pH
-    def _ph_need(self, ctx: DecisionContext, st: _LoopState, x0: float) -> tuple[str, float, float]:
-        """(pump, ml to dose, expected change) for the pH loop from value ``x0``."""
-        actuator = "ph_up" if ctx.setpoint > x0 else "ph_down"
-        observations = st.ph_gains.get(actuator, [])
-        x1 = ctx.setpoint
-        gain = _gain_model(observations, _volume_l(ctx))
-        fraction = PH_FRACTION_MODEL if _has_model(observations) else PH_FRACTION_ONE
-        # ml = ∫ dpH / gain(pH) from the measurement to the setpoint (midpoint rule).
-        n = 16
-        h = (x1 - x0) / n
-        full_ml = sum(abs(h) / gain(x0 + (i + 0.5) * h) for i in range(n))
-        ml = fraction * full_ml
-        # Expected change: walk the same model until ml is spent.
-        spent, x = 0.0, x0
-        for i in range(n):
-            seg = abs(h) / gain(x0 + (i + 0.5) * h)
-            if spent + seg >= ml:
-                x += h * (ml - spent) / seg
-                break
-            spent += seg
-            x += h
-        return actuator, ml, x - x0
+    def _learn_ph(st: _LoopState, dose: _InFlight, final: float) -> None:
+        observed = final - dose.before
+        obs = st.ph_gains.setdefault(dose.actuator, [])
+        obs.append((dose.before + observed / 2.0, abs(observed) / dose.ml))
+        del obs[:-3]
 
     # ------------------------------------------------------------- learning
     def _learn(self, ctx: DecisionContext, st: _LoopState, dose: _InFlight, final: float) -> None:
@@ -204,14 +246,9 @@ class AdaptiveController:
             # it: a refused dose looks the same, and it would overdose once allowed.
             return
         if ctx.loop == "tds":
-            ratio = observed / expected * st.tds_factor.get(dose.actuator, 1.0)
-            st.tds_factor[dose.actuator] = min(2.0, max(0.5, ratio))
-            return
-        gain = abs(observed) / dose.ml
-        mid = dose.before + observed / 2.0
-        obs = st.ph_gains.setdefault(dose.actuator, [])
-        obs.append((mid, gain))
-        del obs[:-3]
+            self._learn_tds(ctx, st, dose, final)
+        else:
+            self._learn_ph(st, dose, final)
 
     # ---------------------------------------------------------------- doses
     def _dose(
@@ -222,18 +259,19 @@ class AdaptiveController:
         *,
         actuator: str,
         ml: float,
-        expected: float,
+        effect: _Effect,
     ) -> Decision:
+        """Run ``actuator`` for ``ml`` (capped), expecting ``effect(ml dosed)``."""
         flow = ctx.plant.flow_ml_s.get(actuator)
         if flow is None or ml <= 0:
             return self._none(f"cannot dose {actuator}")
-        ml *= self._caution
-        expected *= self._caution
-        ms = round(min(ml / flow, MAX_DOSE_S) * 1000.0)
-        ms = max(ms, MIN_DOSE_MS)
+        ms = max(round(min(ml / flow, MAX_DOSE_S) * 1000.0), MIN_DOSE_MS)
         dosed_ml = ms / 1000.0 * flow
-        expected *= dosed_ml / ml
-        st.in_flight = _InFlight(actuator, dosed_ml, before, expected)
+        expected = effect(dosed_ml)
+        if ctx.loop == "tds":
+            expected *= st.tds_factor.get(actuator, 1.0)
+        piece = ctx.loop == "tds" and dosed_ml < 0.99 * ml
+        st.in_flight = _InFlight(actuator, dosed_ml, before, expected, piece)
         st.seen.clear()
         note = f"{actuator} {dosed_ml:.1f} ml, expect {expected:+.3g} from {before:.4g}"
         return Decision(doses=(Dose(actuator, 255, ms),), controller=self.name, note=note)
@@ -249,64 +287,102 @@ def _volume_l(ctx: DecisionContext) -> float:
     return ctx.plant.tank_volume_l
 
 
+def _tds_effect(ctx: DecisionContext, actuator: str, ml: float, c: float) -> float:
+    """The mass balance: the change of TDS ``c`` when ``ml`` of ``actuator`` is mixed in."""
+    volume_l = _volume_l(ctx)
+    added = ml / 1000.0
+    inflow = ctx.plant.stock_ppm if actuator == "nutrient" else 0.0
+    return (c * volume_l + inflow * added) / (volume_l + added) - c
+
+
 def _settle_threshold(ctx: DecisionContext) -> float:
     if ctx.loop == "tds":
         return max(TDS_SETTLE_MIN_PPM, TDS_SETTLE_PCT / 100.0 * ctx.setpoint)
     return PH_SETTLE
 
 
-def _settled_value(
-    seen: list[float], threshold: float, *, after_dose: bool
-) -> tuple[float, bool] | None:
-    """Where the reading settles, and whether it is steady there; ``None``: not known yet.
-
-    Steady — the last two changes (one before a first dose) are within
-    ``threshold`` — gives the last average. After a dose, three averages
-    whose changes shrink geometrically (as a first-order mixing lag makes
-    equally spaced averages do) are extrapolated to their limit (Aitken's
-    Δ²), so the controller need not wait for the whole tail; such a value
-    is not steady.
-    """
-    need = 3 if after_dose else 2
-    if len(seen) < need:
+def _steady_span(seen: list[float], threshold: float, span: int) -> tuple[float, bool] | None:
+    """Steady: the last two changes and the change over ``span`` windows are small."""
+    if len(seen) < span + 1:
         return None
-    d2 = seen[-1] - seen[-2]
-    if not after_dose and abs(d2) <= threshold:
+    d1, d2 = seen[-2] - seen[-3], seen[-1] - seen[-2]
+    if max(abs(d1), abs(d2), abs(seen[-1] - seen[-1 - span])) <= threshold:
         return seen[-1], True
-    d1 = seen[-2] - seen[-3] if len(seen) >= 3 else math.inf
+    return None
+
+
+def _settled_geometric(seen: list[float], threshold: float) -> tuple[float, bool] | None:
+    """After a dose: steady (two small changes), or the geometric tail's limit.
+
+    Three averages whose changes shrink geometrically (as a first-order mixing
+    lag makes equally spaced averages do) are extrapolated to their limit
+    (Aitken's Δ²), so the controller need not wait for the whole tail; such a
+    value is not steady.
+    """
+    if len(seen) < 3:
+        return None
+    d1, d2 = seen[-2] - seen[-3], seen[-1] - seen[-2]
     if abs(d1) <= threshold and abs(d2) <= threshold:
         return seen[-1], True
-    if after_dose and d1 * d2 > 0 and abs(d1) > 3 * threshold:
+    if d1 * d2 > 0 and abs(d1) > 3 * threshold:
         ratio = d2 / d1
         if 0.1 <= ratio <= MAX_AITKEN_RATIO:
             return seen[-1] + d2 * ratio / (1.0 - ratio), False
     return None
 
 
-def _has_model(observations: list[tuple[float, float]]) -> bool:
-    return len(observations) >= 2 and abs(observations[-1][0] - observations[-2][0]) > 0.05
-
-
-def _gain_model(observations: list[tuple[float, float]], volume_l: float) -> _Gain:
-    """The pH change per ml as a function of pH, from what was observed so far."""
+def _gain_model(
+    observations: list[tuple[float, float]], volume_l: float, *, direction: float
+) -> _Gain:
+    """The pH change per ml as a function of pH, pessimistic ahead of what was observed."""
+    ceiling = PH_PRIOR_PER_ML_L / volume_l
     if not observations:
-        return _Gain(PH_PRIOR_PER_ML_L / volume_l, 0.0, 0.0)
+        return _Gain(ceiling, 0.0, 0.0, 0.0, 0.0, ceiling)
+    ceiling = max(ceiling, *(g for _, g in observations))
     mid, gain = observations[-1]
-    if not _has_model(observations):
-        return _Gain(gain, mid, 0.0)
-    m0, g0 = observations[-2]
+    frontier = max(m * direction for m, _ in observations) * direction
+    previous = [(m, g) for m, g in observations[:-1] if abs(m - mid) > 0.05]
+    if not previous:
+        return _Gain(gain, mid, 0.0, frontier, PH_STEEPEN_PER_PH * direction, ceiling)
+    m0, g0 = previous[-1]
     slope = (math.log(gain) - math.log(g0)) / (mid - m0)
     slope = max(-MAX_SLOPE_PER_PH, min(MAX_SLOPE_PER_PH, slope))
-    return _Gain(gain, mid, slope)
+    return _Gain(gain, mid, slope, frontier, PH_STEEPEN_FITTED_PER_PH * direction, ceiling)
 
 
 @dataclass(frozen=True)
 class _Gain:
-    """``gain(pH) = g · exp(slope · (pH − at))``, pH per ml."""
+    """pH per ml: ``g·exp(slope·(pH − at))``, steepening by ``ahead`` per pH past ``frontier``.
+
+    ``ahead`` carries the sign of the direction of travel; the gain never
+    exceeds ``ceiling``.
+    """
 
     g: float
     at: float
     slope: float
+    frontier: float
+    ahead: float
+    ceiling: float
 
     def __call__(self, ph: float) -> float:
-        return self.g * math.exp(self.slope * (ph - self.at))
+        past = max(0.0, (ph - self.frontier) * (1.0 if self.ahead >= 0 else -1.0))
+        ln_g = math.log(self.g) + self.slope * (ph - self.at) + abs(self.ahead) * past
+        return min(self.ceiling, math.exp(ln_g))
+
+    def ml_between(self, x0: float, x1: float, n: int = 32) -> float:
+        """ml to move from ``x0`` to ``x1``: ∫ dpH / gain (midpoint rule)."""
+        h = (x1 - x0) / n
+        return sum(abs(h) / self(x0 + (i + 0.5) * h) for i in range(n))
+
+    def walk(self, x0: float, x1: float, ml: float, n: int = 32) -> float:
+        """Where ``ml`` takes the value from ``x0`` towards ``x1`` (at most ``x1``)."""
+        h = (x1 - x0) / n
+        spent, x = 0.0, x0
+        for i in range(n):
+            seg = abs(h) / self(x0 + (i + 0.5) * h)
+            if spent + seg >= ml:
+                return x + h * (ml - spent) / seg
+            spent += seg
+            x += h
+        return x1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 import rules.adaptive as adaptive
@@ -22,8 +24,12 @@ def ctx(
     *,
     first: bool = False,
     level: float | None = None,
+    latest: float | None = None,
 ) -> DecisionContext:
-    values = {} if level is None else {"water_level": level}
+    """A context; the loop's latest reading is ``latest`` (default: the average itself)."""
+    values = {loop: measured if latest is None else latest}
+    if level is not None:
+        values["water_level"] = level
     band = (
         (setpoint * 0.95, setpoint * 1.05) if loop == "tds" else (setpoint - 0.15, setpoint + 0.15)
     )
@@ -38,11 +44,9 @@ def ctx(
     )
 
 
-async def steady(c: AdaptiveController, loop: str, value: float, sp: float) -> Decision:
-    """Two decisions at the same value, the first of a new loop: the second may dose."""
-    first = await c.decide(ctx(loop, value, sp, first=True))
-    assert first.doses == ()
-    return await c.decide(ctx(loop, value, sp))
+async def first(c: AdaptiveController, loop: str, value: float, sp: float) -> Decision:
+    """The first decision of a loop, on a quiet tank."""
+    return await c.decide(ctx(loop, value, sp, first=True))
 
 
 def test_registered() -> None:
@@ -51,97 +55,187 @@ def test_registered() -> None:
     controller.close()
 
 
-async def test_tds_up_is_mass_balance_fraction() -> None:
+async def test_doses_on_the_first_window_only_when_the_tank_is_quiet() -> None:
     c = AdaptiveController()
-    d = await steady(c, "tds", 300.0, 700.0)
+    # The latest reading is far from the window's average: the tank is still moving.
+    moving = await c.decide(ctx("tds", 300.0, 700.0, first=True, latest=330.0))
+    assert moving.doses == ()
+    # Next window: 30 ppm higher, still moving.
+    assert (await c.decide(ctx("tds", 330.0, 700.0))).doses == ()
+    # Then steady: dose.
+    assert (await c.decide(ctx("tds", 331.0, 700.0))).doses != ()
+    quiet = await first(AdaptiveController(), "tds", 300.0, 700.0)
+    assert quiet.doses != ()
+
+
+def _nutrient_ms(c0: float, sp: float, volume_l: float = 10.0) -> float:
+    aim = sp * (1 - adaptive.TDS_AIM_PCT / 100)
+    need_ml = 1000.0 * volume_l * (aim - c0) / (10_000 - aim)
+    return adaptive.TDS_FRACTION * need_ml / 12.0 * 1000.0
+
+
+async def test_tds_up_is_mass_balance_to_just_below_the_setpoint() -> None:
+    d = await first(AdaptiveController(), "tds", 300.0, 700.0)
     (dose,) = d.doses
     assert dose.actuator == "nutrient"
-    need_ml = 10_000.0 * (700 - 300) / (10_000 - 700)  # 10 L, ml
-    expected_ms = adaptive.TDS_FRACTION * need_ml / 12.0 * 1000.0
-    assert dose.ms == pytest.approx(expected_ms, abs=1)
+    assert dose.ms == pytest.approx(_nutrient_ms(300.0, 700.0), abs=1)
     assert dose.duty == 255
     assert d.controller == "adaptive"
+    # Even if all of it arrived at once, it stays below the setpoint.
+    ml = dose.ms / 1000 * 12.0
+    assert (300 * 10 + 10_000 * ml / 1000) / (10 + ml / 1000) < 700 * 0.995
 
 
 async def test_tds_uses_measured_water_level() -> None:
     c = AdaptiveController()
-    await c.decide(ctx("tds", 300.0, 700.0, first=True, level=5.0))
-    (dose,) = (await c.decide(ctx("tds", 300.0, 700.0, level=5.0))).doses
-    need_ml = 5_000.0 * 400 / 9_300
-    assert dose.ms == pytest.approx(adaptive.TDS_FRACTION * need_ml / 12.0 * 1000.0, abs=1)
+    (dose,) = (await c.decide(ctx("tds", 300.0, 700.0, first=True, level=5.0))).doses
+    assert dose.ms == pytest.approx(_nutrient_ms(300.0, 700.0, volume_l=5.0), abs=1)
 
 
-async def test_tds_down_dilutes_but_tolerates_a_small_excess() -> None:
+async def test_tds_dead_band_tolerates_a_small_excess_more_than_a_deficit() -> None:
+    assert (await first(AdaptiveController(), "tds", 810.0, 800.0)).doses == ()  # +1.25 %
+    assert (await first(AdaptiveController(), "tds", 795.0, 800.0)).doses == ()  # -0.6 %
+    assert (await first(AdaptiveController(), "tds", 790.0, 800.0)).doses != ()  # -1.25 %
+
+
+async def test_long_dilution_runs_in_pieces_without_waiting() -> None:
     c = AdaptiveController()
-    d = await steady(c, "tds", 1300.0, 800.0)
-    (dose,) = d.doses
-    assert dose.actuator == "refill"
-    need_ml = 10_000.0 * (1300 / 800 - 1)
-    assert dose.ms == pytest.approx(
-        min(adaptive.TDS_FRACTION * need_ml / 30.0, adaptive.MAX_DOSE_S) * 1000.0, abs=1
-    )
+    (piece,) = (await first(c, "tds", 1300.0, 800.0)).doses
+    assert piece.actuator == "refill"
+    assert piece.ms == adaptive.MAX_DOSE_S * 1000  # 6 L needed, 1.8 L per run
+    # The next decision comes while the probe still sees the first piece arrive:
+    # the next piece is dosed from the mass balance's prediction, not the reading.
+    (second,) = (await c.decide(ctx("tds", 1250.0, 800.0, level=11.8))).doses
+    assert second.actuator == "refill"
+    predicted = 1300.0 * 10.0 / 11.8
+    aim = 800.0 * (1 + adaptive.TDS_AIM_PCT / 100)
+    need_ml = adaptive.TDS_FRACTION * 11.8 * (predicted / aim - 1) * 1000
+    assert second.ms == min(round(need_ml / 30.0 * 1000), adaptive.MAX_DOSE_S * 1000)
+    # Summed, the pieces never exceed the need of the whole step.
     c2 = AdaptiveController()
-    assert (await steady(c2, "tds", 810.0, 800.0)).doses == ()  # +1.25 %: no water
-    assert (await steady(c2, "tds", 790.0, 800.0)).doses != ()  # -1.25 %: stock
+    total_ml, level, value = 0.0, 10.0, 1300.0
+    d = await first(c2, "tds", value, 800.0)
+    for _ in range(10):
+        if not d.doses:
+            break
+        ml = d.doses[0].ms / 1000 * 30.0
+        value, level, total_ml = (
+            value * level / (level + ml / 1000),
+            level + ml / 1000,
+            total_ml + ml,
+        )
+        d = await c2.decide(ctx("tds", 1250.0, 800.0, level=level))
+    assert total_ml <= 10_000.0 * (1300 / 800 - 1)
+    assert value > 800.0
 
 
-async def test_waits_while_reading_moves_then_learns_and_trims() -> None:
+async def test_tds_waits_for_a_steady_reading_then_learns_and_trims() -> None:
     c = AdaptiveController()
-    first = await steady(c, "tds", 300.0, 700.0)
-    assert first.doses
-    # The probe sees the dose arrive; no geometric decay yet (400, 420, 520), then a
-    # decay whose limit lies past the setpoint (600 + 320): wait, never dilute on that.
-    for value in (400.0, 420.0, 520.0, 600.0, 600.5):
+    (dose,) = (await first(c, "tds", 300.0, 700.0)).doses
+    ml = dose.ms / 1000 * 12.0
+    expected = (300 * 10 + 10 * ml) / (10 + ml / 1000) - 300
+    # The probe sees the dose arrive; the change over three windows is still large.
+    for value in (400.0, 520.0, 580.0, 600.0, 603.0, 604.0, 604.5):
         assert (await c.decide(ctx("tds", value, 700.0))).doses == (), value
-    # Steady at ~600: the dose did ~ 80 % of what the mass balance promised.
-    trim = await c.decide(ctx("tds", 600.3, 700.0))
-    (dose,) = trim.doses
-    # The learned factor (observed / expected < 1) makes the trim bigger than mass balance.
-    plain_ms = adaptive.TDS_FRACTION * 10_000.0 * 99.7 / 9_300 / 12.0 * 1000.0
-    assert dose.ms > plain_ms * 1.1
+    # Steady at ~604: the dose did less than the mass balance promised.
+    trim = await c.decide(ctx("tds", 604.3, 700.0))
+    (t,) = trim.doses
+    factor = 304.3 / expected
+    assert factor < 0.95
+    plain_ms = _nutrient_ms(604.3, 700.0)
+    assert t.ms == pytest.approx(plain_ms / factor, rel=0.01)
 
 
-async def test_extrapolates_a_first_order_response() -> None:
+async def test_a_small_trim_teaches_nothing() -> None:
     c = AdaptiveController()
-    await steady(c, "tds", 300.0, 700.0)
-    # Window averages approaching 660 geometrically (ratio 0.5): 660 - 80, -40, -20.
-    assert (await c.decide(ctx("tds", 580.0, 700.0))).doses == ()
-    assert (await c.decide(ctx("tds", 620.0, 700.0))).doses == ()
-    d = await c.decide(ctx("tds", 640.0, 700.0))
-    (dose,) = d.doses
-    # Doses for 700 - 660 = 40 ppm, and cautiously.
-    ms_for_40 = adaptive.TDS_FRACTION * 10_000.0 * 40 / 9_300 / 12.0 * 1000.0
-    assert dose.ms == pytest.approx(ms_for_40 * adaptive.PREDICTED_FRACTION, rel=0.02)
+    await first(c, "tds", 680.0, 700.0)  # a ~2 % trim
+    for value in (684.0, 684.5, 684.0, 684.2):  # did much less than expected
+        d = await c.decide(ctx("tds", value, 700.0))
+    (again,) = d.doses
+    assert again.ms == pytest.approx(_nutrient_ms(684.2, 700.0), abs=1)
 
 
 async def test_inside_dead_band_nothing() -> None:
-    c = AdaptiveController()
-    assert (await steady(c, "tds", 695.0, 700.0)).doses == ()
-    c2 = AdaptiveController()
-    assert (await steady(c2, "ph", 6.01, 6.0)).doses == ()
+    assert (await first(AdaptiveController(), "tds", 695.0, 700.0)).doses == ()
+    assert (await first(AdaptiveController(), "ph", 6.01, 6.0)).doses == ()
 
 
-async def test_ph_first_dose_uses_the_steep_prior_then_learns() -> None:
-    c = AdaptiveController()
-    d = await steady(c, "ph", 6.0, 5.0)
-    (dose,) = d.doses
+async def test_ph_first_dose_is_the_ceiling_prior() -> None:
+    (dose,) = (await first(AdaptiveController(), "ph", 6.0, 5.0)).doses
     assert dose.actuator == "ph_down"
-    prior = adaptive.PH_PRIOR_PER_ML_L / 10.0  # pH per ml in 10 L
-    ml = adaptive.PH_FRACTION_ONE * 1.0 / prior
+    ceiling = adaptive.PH_PRIOR_PER_ML_L / 10.0  # pH per ml in 10 L
+    ml = adaptive.PH_FRACTION_PRIOR * 1.0 / ceiling
     assert dose.ms == pytest.approx(ml / 1.58 * 1000.0, abs=1)
-    # The tank is ten times less sensitive than the prior: it moved 0.04 of 0.4 expected.
-    for value in (5.97, 5.96, 5.96):
+
+
+async def _second_dose(after_first: float) -> tuple[float, float]:
+    """ml of the first and second ph_down dose when the first moved 6.0 to ``after_first``."""
+    c = AdaptiveController()
+    (dose,) = (await first(c, "ph", 6.0, 5.0)).doses
+    for value in (after_first + 0.05, after_first + 0.005, after_first):
         d = await c.decide(ctx("ph", value, 5.0))
     (second,) = d.doses
-    learned_gain = 0.04 / (dose.ms / 1000.0 * 1.58)
-    expected_ml = adaptive.PH_FRACTION_ONE * 0.96 / learned_gain
-    assert second.ms == min(round(expected_ml / 1.58 * 1000.0), adaptive.MAX_DOSE_S * 1000)
-    assert second.ms > 10 * dose.ms
+    return dose.ms / 1000 * 1.58, second.ms / 1000 * 1.58
+
+
+async def test_ph_one_observation_assumes_the_curve_steepens_ahead() -> None:
+    first_ml, second_ml = await _second_dose(5.9)
+    gain = 0.1 / first_ml
+    constant_gain_ml = 0.9 / gain
+    # Pessimistic ahead: far less than the secant's straight extrapolation ...
+    assert second_ml < 0.7 * constant_gain_ml
+    # ... and exactly the integral under the assumed steepening.
+    s = adaptive.PH_STEEPEN_PER_PH
+    mid = 5.95
+    integral = sum(
+        0.9 / 4000 / min(adaptive.PH_PRIOR_PER_ML_L / 10, gain * math.exp(s * (mid - x)))
+        for x in (5.9 - 0.9 * (i + 0.5) / 4000 for i in range(4000))
+    )
+    assert second_ml == pytest.approx(adaptive.PH_FRACTION * integral, rel=0.01)
+
+
+async def test_ph_never_crosses_the_setpoint_on_steepening_or_flattening_curves() -> None:
+    """Toy titration curves whose gain changes by ``slope`` per pH travelled (below the
+    prior ceiling, steepening no faster than assumed), each dose settled at once:
+    the value approaches from one side, never crosses the setpoint, and arrives."""
+    ceiling = adaptive.PH_PRIOR_PER_ML_L / 10.0
+    for start, sp, g0, slope in (
+        (6.0, 5.0, 0.02, 1.6),  # pH down into a steepening region
+        (6.5, 5.0, 0.015, 1.9),
+        (4.8, 6.0, 0.13, -1.4),  # pH up into a flattening region
+        (5.5, 5.0, 0.05, 1.5),
+        (7.0, 6.0, 0.03, -0.5),
+    ):
+        c = AdaptiveController()
+        x = start
+        d = await first(c, "ph", x, sp)
+        for _ in range(40):
+            if not d.doses:
+                break
+            (dose,) = d.doses
+            ml = dose.ms / 1000 * 1.58
+            sign = 1.0 if dose.actuator == "ph_up" else -1.0
+            for _ in range(200):  # integrate dx = gain(x) dml
+                x += sign * min(ceiling, g0 * math.exp(slope * abs(x - start))) * ml / 200
+            assert (x - sp) * (sp - start) <= 0.005, (start, sp, x)
+            for _ in range(3):  # three steady windows: settled
+                d = await c.decide(ctx("ph", x, sp))
+                if d.doses:
+                    break
+        assert abs(x - sp) <= adaptive.PH_DEADBAND + 1e-9, (start, sp, x)
+
+
+async def test_extrapolated_past_the_setpoint_waits_for_a_steady_reading() -> None:
+    c = AdaptiveController()
+    await first(c, "ph", 6.0, 5.9)
+    # Geometric approach whose limit (5.84) lies past the setpoint: no ph_up on that.
+    for value in (5.94, 5.88, 5.86):
+        assert (await c.decide(ctx("ph", value, 5.9))).doses == ()
 
 
 async def test_dose_without_effect_teaches_nothing() -> None:
     c = AdaptiveController()
-    (dose,) = (await steady(c, "ph", 6.0, 5.0)).doses
+    (dose,) = (await first(c, "ph", 6.0, 5.0)).doses
     for _ in range(3):  # refused by safety: the reading never moved
         d = await c.decide(ctx("ph", 6.0, 5.0))
     (again,) = d.doses
@@ -150,13 +244,12 @@ async def test_dose_without_effect_teaches_nothing() -> None:
 
 async def test_new_cycle_forgets_the_dose_in_flight() -> None:
     c = AdaptiveController()
-    await steady(c, "tds", 300.0, 700.0)
+    await first(c, "tds", 300.0, 700.0)
     # A new cycle starts (previous_error None): no waiting for the old dose.
-    d = await steady(c, "tds", 650.0, 700.0)
+    d = await first(c, "tds", 650.0, 700.0)
     assert d.doses and d.doses[0].actuator == "nutrient"
 
 
 async def test_long_dose_is_capped() -> None:
-    c = AdaptiveController()
-    (dose,) = (await steady(c, "tds", 100.0, 2000.0)).doses
+    (dose,) = (await first(AdaptiveController(), "tds", 100.0, 2000.0)).doses
     assert dose.ms == adaptive.MAX_DOSE_S * 1000
