@@ -67,7 +67,7 @@ TARGETS: tuple[str, ...] = ("ph_up", "ph_down", "nutrient", "refill")
 #: The training range of each feature: every sample lies inside it, and the
 #: runtime refuses (ML → RB) any reading outside it. Wide enough for real
 #: operation of the documented plant: tank water 0–2000 ppm, pH 3–9, air
-#: 0–45 °C, 0–100 % RH, water 0–40 °C, 0–10 L (the 10 L tank).
+#: 0–45 °C, 0–100 % RH, water 0–40 °C, 0–20 L (a 10 L tank up to its overflow).
 RANGES: Mapping[str, tuple[float, float]] = MappingProxyType(
     {
         "tds": (0.0, 2000.0),
@@ -75,7 +75,7 @@ RANGES: Mapping[str, tuple[float, float]] = MappingProxyType(
         "air_temp": (0.0, 45.0),
         "humidity": (0.0, 100.0),
         "water_temp": (0.0, 40.0),
-        "water_level": (0.0, 10.0),
+        "water_level": (0.0, 20.0),
     }
 )
 

@@ -40,7 +40,7 @@ import numpy as np
 import numpy.typing as npt
 
 from models.dataset import FEATURES, TARGETS, Dataset, generate
-from models.runtime import DEFAULT_METADATA, DEFAULT_MODEL, Model
+from models.runtime import DEFAULT_METADATA, DEFAULT_MODEL, Model, interpreter_backend
 
 __all__ = ["Result", "evaluate", "latency_us", "main", "metrics", "train_forest"]
 
@@ -111,8 +111,8 @@ def _rss_child(kind: str, path: str) -> None:
         with open(path, "rb") as f:
             loaded: object = pickle.load(f)  # noqa: S301 - our own file, just written
     else:
-        from models import runtime  # noqa: F401, PLC0415
-
+        interpreter_backend()  # count the model, not the interpreter library's import
+        before = proc.memory_info().rss
         loaded = Model.load(path, DEFAULT_METADATA)
     print(proc.memory_info().rss - before, type(loaded).__name__)
 
@@ -220,15 +220,16 @@ def machine() -> str:
         pass
     import sklearn  # noqa: PLC0415
 
+    backend, _ = interpreter_backend()
     return (f"{cpu}, {os.cpu_count()} CPUs, {platform.system()} {platform.machine()}, "
             f"Python {platform.python_version()}, numpy {np.__version__}, "
-            f"scikit-learn {sklearn.__version__}")
+            f"scikit-learn {sklearn.__version__}, TFLite backend {backend}")
 
 
 def report(results: list[Result], ds: Dataset, runs: int) -> str:
     """The section of docs/ml.md that this command writes."""
     lines = [
-        f"Command: `{COMMAND}` (about a minute; {runs} single-sample runs per model).",
+        f"Command: `{COMMAND}` (under a minute here; {runs} single-sample runs per model).",
         "",
         f"Machine: {machine()}.",
         "",

@@ -34,7 +34,7 @@ import hashlib
 import importlib
 import json
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -57,6 +57,7 @@ __all__ = [
     "ModelFileError",
     "ModelSpec",
     "OutputError",
+    "interpreter_backend",
     "load_interpreter",
 ]
 
@@ -101,6 +102,20 @@ class Interpreter(Protocol):
     def get_tensor(self, tensor_index: int) -> npt.NDArray[Any]: ...
 
 
+def interpreter_backend() -> tuple[str, Callable[..., Interpreter]]:
+    """The first installed TFLite backend: its module name and its ``Interpreter`` class.
+
+    Raises :class:`ModelFileError` when none is installed.
+    """
+    for name in _BACKENDS:
+        try:
+            factory: Callable[..., Interpreter] = importlib.import_module(name).Interpreter
+        except (ImportError, AttributeError):  # recent TensorFlow dropped tf.lite.Interpreter
+            continue
+        return name, factory
+    raise ModelFileError(f"no TFLite interpreter installed (tried {', '.join(_BACKENDS)})")
+
+
 def load_interpreter(path: str | Path, content: bytes | None = None) -> Interpreter:
     """A TFLite interpreter with tensors allocated, from the first backend that imports.
 
@@ -114,18 +129,13 @@ def load_interpreter(path: str | Path, content: bytes | None = None) -> Interpre
             content = Path(path).read_bytes()
         except OSError as exc:
             raise ModelFileError(f"cannot read model {path}: {exc}") from exc
-    for name in _BACKENDS:
-        try:
-            factory = importlib.import_module(name).Interpreter
-        except (ImportError, AttributeError):  # recent TensorFlow dropped tf.lite.Interpreter
-            continue
-        try:
-            interpreter: Interpreter = factory(model_content=content, num_threads=1)
-            interpreter.allocate_tensors()
-        except (ValueError, RuntimeError) as exc:
-            raise ModelFileError(f"interpreter refused {path}: {exc}") from exc
-        return interpreter
-    raise ModelFileError(f"no TFLite interpreter installed (tried {', '.join(_BACKENDS)})")
+    _, factory = interpreter_backend()
+    try:
+        interpreter = factory(model_content=content, num_threads=1)
+        interpreter.allocate_tensors()
+    except (ValueError, RuntimeError) as exc:
+        raise ModelFileError(f"interpreter refused {path}: {exc}") from exc
+    return interpreter
 
 
 @dataclass(frozen=True)

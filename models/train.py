@@ -3,12 +3,16 @@
 Run in the training venv (TensorFlow is never needed on the Pi)::
 
     python3 -m venv .venv-train
-    .venv-train/bin/pip install tensorflow-cpu numpy scikit-learn
+    .venv-train/bin/pip install tensorflow-cpu numpy scikit-learn ai-edge-litert
     .venv-train/bin/python -m models.train
 
+(TensorFlow 2.21 no longer has ``tf.lite.Interpreter``; ``ai-edge-litert``
+runs the exported files to measure them.)
+
 It regenerates the dataset from its seed (:func:`models.dataset.generate`),
-trains a small fully connected network on the training split with fixed
-seeds and deterministic ops, and writes next to this module:
+trains a small network — one fully connected tower per target, see
+:func:`_train` — on the training split with fixed seeds and deterministic
+ops, and writes next to this module (or to ``--out``):
 
 - ``hydro_int8.tflite`` — full-integer quantised: int8 weights, int8
   activations *and* int8 input/output tensors, calibrated on a
@@ -28,7 +32,8 @@ to ``[0, 1]`` (see :data:`INPUTS`). Because an int8 input tensor has one
 scale for all inputs and only 256 levels, the features whose doses change
 steeply in a narrow region (ppm near the band, pH near its band, the
 temperatures and humidity above/below the interaction edges) are fed a
-second time "zoomed" on that region. Outputs are seconds divided by each
+second time "zoomed" on that region; at the label's step edges the window
+is so narrow that it is an indicator input. Outputs are seconds divided by each
 target's cap (RB caps), so all four have the same scale.
 """
 
@@ -65,13 +70,13 @@ INPUTS: tuple[tuple[str, float, float], ...] = (
     ("tds", 440.0, 580.0),  # nutrient ramp below 560 ppm (0.63 s per ppm)
     ("tds", 836.0, 860.0),  # dilution refill jumps 0 -> 120 s between 840 and 856 ppm
     ("ph", 4.4, 7.6),  # the pH doses ramp between the band edges and their caps
-    ("ph", 5.45, 5.55),  # nutrient is skipped below pH 5.5 ...
-    ("ph", 6.45, 6.55),  # ... and above 6.5: steps, not ramps
+    ("ph", 5.495, 5.505),  # nutrient is skipped below pH 5.5 ...
+    ("ph", 6.495, 6.505),  # ... and above 6.5: steps, not ramps
     ("air_temp", 25.0, 40.0),  # nutrient reduction above 28 °C
     ("humidity", 0.0, 45.0),  # evaporation refill below 40 % RH
     ("water_temp", 25.0, 40.0),  # cooling refill above 28 °C
-    ("water_level", 1.15, 1.25),  # 60 s refill below 1.2 L: a step
-    ("water_level", 2.45, 2.55),  # no top-up above 2.5 L: a step
+    ("water_level", 1.195, 1.205),  # 60 s refill below 1.2 L: a step
+    ("water_level", 2.495, 2.505),  # no top-up above 2.5 L: a step
 )
 
 #: Seconds that a model output of 1.0 stands for, per target: the RB caps.
@@ -82,8 +87,9 @@ OUTPUT_SCALE: dict[str, float] = {
     "refill": _THRESHOLDS.cap_refill_s,
 }
 
-HIDDEN = (48, 48, 24)
-EPOCHS = 200
+HIDDEN = (32, 32)
+ZERO_MARGIN = 0.02  # of each target's scale: 1 s of pH pump, 2.4 s of refill
+EPOCHS = 300
 BATCH = 128
 SEED = 7
 CALIBRATION_ROWS = 2000
@@ -103,13 +109,23 @@ def _train(ds: Dataset, epochs: int, hidden: tuple[int, ...]) -> Any:
     tf.config.experimental.enable_op_determinism()
     scale = np.array([OUTPUT_SCALE[t] for t in TARGETS], dtype=np.float32)
     x, y = scale_inputs(ds.x_train), (ds.y_train / scale).astype(np.float32)
+    # "No dose" is trained as a small negative target, so that after the
+    # export's ReLU it stays an exact 0 even when int8 rounding nudges the
+    # last layer's sum: a margin of several output quantisation steps.
+    y = np.where(y > 0.0, y, -ZERO_MARGIN).astype(np.float32)
 
-    layers: list[Any] = [keras.Input(shape=(len(INPUTS),))]
-    layers += [keras.layers.Dense(width, activation="relu") for width in hidden]
-    # A linear output while training (a ReLU output can die and never recover);
-    # the exported model adds the ReLU, see _export.
-    layers.append(keras.layers.Dense(len(TARGETS)))
-    model = keras.Sequential(layers)
+    # One small tower per target: in an int8 model every tensor has one scale,
+    # so a shared layer would quantise the small nutrient and pH signals with
+    # the step size of the large refill one. A linear output while training
+    # (a ReLU output can die and never recover); the export adds the ReLU.
+    inputs = keras.Input(shape=(len(INPUTS),))
+    towers = []
+    for target in TARGETS:
+        h = inputs
+        for i, width in enumerate(hidden):
+            h = keras.layers.Dense(width, activation="relu", name=f"{target}_{i}")(h)
+        towers.append(keras.layers.Dense(1, name=target)(h))
+    model = keras.Model(inputs, keras.layers.Concatenate()(towers))
     steps = epochs * int(np.ceil(len(x) / BATCH))
     schedule = keras.optimizers.schedules.CosineDecay(3e-3, decay_steps=steps, alpha=0.01)
     model.compile(optimizer=keras.optimizers.Adam(schedule), loss="mse")
@@ -184,9 +200,10 @@ def _metadata(
             "command": COMMAND + (f" --epochs {epochs}" if epochs != EPOCHS else "")
             + (f" --hidden {' '.join(map(str, hidden))}" if hidden != HIDDEN else ""),
             "tensorflow": tf.__version__,
-            "hidden": list(hidden),
+            "hidden_per_target_tower": list(hidden),
             "activation": "relu; linear output in training, relu appended for export",
-            "loss": "mse on seconds / scale_s",
+            "loss": "mse on seconds / scale_s; zero labels trained as -zero_margin",
+            "zero_margin": ZERO_MARGIN,
             "optimizer": "adam, cosine decay from 3e-3",
             "epochs": epochs,
             "batch": BATCH,
