@@ -65,12 +65,12 @@ def metrics(y_true: FloatArray, y_pred: FloatArray) -> dict[str, dict[str, float
     return out
 
 
-def train_forest(ds: Dataset, trees: int = 100, rows: int | None = None) -> Any:
+def train_forest(ds: Dataset, trees: int = 100) -> Any:
     """The documentation's model: a seeded multi-output random forest on the training split."""
     from sklearn.ensemble import RandomForestRegressor  # noqa: PLC0415 - dev dependency
 
     forest = RandomForestRegressor(n_estimators=trees, random_state=0, n_jobs=-1)
-    forest.fit(ds.x_train[:rows], ds.y_train[:rows])
+    forest.fit(ds.x_train, ds.y_train)
     forest.set_params(n_jobs=1)  # single-sample inference, as on the Pi
     return forest
 
