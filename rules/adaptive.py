@@ -25,8 +25,10 @@ It uses only what a real gateway knows: the configured plant constants
   other without waiting for the reading, because the mass balance already
   says where each one lands.
 - **pH** — no chemistry is assumed. The pH change per ml (the gain) is
-  learned online from each dose's effect, per pump, as a secant over the
-  range the dose moved through. Titration curves are steep far from a buffer
+  learned online from each dose's effect, per pump, as a secant over at
+  least ``PH_MIN_SECANT`` pH of the trail of (pH, ml) points of that pump's
+  doses (a point read off an extrapolation errs by a few hundredths, which
+  would dominate the secant of a small dose). Titration curves are steep far from a buffer
   and flat inside it, and which way the curve bends ahead is unknown until
   two doses show it, so the model is deliberately pessimistic ahead of what
   was observed: with no observation the gain is the prior
@@ -36,7 +38,8 @@ It uses only what a real gateway knows: the configured plant constants
   ``PH_STEEPEN_PER_PH`` (one observation) or ``PH_STEEPEN_FITTED_PER_PH``
   (a log-linear fit through two observations) per pH, never above the
   ceiling. The dose is the integral of ``dpH / gain(pH)`` from the value to
-  the setpoint, times a fraction below one: overshooting a pH setpoint costs
+  the setpoint, times a fraction below one (smaller again from an
+  extrapolated value, ``PREDICTED_FRACTION``): overshooting a pH setpoint costs
   a dose of the opposite pump and, below pH 5.5, a swing, while falling short
   costs one more, smaller, dose.
 - "Where it settles": before the first dose of a loop, a window average that
@@ -90,8 +93,12 @@ PH_PRIOR_PER_ML_L = 1.5  # pH per ml of pH solution in 1 L: steeper than the tan
 PH_STEEPEN_PER_PH = 2.0  # assumed d(ln gain)/dpH ahead of a single observation
 PH_STEEPEN_FITTED_PER_PH = 0.5  # extra steepening ahead of a two-point fit
 MAX_SLOPE_PER_PH = 4.0  # bound on a fitted d(ln gain)/dpH
+PH_MIN_SECANT = 0.2  # a learned secant spans at least this (extrapolations err by ~0.05)
+PH_MIN_FIT_SPAN = 0.15  # a slope is fitted only through secants this far apart
+PH_TRAIL = 6  # (pH, ml) points of one pump's run of doses kept for secants
 MAX_DOSE_S = 60.0
 MIN_DOSE_MS = 20
+PREDICTED_FRACTION = 0.75  # of a pH dose computed from an extrapolated (not steady) value
 MAX_AITKEN_RATIO = 0.85  # beyond, the extrapolated tail is too sensitive to noise
 QUIET_FACTOR = 3.0  # first window: latest reading within this many settle thresholds
 
@@ -105,6 +112,7 @@ class _InFlight:
     before: float
     expected: float
     piece: bool = False  # a piece of a longer TDS dose: the next piece follows at once
+    trail: tuple[tuple[float, float], ...] = ()  # (pH, ml so far) of this pump's doses, to here
 
 
 @dataclass
@@ -137,7 +145,11 @@ class AdaptiveController:
         if dose is not None and dose.piece:
             # The mass balance says where the last piece lands: dose the next one now.
             st.in_flight = None
-            return self._tds(ctx, st, dose.before + dose.expected)
+            decision = self._tds(ctx, st, dose.before + dose.expected)
+            nxt = st.in_flight
+            if nxt is not None:  # the pieces are one dose: learn from their sum
+                nxt.before, nxt.expected = dose.before, dose.expected + nxt.expected
+            return decision
         settled = self._settled(ctx, st)
         if settled is None:
             return self._none("waiting for the reading to settle")
@@ -151,7 +163,15 @@ class AdaptiveController:
         st.in_flight = None
         if ctx.loop == "tds":
             return self._tds(ctx, st, final)
-        return self._ph(ctx, st, final)
+        decision = self._ph(ctx, st, final, steady=steady)
+        nxt = st.in_flight
+        if nxt is not None:
+            if dose is not None and dose.actuator == nxt.actuator and dose.trail:
+                trail = (*dose.trail, (final, dose.trail[-1][1] + dose.ml))
+            else:
+                trail = ((final, 0.0),)
+            nxt.trail = trail[-PH_TRAIL:]
+        return decision
 
     def close(self) -> None:
         """Nothing to release."""
@@ -210,8 +230,8 @@ class AdaptiveController:
         st.tds_factor[dose.actuator] = min(2.0, max(0.5, observed / dose.expected * old))
 
     # ----------------------------------------------------------------- pH
-    def _ph(self, ctx: DecisionContext, st: _LoopState, x0: float) -> Decision:
-        """The pH decision from value ``x0`` (measured or extrapolated)."""
+    def _ph(self, ctx: DecisionContext, st: _LoopState, x0: float, *, steady: bool) -> Decision:
+        """The pH decision from value ``x0`` (steady, or extrapolated: then a smaller dose)."""
         error = ctx.setpoint - x0
         if abs(error) <= PH_DEADBAND:
             return self._none(f"on target (error {error:+.3f})")
@@ -219,6 +239,8 @@ class AdaptiveController:
         observations = st.ph_gains.get(actuator, [])
         gain = _gain_model(observations, _volume_l(ctx), direction=1.0 if error > 0 else -1.0)
         fraction = PH_FRACTION if observations else PH_FRACTION_PRIOR
+        if not steady:
+            fraction *= PREDICTED_FRACTION
         ml = fraction * gain.ml_between(x0, ctx.setpoint)
         return self._dose(
             ctx,
@@ -231,9 +253,25 @@ class AdaptiveController:
 
     @staticmethod
     def _learn_ph(st: _LoopState, dose: _InFlight, final: float) -> None:
-        observed = final - dose.before
+        """One secant, from the latest earlier point of this pump's doses far enough away.
+
+        A dose decided on an extrapolated value starts from that estimate; if
+        its own change is small, the estimate's error would dominate its
+        secant, so the secant reaches back along the trail of (pH, ml) points
+        until it spans at least ``PH_MIN_SECANT``.
+        """
+        trail = dose.trail or ((dose.before, 0.0),)
+        ml_after = trail[-1][1] + dose.ml
+        start, ml_start = trail[0]
+        for x, ml in reversed(trail):
+            if abs(final - x) >= PH_MIN_SECANT:
+                start, ml_start = x, ml
+                break
+        observed = final - start
+        if observed * dose.expected <= 0 or ml_after <= ml_start:
+            return
         obs = st.ph_gains.setdefault(dose.actuator, [])
-        obs.append((dose.before + observed / 2.0, abs(observed) / dose.ml))
+        obs.append((start + observed / 2.0, abs(observed) / (ml_after - ml_start)))
         del obs[:-3]
 
     # ------------------------------------------------------------- learning
@@ -341,7 +379,7 @@ def _gain_model(
     ceiling = max(ceiling, *(g for _, g in observations))
     mid, gain = observations[-1]
     frontier = max(m * direction for m, _ in observations) * direction
-    previous = [(m, g) for m, g in observations[:-1] if abs(m - mid) > 0.05]
+    previous = [(m, g) for m, g in observations[:-1] if abs(m - mid) >= PH_MIN_FIT_SPAN]
     if not previous:
         return _Gain(gain, mid, 0.0, frontier, PH_STEEPEN_PER_PH * direction, ceiling)
     m0, g0 = previous[-1]

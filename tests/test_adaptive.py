@@ -172,7 +172,7 @@ async def _second_dose(after_first: float) -> tuple[float, float]:
     """ml of the first and second ph_down dose when the first moved 6.0 to ``after_first``."""
     c = AdaptiveController()
     (dose,) = (await first(c, "ph", 6.0, 5.0)).doses
-    for value in (after_first + 0.05, after_first + 0.005, after_first):
+    for value in (after_first + 0.01, after_first + 0.002, after_first):  # steady
         d = await c.decide(ctx("ph", value, 5.0))
     (second,) = d.doses
     return dose.ms / 1000 * 1.58, second.ms / 1000 * 1.58
