@@ -94,7 +94,7 @@ SCENARIOS: tuple[Scenario, ...] = (
 QUICK_SCENARIOS: tuple[str, ...] = (
     "tds_up_1000",
     "tds_down_800",
-    "ph_up_6.0",
+    "ph_up_6.5",
     "ph_down_6.0_5.0",
     "ph_down_5.5_5.0",
 )
@@ -576,17 +576,24 @@ of the setpoint (below it when adding stock, above it when diluting) and
 doses nothing within 1 % below or 1.5 % above. Fuzzy's lower totals for
 300 → 1300 and 1300 → 800 ppm come from never getting there.
 
-**Where it is not better.** pH 4.8 → 5.5: fuzzy settles in 212 s because its
-first 5 s dose (7.9 ml) happens to be about what this tank needs (8.75 ml),
-fixed in its rule table by tuning on the thesis's rig. A controller that
-must not overdose an unknown tank cannot match that on its first cycle: with
-the gain ceiling its first dose from pH 4.8 is at most 4.7 ml, its effect is
-known only after the mixing wait and a few averaging windows (~150 s per
-dose on this plant), and every further dose is again bounded by what it has
-not yet seen. Adaptive settles in about 600 s there; its learned gains carry
-over to later cycles of the same node, so only the first cycle on a new
-tank pays for the prior. On the same fixed dose fuzzy overshoots pH 5.5 →
-5.0 by 60 % and never settles.
+**Where it is not better.** pH up from 4.8 to 5.5 and to 6.0: fuzzy settles
+sooner (about 210 s and 700 s against 600-900 s). Its first 5 s dose (7.9 ml)
+happens to be about what this tank needs for 5.5 (8.75 ml), fixed in its rule
+table by tuning on the thesis's rig; on the same fixed dose it overshoots
+pH 5.5 → 5.0 by 60 % and never settles. A controller that must not overdose
+an unknown tank cannot match that on its first cycle: the gain ceiling caps
+its first dose from pH 4.8 at 4.7 ml, a dose's effect is known only after
+the mixing wait and a few averaging windows (~150 s per dose here), and the
+next doses assume the curve may steepen ahead (as it does going down from
+6.0) until two secants far enough apart show that it flattens (as it does
+going up from 4.8). Making that assumption milder makes these two faster
+and lets pH 6.0 → 5.0 overshoot by 5-65 % on some sensor-noise seeds, so it
+stays. The learned gains carry over to later cycles of the same node, so
+only the first cycle on a new tank pays for the prior.
+
+**Robustness.** The numbers above are for one sensor-noise seed. With seeds
+1-6 adaptive keeps every target on every scenario except the settling time
+of pH 4.8 → 5.5 and 4.8 → 6.0 (overshoot at most 2.3 %, pH down included).
 """
 
 

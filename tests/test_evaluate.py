@@ -149,3 +149,19 @@ def test_adaptive_targets(
     assert ev.target_misses(scenario, m, f) == []
     # Every dose went through the safety guard and none was refused on this plant.
     assert mine.refusals == []
+
+
+@pytest.mark.parametrize("scenario_name", ["ph_up_5.5", "ph_up_6.0"])
+@pytest.mark.xfail(
+    strict=True,
+    reason="known miss: from pH 4.8 fuzzy's fixed first dose happens to fit this tank; "
+    "adaptive's safe prior needs more doses (docs/control.md, 'Where it is not better')",
+)
+async def test_adaptive_settles_sooner_than_fuzzy_from_ph_4_8(scenario_name: str) -> None:
+    scenario = next(s for s in ev.SCENARIOS if s.name == scenario_name)
+    mine = (await ev.run_scenario(scenario, "adaptive")).metrics
+    fuzzy = (await ev.run_scenario(scenario, "fuzzy")).metrics
+    assert mine is not None and fuzzy is not None
+    assert mine.settling_s is not None and fuzzy.settling_s is not None
+    assert mine.overshoot_pct <= 3.0  # this part holds: the xfail is the settling time
+    assert mine.settling_s < fuzzy.settling_s
