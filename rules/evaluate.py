@@ -593,7 +593,7 @@ only the first cycle on a new tank pays for the prior.
 
 **Robustness.** The numbers above are for one sensor-noise seed. With seeds
 1-6 adaptive keeps every target on every scenario except the settling time
-of pH 4.8 → 5.5 and 4.8 → 6.0 (overshoot at most 2.3 %, pH down included).
+of pH 4.8 → 5.5 and 4.8 → 6.0 (overshoot at most 2.2 %, pH down included).
 """
 
 
