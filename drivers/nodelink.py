@@ -21,6 +21,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
+import orjson
+
 MAX_LINE: Final = 1024
 """Largest frame in bytes, including the ``\\n`` that ends it."""
 
@@ -175,13 +177,12 @@ def decode(line: bytes) -> Reply | Event:
     if line[star + 1 :].upper() != b"%04X" % crc16(body):
         raise FrameError("crc", "CRC mismatch")
     try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise FrameError("encoding", str(exc)) from exc
-    try:
-        obj = json.loads(text)
-    except (ValueError, RecursionError) as exc:
-        raise FrameError("json", str(exc)) from exc
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        # Rare lines orjson refuses but the protocol wants read: a `NaN` or
+        # `Infinity` token (only that value is then dropped, by clean_values)
+        # or an integer beyond 64 bits; and the precise error of a bad line.
+        obj = _slow_loads(body)
     if type(obj) is not dict:
         raise FrameError("not_object", f"JSON {type(obj).__name__}, not an object")
     if "values" in obj and type(obj["values"]) is not dict:
@@ -197,6 +198,17 @@ def decode(line: bytes) -> Reply | Event:
     if checks is not None:
         _require(obj, checks, f"event {kind!r}")
     return Event(kind, obj)
+
+
+def _slow_loads(body: bytes) -> Any:
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise FrameError("encoding", str(exc)) from exc
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise FrameError("json", str(exc)) from exc
 
 
 def _reply(obj: dict[str, Any]) -> Reply:

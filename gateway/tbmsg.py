@@ -18,6 +18,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+import orjson
+
 # Topics of the Gateway API (gateway -> server unless noted).
 CONNECT = "v1/gateway/connect"
 DISCONNECT = "v1/gateway/disconnect"
@@ -37,7 +39,24 @@ MAX_DEVICE_NAME = 255
 MAX_DEPTH = 8
 _INT64 = 2**63
 
-_dumps = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+_json_dumps = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+
+
+def _dumps(obj: Any) -> str:
+    """Compact JSON text; orjson on the hot path (every stored reading).
+
+    Values are validated before they get here (finite numbers only), so
+    orjson's NaN-as-null never applies; what orjson refuses (an integer
+    beyond 64 bits) or text that is not ASCII goes through the standard
+    encoder, which refuses NaN and escapes non-ASCII characters.
+    """
+    try:
+        data = orjson.dumps(obj)
+    except TypeError:
+        return _json_dumps(obj)
+    # Sizes are counted in characters: keep the text ASCII (escaped) so that
+    # characters are bytes, as the standard encoder does.
+    return data.decode() if data.isascii() else _json_dumps(obj)
 
 
 class TbMessageError(ValueError):
