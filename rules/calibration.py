@@ -97,6 +97,14 @@ def compensate(value: float, temp_c: float, coefficient: float) -> float:
     return value / divisor
 
 
+def _horner(coefficients: tuple[float, ...], x: float) -> float:
+    """``numpy.polyval`` for one value: the same result, ~30x faster on a scalar."""
+    result = 0.0
+    for c in coefficients:
+        result = result * x + c
+    return result
+
+
 class Calibrator:
     """Applies a set of maps to each reading. Pure; build once per node config."""
 
@@ -111,7 +119,7 @@ class Calibrator:
             if m.valid is not None and not m.valid[0] <= m.valid[1]:
                 raise CalibrationError(f"{m.key}: valid range {m.valid} is reversed")
         self._maps: tuple[CalibrationMapLike, ...] = tuple(items)
-        self._coefficients = {m.key: np.asarray(m.poly, dtype=np.float64) for m in items}
+        self._coefficients = {m.key: tuple(float(c) for c in m.poly) for m in items}
 
     @property
     def maps(self) -> tuple[CalibrationMapLike, ...]:
@@ -134,7 +142,7 @@ class Calibrator:
             if not math.isfinite(raw) or (lo_hi is not None and not lo_hi[0] <= raw <= lo_hi[1]):
                 flags[m.key] = "out_of_range"
                 continue
-            computed[m.key] = float(np.polyval(self._coefficients[m.key], raw))
+            computed[m.key] = _horner(self._coefficients[m.key], raw)
         # Engineering keys replace whatever a node sent under the same name.
         for m in self._maps:
             if m.key in flags and m.key != m.source:
