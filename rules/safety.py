@@ -157,33 +157,41 @@ class SensorWatch:
     """Follows every calibrated reading: per key the last value, its arrival and last change."""
 
     def __init__(self) -> None:
-        self._state: dict[str, SensorState] = {}
+        # key -> [value, seen, changed]: updated in place on every reading
+        # (this runs for every reading of every node, tens of thousands a second).
+        self._live: dict[str, list[float | None]] = {}
 
     def update(self, now: float, values: Mapping[str, float | None]) -> None:
         """Take one reading. ``None``, NaN and infinities count as a missing value."""
+        live = self._live
         for key, raw in values.items():
-            old = self._state.get(key, SensorState(None, None, None))
-            value = float(raw) if raw is not None and math.isfinite(raw) else None
-            if value is None:
-                self._state[key] = replace(old, value=None)
+            slot = live.get(key)
+            if slot is None:
+                slot = live[key] = [None, None, None]
+            if raw is None or not math.isfinite(raw):
+                slot[0] = None
                 continue
-            changed = old.changed if old.value == value and old.changed is not None else now
-            self._state[key] = SensorState(value=value, seen=now, changed=changed)
+            value = float(raw)
+            if slot[0] != value or slot[2] is None:
+                slot[2] = now
+            slot[0] = value
+            slot[1] = now
 
     def state(self, key: str) -> SensorState | None:
         """What is known of ``key``, ``None`` if it never arrived."""
-        return self._state.get(key)
+        slot = self._live.get(key)
+        return None if slot is None else SensorState(*slot)
 
     def fresh(self, key: str, now: float, stale_after_s: float) -> float | None:
         """The value of ``key`` if it is present and not older than ``stale_after_s``."""
-        st = self._state.get(key)
+        st = self.state(key)
         if st is None or st.value is None or st.seen is None or now - st.seen > stale_after_s:
             return None
         return st.value
 
     def problem(self, key: str, now: float, limits: SafetyLimits) -> tuple[str, str] | None:
         """Why ``key`` cannot be trusted now, as ``(reason, detail)``, or ``None`` if it can."""
-        st = self._state.get(key)
+        st = self.state(key)
         if st is None or st.value is None or st.seen is None:
             return "sensor_missing", f"no usable {key} reading"
         age = now - st.seen
