@@ -221,7 +221,8 @@ class Link:
         self._down.set()
         if count:
             self.stats.count("link_down")
-            log.warning("link to %s down: %s", self.url, reason, extra={"node_url": self.url})
+            # The node task logs the state change once; this is for debugging.
+            log.debug("link to %s down: %s", self.url, reason, extra={"node_url": self.url})
         pending = self._pending
         if pending is not None and not pending.waiter.done():
             pending.waiter.set_exception(LinkDown(f"{self.url}: {reason}"))

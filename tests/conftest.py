@@ -45,6 +45,9 @@ class Broker:
     proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
+        # Mosquitto started as root drops to its own user: let it write its
+        # persistence file here, or sessions would not survive a restart.
+        self.workdir.chmod(0o777)
         conf = self.workdir / "mosquitto.conf"
         conf.write_text(
             f"listener {self.port} 127.0.0.1\n"
