@@ -89,6 +89,7 @@ class Broker:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
+        self.workdir.chmod(0o777)  # mosquitto drops root for its own user; it must write here
         conf = self.workdir / "mosquitto.conf"
         conf.write_text(
             f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
@@ -177,7 +178,7 @@ def gateway_config(workdir: Path, broker_port: int | None, nodes: list[tuple[str
 
 def start_gateway(config: Path) -> tuple[subprocess.Popen[bytes], psutil.Process]:
     proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "--log-level", "WARNING",
-                             "run", "-c", str(config)], stderr=subprocess.DEVNULL)
+                             "run", "-c", str(config)], stderr=open(config.parent / "gateway.log", "wb"))  # noqa: SIM115
     return proc, psutil.Process(proc.pid)
 
 
@@ -281,11 +282,11 @@ def one_run(args: argparse.Namespace, workdir: Path) -> dict[str, float]:
 def idle_rss(workdir: Path, seconds: float) -> float:
     """RSS of a gateway polling 3 simulated tanks every 5 s, offline."""
     sim = subprocess.Popen([sys.executable, "-m", "sim", "--tcp", "127.0.0.1:0", "--tcp",
-                            "127.0.0.1:0", "--tcp", "127.0.0.1:0", "--name", "tank",
-                            "--print-urls"], stdout=subprocess.PIPE, text=True)
+                            "127.0.0.1:0", "--tcp", "127.0.0.1:0", "--name", "tank"],
+                           stdout=subprocess.PIPE, text=True)
     try:
         assert sim.stdout is not None
-        urls = [sim.stdout.readline().split()[-1] for _ in range(3)]
+        urls = ["tcp://" + sim.stdout.readline().split()[-1] for _ in range(3)]
         nodes = [(f"tank-{i}", u) for i, u in enumerate(urls)]
         gw, ps = start_gateway(gateway_config(workdir, None, nodes, poll=5))
         try:
@@ -346,13 +347,16 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--idle-seconds", type=float, default=15.0)
     parser.add_argument("--json", type=Path, default=None, help="also write the medians here")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
     args = parser.parse_args()
 
     runs: list[dict[str, float]] = []
-    with tempfile.TemporaryDirectory(prefix="hydrogate-bench-") as tmp:
+    tmp = tempfile.mkdtemp(prefix="hydrogate-bench-")
+    try:
         base = Path(tmp)
         sqlite_rate = baseline_sqlite(base)
-        mqtt_rate = baseline_mqtt(base / "b0" if (base / "b0").mkdir() is None else base)
+        (base / "b0").mkdir()
+        mqtt_rate = baseline_mqtt(base / "b0")
         for i in range(args.repeat):
             d = base / f"run{i}"
             d.mkdir()
@@ -362,6 +366,11 @@ def main() -> None:
         d = base / "idle"
         d.mkdir()
         idle = idle_rss(d, args.idle_seconds)
+    finally:
+        if args.keep:
+            print(f"work directory kept: {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
 
     med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
     med["idle_rss_mb"] = idle
