@@ -27,7 +27,6 @@ import logging
 import queue
 import sqlite3
 import threading
-import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,7 +156,8 @@ class _Op:
         self.stop = stop
 
 
-_Item = tuple[str, int, str] | _Op
+_Row = tuple[str, int, str]
+_Item = list[_Row] | _Op
 
 
 def _ranges(ids: Iterable[int]) -> list[tuple[int, int]]:
@@ -212,6 +212,12 @@ class Store:
         self._commit_interval = commit_interval
         self._loop = asyncio.get_running_loop()
         self._queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
+        # Rows appended on the event loop, handed to the writer as one list per
+        # commit_interval: one wake-up of the writer thread per batch, not per row.
+        self._rows: list[_Row] = []
+        self._handover: asyncio.TimerHandle | None = None
+        self._handed = 0  # rows handed to the writer (loop side)
+        self._written = 0  # of those, rows committed (writer side)
         self._thread = threading.Thread(target=self._run, name="hydrogate-store", daemon=True)
         self._ready: asyncio.Future[None] = self._loop.create_future()
         self._done: asyncio.Future[None] = self._loop.create_future()
@@ -267,6 +273,7 @@ class Store:
         """Commit everything queued so far, then stop the writer and close the file."""
         if not self._closed:
             self._closed = True
+            self._hand_over()
             self._queue.put(_Op(None, stop=True))
         await self._join()
 
@@ -294,7 +301,21 @@ class Store:
             ts = last + 1
         entry = tbmsg.encode_entry(device, ts, values, self._payload_limit)
         self._last_ts[device] = ts
-        self._queue.put((device, ts, entry))
+        self._rows.append((device, ts, entry))
+        if len(self._rows) >= MAX_BATCH:
+            self._hand_over()
+        elif self._handover is None:
+            self._handover = self._loop.call_later(self._commit_interval, self._hand_over)
+
+    def _hand_over(self) -> None:
+        """Give the rows appended so far to the writer, as one item, in order."""
+        if self._handover is not None:
+            self._handover.cancel()
+            self._handover = None
+        if self._rows:
+            rows, self._rows = self._rows, []
+            self._handed += len(rows)
+            self._queue.put(rows)
 
     @property
     def stats(self) -> StoreStats:
@@ -307,7 +328,7 @@ class Store:
             duplicates_resent=c["duplicates_resent"],
             depth=self._depth,
             bytes=self._bytes,
-            pending=self._queue.qsize(),
+            pending=len(self._rows) + self._handed - self._written,
         )
 
     # -------------------------------------------------------------- operations
@@ -315,6 +336,7 @@ class Store:
         if self._closed or self._failure is not None:
             raise StoreClosed("store is closed or failed") from self._failure
         future: asyncio.Future[Any] = self._loop.create_future()
+        self._hand_over()  # what was appended before this operation goes first
         self._queue.put(_Op(future, write=write, read=read))
         return future
 
@@ -392,6 +414,7 @@ class Store:
         def write(conn: sqlite3.Connection, delta: _Delta) -> None:
             delta.duplicates_resent += rows
 
+        self._hand_over()
         self._queue.put(_Op(None, write=write))
 
     async def load_settings(self, node: str) -> dict[str, Any]:
@@ -498,39 +521,31 @@ class Store:
         return conn
 
     def _collect(self) -> list[_Item]:
-        """Block for the first item, then gather more for up to ``commit_interval``.
+        """Block for the first item, then take whatever else is already queued.
 
-        Appends alone wait for company (one commit per interval); an operation
-        someone awaits makes the writer commit as soon as the queue is empty.
+        Rows arrive already gathered for ``commit_interval`` by the event
+        loop (`_hand_over`), so everything queued goes into one transaction.
         """
         q = self._queue
-        first = q.get()
-        batch = [first]
-        urgent = type(first) is not tuple
-        deadline = time.monotonic() + self._commit_interval
-        while len(batch) < MAX_BATCH:
+        batch = [q.get()]
+        rows = len(batch[0]) if type(batch[0]) is list else 0
+        while rows < MAX_BATCH:
             try:
-                if urgent:
-                    item = q.get_nowait()
-                else:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        break
-                    item = q.get(timeout=remaining)
+                item = q.get_nowait()
             except queue.Empty:
                 break
             batch.append(item)
-            if type(item) is not tuple:
-                urgent = True
+            if type(item) is list:
+                rows += len(item)
         return batch
 
     def _commit(self, conn: sqlite3.Connection, batch: list[_Item]) -> bool:
         """One transaction for ``batch``, then the reads; returns True on the stop marker."""
-        rows: list[tuple[str, int, str]] = []
+        rows: list[_Row] = []
         ops: list[_Op] = []
         for item in batch:
-            if type(item) is tuple:
-                rows.append(item)
+            if type(item) is list:
+                rows.extend(item)
             else:
                 assert isinstance(item, _Op)
                 ops.append(item)
@@ -548,6 +563,7 @@ class Store:
             self._evict(conn, delta)
             self._save_meta(conn, delta, rows)
             conn.execute("COMMIT")
+            self._written += len(rows)
         except BaseException:
             if conn.in_transaction:
                 conn.rollback()
