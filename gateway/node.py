@@ -208,7 +208,7 @@ class NodeRunner:
     def _on_reading(self, body: Mapping[str, Any]) -> None:
         """Calibrate, stamp with our clock and commit one reading."""
         raw = body.get("values")
-        if not isinstance(raw, Mapping):
+        if type(raw) is not dict:  # decode() guarantees a dict for replies and reports
             self.stats.count("field")
             return
         values, dropped = clean_values(raw)

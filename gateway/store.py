@@ -227,6 +227,8 @@ class Store:
         self.committed = asyncio.Event()
         # Last timestamp given to each device: touched only on the event loop.
         self._last_ts: dict[str, int] = {}
+        # Device names already checked (a handful; checked once, not per reading).
+        self._devices: set[str] = set()
         # Counters: written only by the writer thread, read anywhere.
         self._counts = dict.fromkeys(COUNTERS, 0)
         self._depth = 0
@@ -294,7 +296,8 @@ class Store:
         """
         if self._closed or self._failure is not None:
             raise StoreClosed("store is closed or failed") from self._failure
-        tbmsg.check_device(device)
+        if device not in self._devices:
+            self._devices.add(tbmsg.check_device(device))
         ts = tbmsg.check_ts(ts_ms)
         last = self._last_ts.get(device)
         if last is not None and ts <= last:

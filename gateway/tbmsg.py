@@ -12,6 +12,7 @@ dataclass or refused with `MalformedMessage`, never with anything else.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -118,7 +119,13 @@ def single_entry_size(device: str, entry: str) -> int:
 
     Both texts are ASCII (``json`` escapes everything else), so characters are bytes.
     """
-    return len(_dumps(device)) + len(entry) + 5
+    return _json_len(device) + len(entry) + 5
+
+
+@functools.lru_cache(maxsize=1024)
+def _json_len(text: str) -> int:
+    """Length of a device name as JSON (a handful of names, asked per reading)."""
+    return len(_dumps(text))
 
 
 # ------------------------------------------------------------- validation
@@ -166,16 +173,20 @@ def clean_entry_values(values: Mapping[str, Any]) -> dict[str, Any]:
     Raises InvalidMessage for a non-string or empty key, a non-finite number,
     anything that is not JSON, or when no value is left.
     """
-    if not isinstance(values, Mapping):
+    if type(values) is not dict and not isinstance(values, Mapping):
         raise InvalidMessage(f"values must be a mapping, got {type(values).__name__}")
     out: dict[str, Any] = {}
+    isfinite = math.isfinite
     for key, value in values.items():
-        if not isinstance(key, str) or not key:
+        if type(key) is not str or not key:
             raise InvalidMessage(f"telemetry key {key!r} is not a non-empty string")
         if value is None:
             continue
-        # Fast path for the common case, a finite float.
-        if type(value) is not float or not math.isfinite(value):
+        # Fast paths for the common cases: a finite float, a 64-bit integer.
+        kind = type(value)
+        if not (
+            (kind is float and isfinite(value)) or (kind is int and -_INT64 <= value < _INT64)
+        ):
             _check_value(key, value, 0)
         out[key] = value
     if not out:
