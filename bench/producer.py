@@ -128,6 +128,7 @@ async def main_async(args: argparse.Namespace) -> None:
     for node in nodes:
         if node.writer is not None:
             node.writer.close()
+    await asyncio.sleep(0.2)  # let the handlers see EOF and end on their own
     print(json.dumps({n.name: n.seq for n in nodes}), flush=True)
 
 
