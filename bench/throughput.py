@@ -177,8 +177,10 @@ def gateway_config(workdir: Path, broker_port: int | None, nodes: list[tuple[str
 
 
 def start_gateway(config: Path) -> tuple[subprocess.Popen[bytes], psutil.Process]:
+    log = open(config.parent / "gateway.log", "wb")  # noqa: SIM115 - the child keeps it open
     proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "--log-level", "WARNING",
-                             "run", "-c", str(config)], stderr=open(config.parent / "gateway.log", "wb"))  # noqa: SIM115
+                             "run", "-c", str(config)], stderr=log)
+    log.close()
     return proc, psutil.Process(proc.pid)
 
 
