@@ -23,6 +23,7 @@ from gateway.errors import CommandError
 from gateway.node import NodeRunner
 from gateway.store import Store
 from gateway.systemd import fields, notify
+from gateway.tasks import cancel_and_wait
 from gateway.uplink import Uplink
 
 log = logging.getLogger("hydrogate")
@@ -162,11 +163,8 @@ class Gateway:
 
     async def _stop_task(self, name: str) -> None:
         task = self._tasks.pop(name, None)
-        if task is None:
-            return
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        if task is not None:
+            await cancel_and_wait(task)
 
     # ---------------------------------------------------------------- reload
     async def reload(self) -> None:

@@ -25,7 +25,6 @@ from gateway.control import NodeControl
 from gateway.errors import CommandError
 from gateway.store import InvalidMessage, Store
 from gateway.systemd import fields
-from gateway.tasks import raise_if_cancelled
 from rules.calibration import Calibrator
 from rules.severity import Severity, assess
 
@@ -84,7 +83,6 @@ class NodeRunner:
                     self._set_down(str(exc) or type(exc).__name__)
                 except OSError as exc:
                     self._set_down(f"{type(exc).__name__}: {exc}")
-                raise_if_cancelled()
                 await asyncio.sleep(self._backoff.next())
         finally:
             self._link = None

@@ -40,7 +40,6 @@ from gateway import tbmsg
 from gateway.config import ThingsBoardConfig
 from gateway.store import Store
 from gateway.systemd import fields
-from gateway.tasks import raise_if_cancelled
 from gateway.tbmsg import InvalidMessage, MalformedMessage, MalformedRpc, OutboxRow
 
 log = logging.getLogger("hydrogate.uplink")
@@ -160,7 +159,6 @@ class Uplink:
         while True:
             attempt_start = self._clock()
             error = await self._attempt()
-            raise_if_cancelled()
             now = self._clock()
             self.stats.last_error = f"{type(error).__name__}: {error}"
             if self._connected_at is not None:  # this attempt had a session: it is gone now
