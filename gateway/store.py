@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import queue
@@ -74,6 +75,9 @@ CREATE INDEX actuations_node_ts ON actuations (node, ts);
 COUNTERS = ("received", "forwarded", "evicted", "duplicates_resent")
 #: Most queue items the writer puts in one transaction.
 MAX_BATCH = 10_000
+#: Committed rows kept in memory for the uplink (about 100 bytes each): the
+#: drain reads them from here instead of reading back what was just written.
+TAIL_ROWS = 50_000
 #: How long actuations stay in the ledger (the safety budget looks back one hour).
 ACTUATION_KEEP_S = 86_400.0
 #: An eviction episode ends once the outbox is back under this share of its limits.
@@ -131,6 +135,7 @@ class _Delta:
     duplicates_resent: int = 0
     depth: int = 0
     bytes: int = 0
+    evicted_upto: int = 0  # rows with ids up to this one were evicted
 
 
 _Write = Callable[[sqlite3.Connection, _Delta], Any]
@@ -218,6 +223,11 @@ class Store:
         self._handover: asyncio.TimerHandle | None = None
         self._handed = 0  # rows handed to the writer (loop side)
         self._written = 0  # of those, rows committed (writer side)
+        # The committed rows not yet deleted, newest TAIL_ROWS of them, on the
+        # loop side: every row with an id >= _tail_from still in the outbox is
+        # here, so peeks beyond _tail_from need no trip to SQLite.
+        self._tail: dict[int, OutboxRow] = {}
+        self._tail_from: int | None = None
         self._thread = threading.Thread(target=self._run, name="hydrogate-store", daemon=True)
         self._ready: asyncio.Future[None] = self._loop.create_future()
         self._done: asyncio.Future[None] = self._loop.create_future()
@@ -350,11 +360,13 @@ class Store:
     async def peek(
         self, limit: int, after_id: int = 0, max_bytes: int | None = None
     ) -> list[OutboxRow]:
-        """Up to ``limit`` outbox rows with ``id > after_id``, in id order.
+        """Up to ``limit`` committed outbox rows with ``id > after_id``, in id order.
 
         With ``max_bytes``, stops before the row that would take the device
         and entry text past it (but returns at least one row). Sees every
-        append and ack made before the call.
+        commit and every ack made before the call (`flush` first to include
+        rows just appended). Recent rows come from memory; older ones (after
+        a restart, or an outage longer than TAIL_ROWS) from SQLite.
         """
 
         def read(conn: sqlite3.Connection) -> list[OutboxRow]:
@@ -374,6 +386,8 @@ class Store:
             cur.close()
             return rows
 
+        if self._tail_from is not None and after_id + 1 >= self._tail_from:
+            return self._tail_peek(limit, after_id, max_bytes)
         result: list[OutboxRow] = await self._submit(read=read)
         return result
 
@@ -393,6 +407,10 @@ class Store:
 
     async def _delete(self, ids: Iterable[int], *, counter: str) -> int:
         """Delete outbox rows by id (in runs of consecutive ids), counting them in ``counter``."""
+        ids = list(ids)
+        tail = self._tail
+        for rid in ids:
+            tail.pop(rid, None)
         ranges = _ranges(ids)
 
         def write(conn: sqlite3.Connection, delta: _Delta) -> int:
@@ -408,6 +426,44 @@ class Store:
 
         result: int = await self._submit(write=write)
         return result
+
+    # --------------------------------------------------------------- the tail
+    def _tail_add(self, first_id: int, rows: list[_Row]) -> None:
+        tail = self._tail
+        if self._tail_from is None:
+            self._tail_from = first_id
+        for offset, (device, ts, entry) in enumerate(rows):
+            rid = first_id + offset
+            tail[rid] = OutboxRow(rid, device, ts, entry)
+        excess = len(tail) - TAIL_ROWS
+        if excess > 0:  # an outage: the oldest rows are read back from SQLite later
+            oldest = list(itertools.islice(tail, excess))
+            for rid in oldest:
+                del tail[rid]
+            self._tail_from = oldest[-1] + 1
+
+    def _tail_forget_upto(self, last_id: int) -> None:
+        tail = self._tail
+        while tail:
+            rid = next(iter(tail))
+            if rid > last_id:
+                break
+            del tail[rid]
+
+    def _tail_peek(self, limit: int, after_id: int, max_bytes: int | None) -> list[OutboxRow]:
+        rows: list[OutboxRow] = []
+        total = 0
+        for rid, row in self._tail.items():
+            if rid <= after_id:
+                continue
+            if max_bytes is not None:
+                total += len(row.device) + len(row.entry)
+                if rows and total > max_bytes:
+                    break
+            rows.append(row)
+            if len(rows) >= limit:
+                break
+        return rows
 
     def count_resent(self, rows: int) -> None:
         """Count rows sent again after a connection dropped before their PUBACK (maybe twice)."""
@@ -556,8 +612,12 @@ class Store:
         results: list[tuple[asyncio.Future[Any] | None, Any, BaseException | None]] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
+            first_id = 0
             if rows:
                 conn.executemany("INSERT INTO outbox (device, ts, entry) VALUES (?, ?, ?)", rows)
+                # AUTOINCREMENT ids of one transaction of this only writer are consecutive.
+                (last_id,) = conn.execute("SELECT last_insert_rowid()").fetchone()
+                first_id = last_id - len(rows) + 1
                 delta.received = delta.depth = len(rows)
                 delta.bytes = sum(len(device) + len(entry) for device, _, entry in rows)
             for op in ops:
@@ -584,7 +644,9 @@ class Store:
             elif op.write is None:
                 results.append((op.future, None, None))
             stop = stop or op.stop
-        self._post(results, committed=bool(rows))
+        self._post(
+            results, committed=bool(rows), tail=(first_id, rows), evicted_upto=delta.evicted_upto
+        )
         return stop
 
     def _evict(self, conn: sqlite3.Connection, delta: _Delta) -> None:
@@ -610,6 +672,7 @@ class Store:
                     break
             cur.close()
         rows, freed_bytes = _delete_range(conn, 0, cutoff)
+        delta.evicted_upto = max(delta.evicted_upto, cutoff)
         delta.evicted += rows
         delta.depth -= rows
         delta.bytes -= freed_bytes
@@ -677,19 +740,31 @@ class Store:
         results: list[tuple[asyncio.Future[Any] | None, Any, BaseException | None]],
         *,
         committed: bool = False,
+        tail: tuple[int, list[_Row]] | None = None,
+        evicted_upto: int = 0,
     ) -> None:
         """Hand results to the event loop (one wake-up per commit)."""
         results = [r for r in results if r[0] is not None]
-        if not results and not committed:
+        if not results and not committed and not evicted_upto:
             return
         with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting
-            self._loop.call_soon_threadsafe(self._deliver, results, committed)
+            self._loop.call_soon_threadsafe(
+                self._deliver, results, committed, tail, evicted_upto
+            )
 
     def _deliver(
         self,
         results: list[tuple[asyncio.Future[Any] | None, Any, BaseException | None]],
         committed: bool,
+        tail: tuple[int, list[_Row]] | None = None,
+        evicted_upto: int = 0,
     ) -> None:
+        # The tail first, so whoever the results wake up sees the rows committed;
+        # then the eviction of the same transaction, which may include them.
+        if tail is not None and tail[1]:
+            self._tail_add(*tail)
+        if evicted_upto:
+            self._tail_forget_upto(evicted_upto)
         for future, value, error in results:
             if future is None or future.done():
                 continue

@@ -302,3 +302,53 @@ async def test_committed_rows_survive_sigkill(tmp_path: Path) -> None:
         rows = await store.peek(5000)
         assert [json.loads(r.entry)["values"]["i"] for r in rows] == list(range(5000))
         assert store.stats.depth == store.stats.received
+
+
+async def _drain_all(store: Store, batch: int) -> list[int]:
+    """Peek and ack everything the way the uplink does; the values' `i` in order."""
+    seen: list[int] = []
+    after = 0
+    for _ in range(10_000):
+        rows = await store.peek(batch, after)
+        if not rows:
+            return seen
+        seen.extend(json.loads(r.entry)["values"]["i"] for r in rows)
+        after = rows[-1].id
+        await store.ack([r.id for r in rows])
+    raise AssertionError("drain did not finish")
+
+
+async def test_memory_tail_and_sqlite_hand_over_without_gaps_or_duplicates(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Recent rows are served from memory, older ones (overflow, restart) from SQLite."""
+    import gateway.store as store_module
+
+    monkeypatch.setattr(store_module, "TAIL_ROWS", 50)
+    path = tmp_path / "s.db"
+    async with Store.open(path, max_rows=None, max_bytes=None) as store:
+        for i in range(120):  # more than the tail holds: the oldest 70 live only in SQLite
+            store.append("tank-a", 1000 + i, {"i": i})
+        await store.flush()
+        assert len(store._tail) == 50  # noqa: SLF001
+        first = await store.peek(30)
+        assert [json.loads(r.entry)["values"]["i"] for r in first] == list(range(30))
+        await store.ack([r.id for r in first[:10]])  # ten delivered before a "crash"
+    async with Store.open(path, max_rows=None, max_bytes=None) as store:
+        for i in range(120, 150):  # new rows after the restart, in memory
+            store.append("tank-a", 2000 + i, {"i": i})
+        await store.flush()
+        assert await _drain_all(store, 17) == list(range(10, 150))
+        assert store.stats.depth == 0
+
+
+async def test_evicted_and_acked_rows_leave_the_memory_tail(tmp_path: Path) -> None:
+    async with Store.open(tmp_path / "s.db", max_rows=20, max_bytes=None) as store:
+        for i in range(50):
+            store.append("tank-a", 1000 + i, {"i": i})
+        await store.flush()
+        rows = await store.peek(100)
+        assert [json.loads(r.entry)["values"]["i"] for r in rows] == list(range(30, 50))
+        await store.ack([r.id for r in rows[:5]])
+        left = await store.peek(100)
+        assert [json.loads(r.entry)["values"]["i"] for r in left] == list(range(35, 50))
