@@ -10,7 +10,8 @@ ThingsBoard (paho, in this process). One run measures, in order:
 1. sustained: readings/s taken in and delivered at the target rate, latency
    from the node writing a reading to the subscriber receiving it (p50/p99),
    the gateway's CPU (% of one core) and peak RSS;
-2. outage: the broker is stopped while the nodes keep pushing, then started;
+2. outage: the gateway's link to the broker is cut (bench.gate) while the
+   nodes keep pushing, then restored;
    time until delivery resumes, backlog drain rate (records/s), and a check
    that every (node, seq) arrived;
 3. idle: a fresh gateway with 3 nodes polled every 5 s, its RSS.
@@ -215,7 +216,21 @@ def one_run(args: argparse.Namespace, workdir: Path) -> dict[str, float]:
     nodes = [(f"bench-{i:03d}", f"tcp://127.0.0.1:{base + i}") for i in range(args.nodes)]
     sub = Subscriber(broker.port)
     sub.start()
-    gw, gw_ps = start_gateway(gateway_config(workdir, broker.port, nodes, poll=30))
+    gate_port = free_port()
+    gate = subprocess.Popen(
+        [sys.executable, "-m", "bench.gate", "--listen", str(gate_port), "--to", str(broker.port)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    assert gate.stdin is not None and gate.stdout is not None
+    assert gate.stdout.readline().strip() == "ready"
+
+    def gate_says(command: str) -> None:
+        assert gate.stdin is not None and gate.stdout is not None
+        gate.stdin.write(command + "\n")
+        gate.stdin.flush()
+        assert gate.stdout.readline().strip() == command
+
+    gw, gw_ps = start_gateway(gateway_config(workdir, gate_port, nodes, poll=30))
     result: dict[str, float] = {}
     try:
         time.sleep(2.0)  # connect, hello, stop
@@ -244,15 +259,16 @@ def one_run(args: argparse.Namespace, workdir: Path) -> dict[str, float]:
         result["cpu_pct_of_core"] = 100.0 * (cpu1 - cpu0) / (t1 - t0)
         result["peak_rss_mb"] = peak / 2**20
 
-        # 2. outage: broker down while nodes keep pushing, then back
+        # 2. outage: the gateway's link to the broker is cut while nodes keep
+        # pushing, then restored (the broker itself stays up, as ThingsBoard does)
         sub.record_latency = False
-        broker.stop()
+        gate_says("down")
         time.sleep(args.outage)
         producer.stdin.write("rate 0\n")
         producer.stdin.flush()
         time.sleep(0.5)
         backlog_from = sub.unique()
-        broker.start()
+        gate_says("up")
         back = time.monotonic()
         n_before = len(sub.arrivals)
         wait_for(lambda: len(sub.arrivals) > n_before, 30, "delivery to resume")
@@ -262,7 +278,7 @@ def one_run(args: argparse.Namespace, workdir: Path) -> dict[str, float]:
         producer.stdin.flush()
         last_seq: dict[str, int] = json.loads(producer.stdout.readline())
         total = sum(last_seq.values())
-        wait_for(lambda: sub.unique() >= total, 300, "backlog to drain")
+        wait_for(lambda: sub.unique() >= total, args.drain_timeout, "backlog to drain")
         with sub.lock:
             done_at = sub.arrivals[-1][0]
         backlog = total - backlog_from
@@ -277,6 +293,8 @@ def one_run(args: argparse.Namespace, workdir: Path) -> dict[str, float]:
         if producer.poll() is None:
             producer.kill()
         producer.wait()
+        gate.kill()
+        gate.wait()
         sub.stop()
         broker.stop()
     return result
@@ -351,6 +369,7 @@ def main() -> None:
     parser.add_argument("--idle-seconds", type=float, default=15.0)
     parser.add_argument("--json", type=Path, default=None, help="also write the medians here")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
+    parser.add_argument("--drain-timeout", type=float, default=300.0)
     args = parser.parse_args()
 
     runs: list[dict[str, float]] = []

@@ -38,11 +38,12 @@ import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, TextIO
-
-import numpy as np
+from typing import TYPE_CHECKING, Protocol, TextIO
 
 from rules.controller import RulesError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = [
     "CalibratedReading",
@@ -188,6 +189,8 @@ class FitResult:
 
 
 def _result(coefficients: np.ndarray, x: np.ndarray, y: np.ndarray) -> FitResult:
+    import numpy as np  # fitting only: the daemon's path stays numpy-free
+
     predicted = np.polyval(coefficients, x)
     abs_error = np.abs(predicted - y)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -205,6 +208,8 @@ def _result(coefficients: np.ndarray, x: np.ndarray, y: np.ndarray) -> FitResult
 
 def fit_poly(x: Sequence[float], y: Sequence[float], order: int) -> FitResult:
     """Least-squares polynomial of ``order`` through ``(x, y)``, highest order first."""
+    import numpy as np  # fitting only: the daemon's path stays numpy-free
+
     xs = np.asarray(x, dtype=np.float64)
     ys = np.asarray(y, dtype=np.float64)
     if xs.shape != ys.shape or xs.ndim != 1:
@@ -223,6 +228,8 @@ def fit_poly(x: Sequence[float], y: Sequence[float], order: int) -> FitResult:
 
 def fit_two_point(x1: float, y1: float, x2: float, y2: float) -> FitResult:
     """The line through two calibration points (e.g. two pH buffers)."""
+    import numpy as np  # fitting only: the daemon's path stays numpy-free
+
     if x1 == x2:
         raise CalibrationError("the two points need different raw values")
     slope = (y2 - y1) / (x2 - x1)

@@ -39,7 +39,7 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 
-from rules.controller import RulesError
+from rules.membership import FuzzyError, Mf, trapmf, trimf
 
 __all__ = [
     "FuzzyError",
@@ -56,59 +56,6 @@ __all__ = [
 
 FloatArray = npt.NDArray[np.float64]
 BoolArray = npt.NDArray[np.bool_]
-
-
-class FuzzyError(RulesError):
-    """A fuzzy system is defined inconsistently."""
-
-
-@dataclass(frozen=True)
-class Mf:
-    """Trapezoidal membership function ``(a, b, c, d)`` with ``a <= b <= c <= d``.
-
-    ``a == b`` makes a left shoulder, ``c == d`` a right shoulder (see the
-    module docstring).
-    """
-
-    a: float
-    b: float
-    c: float
-    d: float
-
-    def __post_init__(self) -> None:
-        if not self.a <= self.b <= self.c <= self.d:
-            raise FuzzyError(f"membership points must be ordered, got {self.points}")
-
-    @property
-    def points(self) -> tuple[float, float, float, float]:
-        """The four corner points."""
-        return (self.a, self.b, self.c, self.d)
-
-    @property
-    def peak(self) -> float:
-        """A point of full membership (the middle of the plateau)."""
-        return (self.b + self.c) / 2.0
-
-    def __call__(self, x: npt.ArrayLike) -> FloatArray:
-        """Membership degree of every element of ``x``, in [0, 1]."""
-        xs = np.asarray(x, dtype=np.float64)
-        ones = np.ones_like(xs)
-        with np.errstate(invalid="ignore"):
-            # A shoulder has no rising (falling) edge: full membership all the way out.
-            rise = ones if self.a == self.b else np.clip((xs - self.a) / (self.b - self.a), 0, 1)
-            fall = ones if self.c == self.d else np.clip((self.d - xs) / (self.d - self.c), 0, 1)
-        mu = np.minimum(rise, fall)
-        return np.where(np.isnan(xs), 0.0, mu)
-
-
-def trimf(a: float, b: float, c: float) -> Mf:
-    """Triangle with feet ``a``, ``c`` and peak ``b`` (MATLAB's ``trimf``)."""
-    return Mf(a, b, b, c)
-
-
-def trapmf(a: float, b: float, c: float, d: float) -> Mf:
-    """Trapezoid with feet ``a``, ``d`` and plateau ``b..c`` (MATLAB's ``trapmf``)."""
-    return Mf(a, b, c, d)
 
 
 def _frozen(mapping: Mapping[str, Mf] | Mapping[str, float]) -> Mapping[str, object]:

@@ -41,7 +41,7 @@ from types import MappingProxyType
 from typing import Literal
 
 from rules.controller import RulesError
-from rules.fuzzy import Mf, trapmf, trimf
+from rules.membership import Mf, trapmf, trimf
 
 __all__ = ["DEFAULT_BANDS", "LEVELS", "Band", "Severity", "SeverityError", "assess"]
 
@@ -126,9 +126,9 @@ class Band:
         has_critical = (self.critical_low if side == "low" else self.critical_high) is not None
         moderate: Mf = MODERATE if has_critical else MODERATE_OPEN
         return {
-            "slight": float(SLIGHT(r)),
-            "moderate": float(moderate(r)),
-            "critical": float(CRITICAL(r)) if has_critical else 0.0,
+            "slight": SLIGHT.degree(r),
+            "moderate": moderate.degree(r),
+            "critical": CRITICAL.degree(r) if has_critical else 0.0,
         }
 
     def describe(self, value: float, memberships: Mapping[str, float]) -> str:
