@@ -7,9 +7,10 @@ generator (`bench.producer`, its own process), the gateway (`hydrogate run`,
 its own process, measured with psutil) and a subscriber standing in for
 ThingsBoard (paho, in this process). One run measures, in order:
 
-1. sustained: readings/s taken in and delivered at the target rate, latency
-   from the node writing a reading to the subscriber receiving it (p50/p99),
-   the gateway's CPU (% of one core) and peak RSS;
+0. latency below saturation: at --latency-rate (half the target), from the
+   node writing a reading to the subscriber receiving it (p50/p99);
+1. sustained: readings/s taken in and delivered at the target rate, the same
+   latency at that rate, the gateway's CPU (% of one core) and peak RSS;
 2. outage: the gateway's link to the broker is cut (bench.gate) while the
    nodes keep pushing, then restored;
    time until delivery resumes, backlog drain rate (records/s), and a check
@@ -234,6 +235,18 @@ def one_run(args: argparse.Namespace, workdir: Path) -> dict[str, float]:
     result: dict[str, float] = {}
     try:
         time.sleep(2.0)  # connect, hello, stop
+        # 0. latency below saturation
+        producer.stdin.write(f"rate {args.latency_rate}\n")
+        producer.stdin.flush()
+        time.sleep(2.0)  # warm up
+        with sub.lock:
+            sub.latencies.clear()
+        time.sleep(args.seconds)
+        with sub.lock:
+            lat = list(sub.latencies)
+        result["latency_rate_per_s"] = float(args.latency_rate)
+        result["below_sat_p50_ms"] = pct(lat, 0.50)
+        result["below_sat_p99_ms"] = pct(lat, 0.99)
         # 1. sustained
         producer.stdin.write(f"rate {args.rate}\n")
         producer.stdin.flush()
@@ -254,8 +267,8 @@ def one_run(args: argparse.Namespace, workdir: Path) -> dict[str, float]:
             lat = list(sub.latencies)
         result["sustained_per_s"] = (c1 - c0) / (t1 - t0)
         result["offered_per_s"] = float(args.rate)
-        result["latency_p50_ms"] = pct(lat, 0.50)
-        result["latency_p99_ms"] = pct(lat, 0.99)
+        result["full_rate_p50_ms"] = pct(lat, 0.50)
+        result["full_rate_p99_ms"] = pct(lat, 0.99)
         result["cpu_pct_of_core"] = 100.0 * (cpu1 - cpu0) / (t1 - t0)
         result["peak_rss_mb"] = peak / 2**20
 
@@ -363,6 +376,8 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nodes", type=int, default=20)
     parser.add_argument("--rate", type=float, default=50_000)
+    parser.add_argument("--latency-rate", type=float, default=25_000,
+                        help="rate of the below-saturation latency phase")
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--outage", type=float, default=5.0)
     parser.add_argument("--repeat", type=int, default=3)
