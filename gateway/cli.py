@@ -31,7 +31,7 @@ def _add_config_option(parser: argparse.ArgumentParser) -> None:
 def _cmd_run(args: argparse.Namespace) -> int:
     from gateway.config import ConfigError, load_config
     from gateway.daemon import run_daemon
-    from gateway.systemd import setup_logging
+    from gateway.service import setup_logging
 
     setup_logging(args.log_level)
     try:
@@ -59,16 +59,10 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from gateway.demo import run_demo
-    from gateway.systemd import setup_logging
+    from gateway.service import setup_logging
 
     setup_logging(args.log_level)
     return asyncio.run(run_demo(args))
-
-
-def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
-    from gateway.demo import add_arguments
-
-    add_arguments(parser)
 
 
 def _lazy(module: str, attr: str) -> Callable[..., object]:
@@ -79,8 +73,18 @@ def _lazy(module: str, attr: str) -> Callable[..., object]:
     return call
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser; subcommands import their modules only when used."""
+#: Subcommands whose options live in a module heavy to import (the simulator,
+#: numpy, matplotlib): their options are added only when that command runs,
+#: so `hydrogate run` never loads them.
+LAZY_COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("gateway.demo", "demo"),
+    "calibrate": ("rules.calibration", "calibrate"),
+    "evaluate": ("rules.evaluate", "evaluate"),
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser; only ``command``'s module is imported for its options."""
     parser = argparse.ArgumentParser(
         prog="hydrogate",
         description="Edge gateway: NodeLink nodes -> SQLite buffer -> ThingsBoard, "
@@ -103,30 +107,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_option(check)
     check.set_defaults(func=_cmd_check_config)
 
-    demo = sub.add_parser(
-        "demo", help="three simulated tanks, a local buffer, no cloud account needed"
-    )
-    _add_demo_arguments(demo)
-    demo.set_defaults(func=_cmd_demo)
-
-    calibrate = sub.add_parser(
-        "calibrate", help="fit a calibration map from reference points and print it"
-    )
-    _lazy("rules.calibration", "add_arguments")(calibrate)
-    calibrate.set_defaults(func=_lazy("rules.calibration", "run"))
-
-    evaluate = sub.add_parser(
-        "evaluate", help="run every controller on the simulated plant and compare them"
-    )
-    _lazy("rules.evaluate", "add_arguments")(evaluate)
-    evaluate.set_defaults(func=_lazy("rules.evaluate", "run"))
+    helps = {
+        "demo": "three simulated tanks, a local buffer, no cloud account needed",
+        "calibrate": "fit a calibration map from reference points and print it",
+        "evaluate": "run every controller on the simulated plant and compare them",
+    }
+    for name, (module, _) in LAZY_COMMANDS.items():
+        lazy = sub.add_parser(name, help=helps[name])
+        if name == command:
+            _lazy(module, "add_arguments")(lazy)
+        lazy.set_defaults(func=_cmd_demo if name == "demo" else _lazy(module, "run"))
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `hydrogate` console script."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    command = next((w for w in words if w in LAZY_COMMANDS), None)
+    parser = build_parser(command)
+    args = parser.parse_args(words)
     try:
         result = args.func(args)
     except KeyboardInterrupt:

@@ -24,8 +24,8 @@ from gateway.clock import Clock
 from gateway.config import ConfigError, ControlConfig, NodeConfig, apply_control_update
 from gateway.config import control_settings as settings_of
 from gateway.errors import CommandError
+from gateway.service import fields
 from gateway.store import Store
-from gateway.systemd import fields
 from rules.controller import Controller, ControllerOptions, Dose, PlantConstants, create
 from rules.cycle import ControlCycle, CycleSettings, Triggers
 from rules.safety import SafetyGuard, SafetyLimits, SafetyRefusal, SensorWatch

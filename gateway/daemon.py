@@ -21,8 +21,8 @@ from gateway.clock import Clock, SystemClock
 from gateway.config import Config, ConfigError, NodeConfig, load_config
 from gateway.errors import CommandError
 from gateway.node import NodeRunner
+from gateway.service import fields, notify
 from gateway.store import Store
-from gateway.systemd import fields, notify
 from gateway.tasks import cancel_and_wait
 from gateway.uplink import Uplink
 

@@ -23,8 +23,6 @@ from typing import Any, TextIO
 
 from gateway.config import Config, parse_config
 from gateway.daemon import Gateway
-from sim.node import SimNode
-from sim.plant import Reservoir
 
 #: tank-a: raw probe voltages calibrated at the gateway, fuzzy control to lettuce.
 #: tank-b: engineering values, rule-based control. tank-c: serial, monitored only.
@@ -94,6 +92,11 @@ def demo_config(urls: dict[str, str], storage: Path, broker: str | None, poll: f
 
 async def run_demo(args: argparse.Namespace) -> int:
     """Start the tanks and the gateway, show them until Ctrl-C or --duration."""
+    # Imported here: `hydrogate run` builds this command's parser too and must
+    # not load the simulator (and numpy) into the daemon.
+    from sim.node import SimNode
+    from sim.plant import Reservoir
+
     with contextlib.ExitStack() as stack:
         storage: Path = args.storage or Path(
             stack.enter_context(tempfile.TemporaryDirectory(prefix="hydrogate-demo-"))

@@ -23,8 +23,8 @@ from gateway.clock import Clock
 from gateway.config import NodeConfig
 from gateway.control import NodeControl
 from gateway.errors import CommandError
+from gateway.service import fields
 from gateway.store import InvalidMessage, Store
-from gateway.systemd import fields
 from rules.calibration import Calibrator
 from rules.severity import Severity, assess
 

@@ -38,8 +38,8 @@ from aiomqtt.exceptions import MqttConnectError
 from drivers.backoff import Backoff
 from gateway import tbmsg
 from gateway.config import ThingsBoardConfig
+from gateway.service import fields
 from gateway.store import Store
-from gateway.systemd import fields
 from gateway.tbmsg import InvalidMessage, MalformedMessage, MalformedRpc, OutboxRow
 
 log = logging.getLogger("hydrogate.uplink")

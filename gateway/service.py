@@ -38,8 +38,8 @@ def under_journal() -> bool:
 def setup_logging(level: str | int = "INFO") -> None:
     """Send log records to journald when run by systemd, else to stderr."""
     root = logging.getLogger()
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
+    for old in list(root.handlers):
+        root.removeHandler(old)
     handler: logging.Handler
     if under_journal() and _sd_journal is not None:
         handler = _sd_journal.JournalHandler(SYSLOG_IDENTIFIER="hydrogate")
