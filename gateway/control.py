@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from drivers.errors import LinkError
 from gateway.clock import Clock
@@ -36,6 +37,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("hydrogate.control")
 
+_T = TypeVar("_T")
+
 #: How often the control loop wakes without a new reading (schedules, hold times).
 TICK_S = 1.0
 
@@ -50,17 +53,19 @@ def _plant_constants(config: NodeConfig) -> PlantConstants:
     )
 
 
+def from_config(target: type[_T], source: object) -> _T:
+    """Build a rules/ dataclass from the config section with the same field names.
+
+    rules/ does not import the config; its dataclasses repeat the config's
+    field names (tests check that their defaults agree), so one copy rule
+    serves them all.
+    """
+    names = [f.name for f in dataclasses.fields(target) if hasattr(source, f.name)]  # type: ignore[arg-type]
+    return target(**{name: getattr(source, name) for name in names})
+
+
 def _limits(config: NodeConfig) -> SafetyLimits:
-    s = config.safety
-    return SafetyLimits(
-        max_actuation_ms=s.max_actuation_ms,
-        max_ms_per_hour=s.max_ms_per_hour,
-        stale_after_s=s.stale_after_s,
-        min_water_level_l=s.min_water_level_l,
-        ph_range=s.ph_range,
-        tds_range=s.tds_range,
-        stuck_after_s=s.stuck_after_s,
-    )
+    return from_config(SafetyLimits, config.safety)
 
 
 class NodeControl:
@@ -122,18 +127,7 @@ class NodeControl:
                 settings.controller,
                 ControllerOptions(rb_variant=settings.rb_variant),
             )
-        cycle_settings = CycleSettings(
-            tds_setpoint=settings.tds_setpoint,
-            ph_setpoint=settings.ph_setpoint,
-            tds_tolerance_pct=settings.tds_tolerance_pct,
-            ph_tolerance=settings.ph_tolerance,
-            tds_average_s=settings.tds_average_s,
-            ph_average_s=settings.ph_average_s,
-            mixing_wait_s=settings.mixing_wait_s,
-            tds_hold_s=settings.tds_hold_s,
-            ph_hold_s=settings.ph_hold_s,
-            max_cycle_s=settings.max_cycle_s,
-        )
+        cycle_settings = from_config(CycleSettings, settings)
         running = self._cycle is not None and self._cycle.state != "idle"
         if running:
             self.abort("control settings changed")

@@ -45,9 +45,9 @@ from gateway.tbmsg import InvalidMessage, MalformedMessage, MalformedRpc, Outbox
 log = logging.getLogger("hydrogate.uplink")
 
 #: Telemetry messages in flight (published, PUBACK pending) at once.
-WINDOW = 8
+WINDOW = 16
 #: One outbox read covers about this many full messages.
-PEEK_MESSAGES = 4
+PEEK_MESSAGES = 16
 #: ...and at most this many rows.
 PEEK_ROWS = 20_000
 #: Longest wait for a PUBACK before the session is given up.

@@ -167,3 +167,28 @@ def test_every_controller_the_config_accepts_is_registered() -> None:
             assert controller.name == name
         finally:
             controller.close()
+
+
+def test_rules_dataclasses_take_the_config_defaults() -> None:
+    """rules/ repeats some config fields; their defaults must not drift apart."""
+    import dataclasses
+
+    from gateway.config import ControlConfig, SafetyConfig
+    from gateway.control import from_config
+    from rules.cycle import CycleSettings
+    from rules.safety import SafetyLimits
+
+    def defaults(cls: type) -> dict[str, object]:
+        return {
+            f.name: f.default for f in dataclasses.fields(cls)
+            if f.default is not dataclasses.MISSING
+        }
+
+    for rules_cls, config_cls in ((SafetyLimits, SafetyConfig), (CycleSettings, ControlConfig)):
+        ours, theirs = defaults(rules_cls), defaults(config_cls)
+        shared = set(ours) & set(theirs)
+        assert shared, rules_cls
+        assert {k: ours[k] for k in shared} == {k: theirs[k] for k in shared}, rules_cls
+    assert from_config(SafetyLimits, SafetyConfig()) == SafetyLimits()
+    control = ControlConfig(tds_setpoint=800, ph_setpoint=6.0)
+    assert from_config(CycleSettings, control) == CycleSettings(tds_setpoint=800, ph_setpoint=6.0)
