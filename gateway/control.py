@@ -84,6 +84,7 @@ class NodeControl:
         self._cycle: ControlCycle | None = None
         self._triggers: Triggers | None = None
         self.last_dose_text: str | None = None
+        self._last_failure: str | None = None
         self._rebuild()
 
     # -------------------------------------------------------------- settings
@@ -229,7 +230,23 @@ class NodeControl:
                 async with asyncio.timeout(TICK_S):
                     await reading.wait()
             reading.clear()
-            await self.tick()
+            try:
+                await self.tick()
+            except Exception as exc:  # noqa: BLE001 - a control fault must not stop data collection
+                await self._control_failed(exc)
+
+    async def _control_failed(self, exc: Exception) -> None:
+        """A controller or cycle raised: stop dosing, say so, keep the node polled."""
+        text = f"{type(exc).__name__}: {exc}"
+        if text != self._last_failure:
+            self._last_failure = text
+            log.error(
+                "node %s: control step failed, cycle aborted and pumps stopped: %s",
+                self._node.name, text, exc_info=exc, extra=fields(node=self._node.name),
+            )
+        self.abort("control step failed")
+        self._node.record(int(self._clock.time() * 1000), {"control_error": text})
+        await self._node.stop_actuators()
 
     async def tick(self) -> None:
         """One control step: triggers, then the cycle's doses through the guard."""

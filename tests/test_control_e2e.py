@@ -192,3 +192,52 @@ def test_rules_dataclasses_take_the_config_defaults() -> None:
     assert from_config(SafetyLimits, SafetyConfig()) == SafetyLimits()
     control = ControlConfig(tds_setpoint=800, ph_setpoint=6.0)
     assert from_config(CycleSettings, control) == CycleSettings(tds_setpoint=800, ph_setpoint=6.0)
+
+
+async def test_a_failing_controller_stops_dosing_but_not_the_node(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A controller fault aborts the cycle and stops the pumps; polling goes on."""
+    import json
+
+    import gateway.control as control_module
+    from rules.controller import ControllerError, ControllerOptions, Decision, DecisionContext
+
+    class Broken:
+        name = "fuzzy"
+
+        async def decide(self, ctx: DecisionContext) -> Decision:
+            raise ControllerError("model exploded")
+
+        def close(self) -> None:
+            pass
+
+    def create(name: str, options: ControllerOptions) -> Broken:
+        return Broken()
+
+    monkeypatch.setattr(control_module, "create", create)
+    node = SimNode("tank-a")
+    try:
+        url = f"tcp://127.0.0.1:{await node.serve_tcp('127.0.0.1', 0)}"
+        entry = controlled(url, tds_average_s=1, ph_average_s=1, mode="auto", interval=1)
+        data = config_dict(tmp_path / "gw.sqlite", [entry])
+        async with running_gateway(data) as gw:
+            runner = gw.runners["tank-a"]
+            assert gw.store is not None
+            stops = node.requests.get("stop", 0)
+            for _ in range(200):
+                await gw.store.flush()
+                rows = await gw.store.peek(10_000)
+                if any("control_error" in json.loads(r.entry)["values"] for r in rows):
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                raise AssertionError("no control_error telemetry")
+            before = runner.readings
+            await asyncio.sleep(1.0)
+            assert runner.readings > before, "the node is still polled"
+            assert runner.link_up
+            assert node.requests.get("stop", 0) > stops
+            assert node.requests.get("actuate", 0) == 0
+    finally:
+        await node.close()
