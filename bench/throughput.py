@@ -92,9 +92,9 @@ class Broker:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        self.workdir.chmod(0o777)  # mosquitto drops root for its own user; it must write here
         conf = self.workdir / "mosquitto.conf"
         conf.write_text(
+            "user root\n"  # started as root it would drop to a user that cannot reach tmp
             f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
             f"persistence_location {self.workdir}/\nmax_queued_messages 0\n"
             "max_inflight_messages 0\nlog_type error\n"

@@ -11,7 +11,7 @@ sudo_cmd=""
 [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
 
 pkgs=(python3 python3-venv python3-dev gcc pkg-config libsystemd-dev)
-[ "$want_test" = 1 ] && pkgs+=(mosquitto)
+[ "$want_test" = 1 ] && pkgs+=(mosquitto openssl)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

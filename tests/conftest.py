@@ -45,11 +45,12 @@ class Broker:
     proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        # Mosquitto started as root drops to its own user: let it write its
-        # persistence file here, or sessions would not survive a restart.
-        self.workdir.chmod(0o777)
         conf = self.workdir / "mosquitto.conf"
         conf.write_text(
+            # Started as root, Mosquitto would drop to its own user, which cannot
+            # reach pytest's 0700 tmp dirs (no persistence: sessions lost on
+            # restart). `user root` keeps it; ignored when not started as root.
+            "user root\n"
             f"listener {self.port} 127.0.0.1\n"
             "allow_anonymous true\n"
             "persistence true\n"
