@@ -22,7 +22,7 @@ from gateway.config import Config, ConfigError, NodeConfig, load_config
 from gateway.errors import CommandError
 from gateway.node import NodeRunner
 from gateway.service import fields, notify
-from gateway.store import Store
+from gateway.store import Store, StoreError
 from gateway.tasks import cancel_and_wait
 from gateway.uplink import Uplink
 
@@ -226,20 +226,17 @@ class Gateway:
         ignored = sorted(set(data) - set(update) - {"deleted"})
         if ignored:
             log.info("device %s: attributes %s are not settings, ignored", device, ignored)
-        if not update or runner.control.settings is None:
+        if not update or runner.control.settings is None or self._tg is None:
             return
-        task = asyncio.ensure_future(self._apply_attributes(runner, update))
-        self._background(task)
+        self._tg.create_task(self._apply_attributes(runner, update), name=f"attributes:{device}")
 
     async def _apply_attributes(self, runner: NodeRunner, update: Mapping[str, Any]) -> None:
-        with contextlib.suppress(CommandError):  # logged by update_settings
+        try:
             await runner.control.update_settings(update, source="shared attributes")
-
-    def _background(self, task: asyncio.Future[None]) -> None:
-        holder = self._tasks
-        key = f"bg:{id(task)}"
-        holder[key] = task  # type: ignore[assignment]
-        task.add_done_callback(lambda _t: holder.pop(key, None))
+        except CommandError:
+            pass  # refused as a whole and logged by update_settings
+        except StoreError as exc:  # e.g. arriving while the store closes: never fatal
+            log.error("node %s: settings applied but not saved: %s", runner.name, exc)
 
     async def on_rpc(self, device: str, method: str, params: Any) -> dict[str, Any]:
         """A server-side RPC to one node's device; the reply's `data`."""
