@@ -1,4 +1,5 @@
-"""SQLite store-and-forward: the outbox of readings, counters, settings, actuation ledger.
+"""SQLite store-and-forward: the outbox of readings, counters, settings, actuation ledger,
+and what controllers learned about each tank.
 
 One dedicated writer thread ("hydrogate-store") owns the only sqlite3
 connection. The event loop never touches SQLite: `Store.append` validates and
@@ -28,6 +29,7 @@ import logging
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,11 +50,11 @@ __all__ = [
 
 log = logging.getLogger("hydrogate.store")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # AUTOINCREMENT: without it SQLite reuses the ids of deleted rows once the
 # outbox is empty, and the uplink, which reads on "after the last id it sent",
 # would skip the new rows.
-_SCHEMA = """
+_SCHEMA_V1 = """
 CREATE TABLE outbox (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     device TEXT NOT NULL,
@@ -70,6 +72,23 @@ CREATE TABLE actuations (node TEXT NOT NULL, actuator TEXT NOT NULL, ts REAL NOT
                          ms INTEGER NOT NULL);
 CREATE INDEX actuations_node_ts ON actuations (node, ts);
 """
+# What a controller learned about a node's tank (rules.controller.Learner), as JSON,
+# with the plant constants it was learned under (JSON too): knowledge learned
+# for another tank volume or other pumps would mislead, so the caller compares them.
+_LEARNED = """
+CREATE TABLE learned (
+    node TEXT NOT NULL,
+    controller TEXT NOT NULL,
+    state TEXT NOT NULL,
+    plant TEXT NOT NULL,
+    updated REAL NOT NULL,
+    PRIMARY KEY (node, controller)
+);
+"""
+#: The schema of a new file (version SCHEMA_VERSION).
+_SCHEMA = _SCHEMA_V1 + _LEARNED
+#: Each script brings a file from the version it is keyed by to the next one.
+_MIGRATIONS: Mapping[int, str] = {1: _LEARNED}
 
 #: Counters persisted in ``meta`` so that they survive restarts.
 COUNTERS = ("received", "forwarded", "evicted", "duplicates_resent")
@@ -187,7 +206,7 @@ def _delete_range(conn: sqlite3.Connection, first: int, last: int) -> tuple[int,
 
 
 class Store:
-    """The gateway's SQLite file: outbox, counters, per-node settings, actuation ledger.
+    """The gateway's SQLite file: outbox, counters, settings, actuation ledger, learned state.
 
     Open it with ``async with Store.open(path, max_rows=..., max_bytes=...) as store``.
     All methods are called from the event loop that opened it.
@@ -501,6 +520,74 @@ class Store:
 
         await self._submit(write=write)
 
+    async def save_learned(
+        self,
+        node: str,
+        controller: str,
+        state: Mapping[str, Any],
+        plant: Mapping[str, Any],
+        *,
+        ts: float | None = None,
+    ) -> None:
+        """Replace what ``controller`` learned about ``node``'s tank, committed.
+
+        ``state`` is the controller's snapshot, ``plant`` the plant constants
+        it was learned under (both JSON objects); ``ts`` the wall time (s) of
+        the save, now by default. Raises StoreError for values that are not JSON.
+        """
+        try:
+            state_json = json.dumps(dict(state), allow_nan=False, sort_keys=True)
+            plant_json = json.dumps(dict(plant), allow_nan=False, sort_keys=True)
+        except (TypeError, ValueError) as exc:
+            raise StoreError(f"what {controller} learned about {node} is not JSON: {exc}") from exc
+        updated = time.time() if ts is None else float(ts)
+
+        def write(conn: sqlite3.Connection, delta: _Delta) -> None:
+            conn.execute(
+                "INSERT INTO learned (node, controller, state, plant, updated)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (node, controller) DO UPDATE SET"
+                " state = excluded.state, plant = excluded.plant, updated = excluded.updated",
+                (node, controller, state_json, plant_json, updated),
+            )
+
+        await self._submit(write=write)
+
+    async def load_learned(
+        self, node: str, controller: str
+    ) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        """``(state, plant)`` last saved for ``controller`` on ``node``, or None.
+
+        Raises StoreError if the stored text is not a JSON object (a damaged row).
+        """
+
+        def read(conn: sqlite3.Connection) -> tuple[dict[str, Any], dict[str, Any]] | None:
+            row = conn.execute(
+                "SELECT state, plant FROM learned WHERE node = ? AND controller = ?",
+                (node, controller),
+            ).fetchone()
+            if row is None:
+                return None
+            state, plant = json.loads(row[0]), json.loads(row[1])
+            if not isinstance(state, dict) or not isinstance(plant, dict):
+                raise ValueError(f"learned state of {controller} on {node} is not a JSON object")
+            return state, plant
+
+        result: tuple[dict[str, Any], dict[str, Any]] | None = await self._submit(read=read)
+        return result
+
+    async def forget_learned(self, node: str, controller: str | None = None) -> None:
+        """Delete what was learned about ``node``'s tank (by every controller or one), committed."""
+
+        def write(conn: sqlite3.Connection, delta: _Delta) -> None:
+            if controller is None:
+                conn.execute("DELETE FROM learned WHERE node = ?", (node,))
+            else:
+                conn.execute(
+                    "DELETE FROM learned WHERE node = ? AND controller = ?", (node, controller)
+                )
+
+        await self._submit(write=write)
+
     async def record_actuation(self, node: str, actuator: str, ts: float, ms: int) -> None:
         """Add a run of ``actuator`` at wall time ``ts`` (s) for ``ms`` to the ledger, committed.
 
@@ -556,15 +643,7 @@ class Store:
             if mode != "wal":
                 raise StoreError(f"{self.path}: cannot use WAL journal (got {mode})")
             conn.execute("PRAGMA synchronous = NORMAL")  # see the module docstring
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version == 0:  # new file: the whole schema in one transaction
-                conn.executescript(
-                    f"BEGIN IMMEDIATE;{_SCHEMA}PRAGMA user_version = {SCHEMA_VERSION};COMMIT;"
-                )
-            elif version != SCHEMA_VERSION:
-                raise StoreError(
-                    f"{self.path}: schema version {version}, this gateway knows {SCHEMA_VERSION}"
-                )
+            self._upgrade(conn)
             for key, value in conn.execute("SELECT key, value FROM meta"):
                 if key in self._counts:
                     self._counts[key] = int(value)
@@ -578,6 +657,36 @@ class Store:
             conn.close()
             raise
         return conn
+
+    def _upgrade(self, conn: sqlite3.Connection) -> None:
+        """Create the schema in a new file, or migrate an older one step by step.
+
+        Each step is one transaction that also sets ``user_version``, so a
+        crash leaves the file at one version or the next, never in between;
+        what the older version held (outbox, counters, settings) stays.
+        """
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version == 0:  # new file: the whole schema in one transaction
+            self._script(conn, _SCHEMA, SCHEMA_VERSION)
+            return
+        if not 1 <= version <= SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path}: schema version {version}, this gateway knows {SCHEMA_VERSION}"
+            )
+        while version < SCHEMA_VERSION:
+            self._script(conn, _MIGRATIONS[version], version + 1)
+            log.info("%s: schema migrated from version %d to %d", self.path, version, version + 1)
+            version += 1
+
+    @staticmethod
+    def _script(conn: sqlite3.Connection, sql: str, version: int) -> None:
+        """Run ``sql`` and set ``user_version`` to ``version``, in one transaction."""
+        try:
+            conn.executescript(f"BEGIN IMMEDIATE;{sql}PRAGMA user_version = {version};COMMIT;")
+        except BaseException:
+            if conn.in_transaction:
+                conn.rollback()
+            raise
 
     def _collect(self) -> list[_Item]:
         """Block for the first item, then take whatever else is already queued.

@@ -5,6 +5,8 @@ rule-based fallback, an ML model) is a small object with a ``name``, an async
 ``decide(ctx) -> Decision`` and a ``close()``. Controllers are registered by
 name with :func:`register` and built with :func:`create`, so the gateway picks
 one from the config string without an if/elif chain (STYLE.md habit 9).
+A controller that learns the tank as it doses may also implement
+:class:`Learner`, so that the gateway can keep that knowledge across restarts.
 
 ``decide`` is async only so that a controller backed by a model can await a
 worker thread; every built-in controller is pure, synchronous numpy code
@@ -24,7 +26,7 @@ import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Literal, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 
 __all__ = [
     "ACTUATORS",
@@ -35,6 +37,7 @@ __all__ = [
     "Decision",
     "DecisionContext",
     "Dose",
+    "Learner",
     "PlantConstants",
     "RulesError",
     "UnknownControllerError",
@@ -186,6 +189,39 @@ class Controller(Protocol):
 
     def close(self) -> None:
         """Release whatever the controller holds (threads, models)."""
+        ...
+
+
+@runtime_checkable
+class Learner(Protocol):
+    """A controller that learns the tank and can hand that knowledge over (JSON-able).
+
+    Optional, next to :class:`Controller`: the gateway checks for it with
+    ``isinstance(controller, Learner)``. What a controller learns about a
+    tank (how far a ml of pH down moves the pH, a pump's correction factor)
+    would otherwise live only as long as the controller object, and a
+    restart, a config reload or a switch of controller would start again
+    from cautious first doses. The gateway saves :meth:`learned` whenever it
+    changes and hands it back to :meth:`restore` of the next controller of
+    the same name on the same node, as long as the plant constants it was
+    learned under are unchanged.
+    """
+
+    def learned(self) -> dict[str, Any]:
+        """A snapshot of what was learned: JSON-able, ``{}`` when nothing was learned yet.
+
+        Return a new object (or one never mutated afterwards): the gateway
+        compares it with the last snapshot it saved to decide whether to save.
+        """
+        ...
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        """Take back a snapshot that :meth:`learned` returned earlier (maybe in another process).
+
+        Raise :class:`ControllerError` when ``state`` is unusable (another
+        version's format, values out of range), and leave the controller as it
+        was then: the gateway logs it and carries on with what it has.
+        """
         ...
 
 

@@ -352,3 +352,135 @@ async def test_evicted_and_acked_rows_leave_the_memory_tail(tmp_path: Path) -> N
         await store.ack([r.id for r in rows[:5]])
         left = await store.peek(100)
         assert [json.loads(r.entry)["values"]["i"] for r in left] == list(range(35, 50))
+
+
+PLANT = {"tank_volume_l": 10.0, "stock_ppm": 10000.0, "flow_ml_s": {"nutrient": 1.58}}
+
+
+async def test_learned_state_round_trips_per_node_and_controller(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    async with Store.open(path, max_rows=None, max_bytes=None) as store:
+        assert await store.load_learned("tank-a", "adaptive") is None
+        await store.save_learned("tank-a", "adaptive", {"gain": 0.5}, PLANT, ts=1000.0)
+        await store.save_learned("tank-a", "adaptive", {"gain": 0.4, "n": [1, 2]}, PLANT)
+        await store.save_learned("tank-a", "other", {"k": 1}, PLANT)
+        await store.save_learned("tank-b", "adaptive", {"gain": 0.9}, {"tank_volume_l": 20.0})
+        with pytest.raises(StoreError, match="not JSON"):
+            await store.save_learned("tank-a", "adaptive", {"gain": math.nan}, PLANT)
+        with pytest.raises(StoreError, match="not JSON"):
+            await store.save_learned("tank-a", "adaptive", {"gain": {1, 2}}, PLANT)
+        with pytest.raises(StoreError, match="not JSON"):
+            await store.save_learned("tank-a", "adaptive", {"gain": 1}, {"flow": object()})
+    async with Store.open(path, max_rows=None, max_bytes=None) as store:
+        # The refused saves changed nothing; the second save replaced the first.
+        assert await store.load_learned("tank-a", "adaptive") == ({"gain": 0.4, "n": [1, 2]}, PLANT)
+        assert await store.load_learned("tank-b", "adaptive") == (
+            {"gain": 0.9}, {"tank_volume_l": 20.0}
+        )
+        await store.forget_learned("tank-a", "other")
+        assert await store.load_learned("tank-a", "other") is None
+        assert await store.load_learned("tank-a", "adaptive") is not None
+        await store.forget_learned("tank-a")
+        assert await store.load_learned("tank-a", "adaptive") is None
+        assert await store.load_learned("tank-b", "adaptive") is not None
+
+
+async def test_a_damaged_learned_row_is_a_store_error(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    async with Store.open(path, max_rows=None, max_bytes=None) as store:
+        await store.save_learned("tank-a", "adaptive", {"gain": 0.5}, PLANT)
+        await store.save_learned("tank-a", "other", {"gain": 0.5}, PLANT)
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE learned SET state = '{\"gain\": 0.' WHERE controller = 'adaptive'")
+        conn.execute("UPDATE learned SET plant = '[1, 2]' WHERE controller = 'other'")
+    conn.close()
+    async with Store.open(path, max_rows=None, max_bytes=None) as store:
+        with pytest.raises(StoreError):
+            await store.load_learned("tank-a", "adaptive")
+        with pytest.raises(StoreError, match="not a JSON object"):
+            await store.load_learned("tank-a", "other")
+        await store.forget_learned("tank-a")  # the store goes on working
+        assert await store.load_learned("tank-a", "adaptive") is None
+
+
+#: The schema of the files gateways wrote before version 2, verbatim.
+SCHEMA_V1 = """
+CREATE TABLE outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    device TEXT NOT NULL,
+    ts INTEGER NOT NULL,
+    entry TEXT NOT NULL
+);
+CREATE TABLE meta (key TEXT PRIMARY KEY, value);
+CREATE TABLE settings (
+    node TEXT NOT NULL,
+    key TEXT NOT NULL,
+    value TEXT NOT NULL,
+    PRIMARY KEY (node, key)
+);
+CREATE TABLE actuations (node TEXT NOT NULL, actuator TEXT NOT NULL, ts REAL NOT NULL,
+                         ms INTEGER NOT NULL);
+CREATE INDEX actuations_node_ts ON actuations (node, ts);
+"""
+
+
+async def test_a_version_1_file_is_migrated_and_keeps_its_rows(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "v1.db"
+    entry = json.dumps({"ts": 1_732_200_000_000, "values": {"tds": 812.5}})
+    conn = sqlite3.connect(path)
+    with conn:
+        conn.executescript(SCHEMA_V1)
+        conn.execute(
+            "INSERT INTO outbox (device, ts, entry) VALUES (?, ?, ?)",
+            ("tank-a", 1_732_200_000_000, entry),
+        )
+        conn.executemany(
+            "INSERT INTO meta (key, value) VALUES (?, ?)",
+            [("received", 7), ("forwarded", 6), ("last_ts:tank-a", 1_732_200_000_000)],
+        )
+        conn.execute(
+            "INSERT INTO settings (node, key, value) VALUES (?, ?, ?)",
+            ("tank-a", "current", json.dumps({"tds_setpoint": 900})),
+        )
+        conn.execute("PRAGMA user_version = 1")
+    conn.close()
+
+    caplog.set_level("INFO", logger="hydrogate.store")
+    async with Store.open(path, max_rows=None, max_bytes=None) as store:
+        assert (store.stats.received, store.stats.forwarded, store.stats.depth) == (7, 6, 1)
+        [row] = await store.peek(10)
+        assert (row.device, row.ts, row.entry) == ("tank-a", 1_732_200_000_000, entry)
+        assert await store.load_settings("tank-a") == {"current": {"tds_setpoint": 900}}
+        store.append("tank-a", 1_732_200_000_000, {"tds": 1.0})  # same ts: raised past it
+        assert [r.ts for r in await store.peek(10)] == [1_732_200_000_000, 1_732_200_000_001]
+        await store.save_learned("tank-a", "adaptive", {"gain": 0.5}, PLANT)
+    assert any("migrated from version 1 to 2" in r.getMessage() for r in caplog.records)
+
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert conn.execute("SELECT node, controller FROM learned").fetchall() == [
+            ("tank-a", "adaptive")
+        ]
+    finally:
+        conn.close()
+    caplog.clear()
+    async with Store.open(path, max_rows=None, max_bytes=None) as store:  # already version 2
+        assert await store.load_learned("tank-a", "adaptive") == ({"gain": 0.5}, PLANT)
+        assert store.stats.depth == 2
+    assert not any("migrated" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_new_file_has_the_current_schema(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    async with Store.open(path, max_rows=None, max_bytes=None):
+        pass
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        assert {"outbox", "meta", "settings", "actuations", "learned"} <= tables
+    finally:
+        conn.close()
