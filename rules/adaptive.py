@@ -24,24 +24,34 @@ It uses only what a real gateway knows: the configured plant constants
   A dose longer than ``MAX_DOSE_S`` is run in pieces; the pieces follow each
   other without waiting for the reading, because the mass balance already
   says where each one lands.
-- **pH** — no chemistry is assumed. The pH change per ml (the gain) is
-  learned online from each dose's effect, per pump, as a secant over at
-  least ``PH_MIN_SECANT`` pH of the trail of (pH, ml) points of that pump's
-  doses (a point read off an extrapolation errs by a few hundredths, which
-  would dominate the secant of a small dose). Titration curves are steep far from a buffer
-  and flat inside it, and which way the curve bends ahead is unknown until
-  two doses show it, so the model is deliberately pessimistic ahead of what
-  was observed: with no observation the gain is the prior
-  ``PH_PRIOR_PER_ML_L`` (per ml in one litre, steeper than the tanks this
-  gateway serves), a ceiling that makes the first dose fall short; beyond the
-  farthest observed point the gain is assumed to steepen by
-  ``PH_STEEPEN_PER_PH`` (one observation) or ``PH_STEEPEN_FITTED_PER_PH``
-  (a log-linear fit through two observations) per pH, never above the
-  ceiling. The dose is the integral of ``dpH / gain(pH)`` from the value to
-  the setpoint, times a fraction below one (smaller again from an
-  extrapolated value, ``PREDICTED_FRACTION``): overshooting a pH setpoint costs
-  a dose of the opposite pump and, below pH 5.5, a swing, while falling short
-  costs one more, smaller, dose.
+- **pH** — no chemistry is assumed; everything is per litre of tank, so a
+  change of water level does not invalidate what was learned. Two things are
+  learned per pump from each dose's effect, over a span of at least
+  ``PH_MIN_SECANT`` pH of the trail of (pH, ml/L) points of that pump's doses
+  (a point read off an extrapolation errs by a few hundredths, which would
+  dominate the span of a small dose):
+
+  * the tank's **titration curve** (:class:`_Titration`): the ml/L each
+    0.05 pH takes, fitted to every span travelled, in this cycle or an
+    earlier one. Where the way to the setpoint lies on it, the dose is
+    ``PH_FRACTION_KNOWN`` of what the curve says: a tank the gateway has
+    worked on before is set in one dose;
+  * a **gain model** for the rest of the way, deliberately pessimistic
+    outside what was observed, because titration curves are steep far from
+    a buffer and flat inside it and which way the curve bends ahead is
+    unknown until two doses show it: with no observation the gain is the
+    prior ``PH_PRIOR_PER_ML_L`` (steeper than the tanks this gateway serves),
+    a ceiling that makes the first dose on a new tank fall short; beyond the
+    farthest observed point the gain is assumed to steepen by
+    ``PH_STEEPEN_PER_PH`` (one observation) or ``PH_STEEPEN_FITTED_PER_PH``
+    (a log-linear fit through two observations) per pH, and behind the
+    observations it is not allowed to flatten; never above the ceiling.
+    That part of the dose is ``∫ dpH / gain(pH)`` times a fraction below one.
+
+  From an extrapolated value the whole dose is smaller again
+  (``PREDICTED_FRACTION``): overshooting a pH setpoint costs a dose of the
+  opposite pump and, below pH 5.5, a swing, while falling short costs one
+  more, smaller, dose.
 - "Where it settles": before the first dose of a loop, a window average that
   agrees with the latest reading (the tank is not moving). After a dose, for
   pH, three window averages whose changes shrink geometrically (a
@@ -53,18 +63,23 @@ It uses only what a real gateway knows: the configured plant constants
   A dose without a visible effect (refused by the safety layer, a dry pump)
   teaches nothing and is never followed by a bigger one.
 
-Decisions are pure arithmetic on the context; the learned state (gains,
-correction factors, the dose in flight) lives on the instance, one instance
-per node, and carries over from one cycle to the next.
+Decisions are pure arithmetic on the context; the learned state (curves,
+gains, correction factors, the dose in flight) lives on the instance, one
+instance per node, and carries over from one cycle to the next. What was
+learned about the tank is handed to the gateway as a JSON snapshot
+(:meth:`AdaptiveController.learned`) and taken back after a restart
+(:meth:`AdaptiveController.restore`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from rules.controller import (
+    ControllerError,
     ControllerOptions,
     Decision,
     DecisionContext,
@@ -77,6 +92,7 @@ __all__ = ["AdaptiveController"]
 #: The expected change of the controlled value for a dose of so many ml.
 _Effect = Callable[[float], float]
 
+STATE_VERSION = 1  # of the learned-state snapshot (saved by the gateway across restarts)
 TDS_FRACTION = 0.95  # of the mass-balance need, per dose
 TDS_AIM_PCT = 0.5  # aim this far on the near side of the setpoint
 TDS_DEADBAND_PCT = 1.0  # no stock while less than this below the setpoint
@@ -96,6 +112,13 @@ MAX_SLOPE_PER_PH = 4.0  # bound on a fitted d(ln gain)/dpH
 PH_MIN_SECANT = 0.2  # a learned secant spans at least this (extrapolations err by ~0.05)
 PH_MIN_FIT_SPAN = 0.15  # a slope is fitted only through secants this far apart
 PH_TRAIL = 6  # (pH, ml) points of one pump's run of doses kept for secants
+PH_BIN = 0.05  # width of a bin of the learned titration curve, pH
+PH_GRID = (2.0, 11.0)  # the pH range the curve is learned over
+PH_SPANS = 24  # spans a pump's curve is fitted to (the latest)
+PH_RECENCY = 0.9  # weight of a span per newer span after it (the tank drifts)
+PH_SMOOTHING = 4.0  # weight of the curvature penalty on ln density between neighbouring bins
+PH_EXTRAPOLATED_TRUST = 0.25  # weight of a span end read off an extrapolation, not a steady pH
+PH_FRACTION_KNOWN = 0.97  # of the need over bins of the curve already travelled
 MAX_DOSE_S = 60.0
 MIN_DOSE_MS = 20
 PREDICTED_FRACTION = 0.75  # of a pH dose computed from an extrapolated (not steady) value
@@ -112,7 +135,8 @@ class _InFlight:
     before: float
     expected: float
     piece: bool = False  # a piece of a longer TDS dose: the next piece follows at once
-    trail: tuple[tuple[float, float], ...] = ()  # (pH, ml so far) of this pump's doses, to here
+    trail: tuple[tuple[float, float, float], ...] = ()  # (pH, ml/L so far, trust) to here
+    volume_l: float = 1.0  # the tank's volume when it was dosed
 
 
 @dataclass
@@ -120,7 +144,8 @@ class _LoopState:
     seen: list[float] = field(default_factory=list)  # window averages since the last dose
     in_flight: _InFlight | None = None
     tds_factor: dict[str, float] = field(default_factory=dict)
-    ph_gains: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
+    ph_gains: dict[str, list[tuple[float, float]]] = field(default_factory=dict)  # per ml/L
+    curves: dict[str, _Titration] = field(default_factory=dict)
 
 
 @register("adaptive")
@@ -158,8 +183,9 @@ class AdaptiveController:
             # The extrapolation says the last dose overshoots: never act on that with the
             # opposite pump before the reading has really settled.
             return self._none("extrapolated past the setpoint: waiting for a steady reading")
+        trust = 1.0 if steady else PH_EXTRAPOLATED_TRUST
         if dose is not None:
-            self._learn(ctx, st, dose, final)
+            self._learn(ctx, st, dose, final, trust)
         st.in_flight = None
         if ctx.loop == "tds":
             return self._tds(ctx, st, final)
@@ -167,14 +193,71 @@ class AdaptiveController:
         nxt = st.in_flight
         if nxt is not None:
             if dose is not None and dose.actuator == nxt.actuator and dose.trail:
-                trail = (*dose.trail, (final, dose.trail[-1][1] + dose.ml))
+                per_l = dose.trail[-1][1] + dose.ml / dose.volume_l
+                trail = (*dose.trail, (final, per_l, trust))
             else:
-                trail = ((final, 0.0),)
+                trail = ((final, 0.0, trust),)
             nxt.trail = trail[-PH_TRAIL:]
         return decision
 
     def close(self) -> None:
         """Nothing to release."""
+
+    # ---------------------------------------------------------- knowledge
+    def learned(self) -> dict[str, Any]:
+        """What this controller knows of the tank (the :class:`~rules.controller.Learner` side).
+
+        The TDS pumps' correction factors, the latest pH secants per pump (pH
+        per ml/L at a pH) and the spans each pH pump's titration curve is
+        fitted to; ``{}`` before the first lesson.
+        """
+        tds, ph = self._state["tds"], self._state["ph"]
+        if not (tds.tds_factor or ph.ph_gains or ph.curves):
+            return {}
+        return {
+            "version": STATE_VERSION,
+            "tds_factor": dict(tds.tds_factor),
+            "ph_gains": {p: [list(o) for o in obs] for p, obs in ph.ph_gains.items()},
+            "ph_spans": {p: [list(sp) for sp in c.spans] for p, c in ph.curves.items()},
+        }
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        """Take back a :meth:`learned` snapshot; :class:`ControllerError` if it is unusable."""
+        try:
+            if state.get("version") != STATE_VERSION:
+                raise ValueError(f"version {state.get('version')!r}, expected {STATE_VERSION}")
+            factors = {str(p): float(f) for p, f in state["tds_factor"].items()}
+            gains = {
+                str(p): [(float(m), float(g)) for m, g in obs]
+                for p, obs in state["ph_gains"].items()
+            }
+            spans = {
+                str(p): [(float(lo), float(hi), float(v), float(t)) for lo, hi, v, t in rows]
+                for p, rows in state["ph_spans"].items()
+            }
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ControllerError(f"adaptive: unusable learned state: {exc}") from exc
+        numbers = [
+            *factors.values(),
+            *(v for obs in gains.values() for o in obs for v in o),
+            *(v for rows in spans.values() for r in rows for v in r),
+        ]
+        if not all(math.isfinite(v) for v in numbers):
+            raise ControllerError("adaptive: unusable learned state: a value is not finite")
+        if not all(0.5 <= f <= 2.0 for f in factors.values()) or not all(
+            g > 0 for obs in gains.values() for _, g in obs
+        ):
+            raise ControllerError("adaptive: unusable learned state: a factor or gain out of range")
+        if not all(
+            PH_GRID[0] <= lo < hi <= PH_GRID[1] and v > 0 and 0 < t <= 1
+            for rows in spans.values()
+            for lo, hi, v, t in rows
+        ):
+            raise ControllerError("adaptive: unusable learned state: a pH span out of range")
+        self._state["tds"].tds_factor = factors
+        ph = self._state["ph"]
+        ph.ph_gains = {p: obs[-3:] for p, obs in gains.items()}
+        ph.curves = {p: _Titration(rows[-PH_SPANS:]) for p, rows in spans.items()}
 
     # ---------------------------------------------------------- settling
     def _settled(self, ctx: DecisionContext, st: _LoopState) -> tuple[float, bool] | None:
@@ -231,51 +314,69 @@ class AdaptiveController:
 
     # ----------------------------------------------------------------- pH
     def _ph(self, ctx: DecisionContext, st: _LoopState, x0: float, *, steady: bool) -> Decision:
-        """The pH decision from value ``x0`` (steady, or extrapolated: then a smaller dose)."""
+        """The pH decision from value ``x0`` (steady, or extrapolated: then a smaller dose).
+
+        The way to the setpoint is costed bin by bin: over bins of the titration
+        curve this pump has already travelled, at their learned ml/L; elsewhere by
+        the pessimistic gain model. Each part gets its own margin.
+        """
         error = ctx.setpoint - x0
         if abs(error) <= PH_DEADBAND:
             return self._none(f"on target (error {error:+.3f})")
         actuator = "ph_up" if error > 0 else "ph_down"
         observations = st.ph_gains.get(actuator, [])
-        gain = _gain_model(observations, _volume_l(ctx), direction=1.0 if error > 0 else -1.0)
-        fraction = PH_FRACTION if observations else PH_FRACTION_PRIOR
+        gain = _gain_model(observations, direction=1.0 if error > 0 else -1.0)
+        curve = st.curves.get(actuator) or _Titration()
+        known, modelled = curve.cost(x0, ctx.setpoint, gain)
+        per_l = PH_FRACTION_KNOWN * known
+        per_l += (PH_FRACTION if observations else PH_FRACTION_PRIOR) * modelled
         if not steady:
-            fraction *= PREDICTED_FRACTION
-        ml = fraction * gain.ml_between(x0, ctx.setpoint)
-        return self._dose(
+            per_l *= PREDICTED_FRACTION
+        volume_l = _volume_l(ctx)
+        decision = self._dose(
             ctx,
             st,
             x0,
             actuator=actuator,
-            ml=ml,
-            effect=lambda v: gain.walk(x0, ctx.setpoint, v) - x0,
+            ml=per_l * volume_l,
+            effect=lambda v: curve.walk(x0, ctx.setpoint, v / volume_l, gain) - x0,
         )
+        if st.in_flight is not None:
+            st.in_flight.volume_l = volume_l
+        return decision
 
     @staticmethod
-    def _learn_ph(st: _LoopState, dose: _InFlight, final: float) -> None:
+    def _learn_ph(st: _LoopState, dose: _InFlight, final: float, trust: float) -> None:
         """One secant, from the latest earlier point of this pump's doses far enough away.
 
         A dose decided on an extrapolated value starts from that estimate; if
         its own change is small, the estimate's error would dominate its
-        secant, so the secant reaches back along the trail of (pH, ml) points
-        until it spans at least ``PH_MIN_SECANT``.
+        secant, so the secant reaches back along the trail of (pH, ml/L)
+        points until it spans at least ``PH_MIN_SECANT``. The same span is
+        what the titration curve learns from, trusted as much as its ends
+        (``trust``: 1 for a steady reading, less for an extrapolated one).
         """
-        trail = dose.trail or ((dose.before, 0.0),)
-        ml_after = trail[-1][1] + dose.ml
-        start, ml_start = trail[0]
-        for x, ml in reversed(trail):
+        trail = dose.trail or ((dose.before, 0.0, PH_EXTRAPOLATED_TRUST),)
+        per_l_after = trail[-1][1] + dose.ml / dose.volume_l
+        start, per_l_start, start_trust = trail[0]
+        for x, per_l, t in reversed(trail):
             if abs(final - x) >= PH_MIN_SECANT:
-                start, ml_start = x, ml
+                start, per_l_start, start_trust = x, per_l, t
                 break
         observed = final - start
-        if observed * dose.expected <= 0 or ml_after <= ml_start:
+        if observed * dose.expected <= 0 or per_l_after <= per_l_start:
             return
         obs = st.ph_gains.setdefault(dose.actuator, [])
-        obs.append((start + observed / 2.0, abs(observed) / (ml_after - ml_start)))
+        obs.append((start + observed / 2.0, abs(observed) / (per_l_after - per_l_start)))
         del obs[:-3]
+        st.curves.setdefault(dose.actuator, _Titration()).observe(
+            start, final, per_l_after - per_l_start, start_trust * trust
+        )
 
     # ------------------------------------------------------------- learning
-    def _learn(self, ctx: DecisionContext, st: _LoopState, dose: _InFlight, final: float) -> None:
+    def _learn(
+        self, ctx: DecisionContext, st: _LoopState, dose: _InFlight, final: float, trust: float
+    ) -> None:
         observed = final - dose.before
         expected = dose.expected
         if expected == 0 or observed / expected <= 0 or abs(observed) < 2 * _settle_threshold(ctx):
@@ -286,7 +387,7 @@ class AdaptiveController:
         if ctx.loop == "tds":
             self._learn_tds(ctx, st, dose, final)
         else:
-            self._learn_ph(st, dose, final)
+            self._learn_ph(st, dose, final, trust)
 
     # ---------------------------------------------------------------- doses
     def _dose(
@@ -369,58 +470,173 @@ def _settled_geometric(seen: list[float], threshold: float) -> tuple[float, bool
     return None
 
 
-def _gain_model(
-    observations: list[tuple[float, float]], volume_l: float, *, direction: float
-) -> _Gain:
-    """The pH change per ml as a function of pH, pessimistic ahead of what was observed."""
-    ceiling = PH_PRIOR_PER_ML_L / volume_l
+def _gain_model(observations: list[tuple[float, float]], *, direction: float) -> _Gain:
+    """The pH change per ml/L as a function of pH, pessimistic outside what was observed.
+
+    Observations may come from earlier cycles in another part of the curve,
+    so the value can lie behind them as well as ahead.
+    """
+    ceiling = PH_PRIOR_PER_ML_L
     if not observations:
-        return _Gain(ceiling, 0.0, 0.0, 0.0, 0.0, ceiling)
+        return _Gain(ceiling, 0.0, 0.0, 0.0, 0.0, 0.0, ceiling)
     ceiling = max(ceiling, *(g for _, g in observations))
     mid, gain = observations[-1]
     frontier = max(m * direction for m, _ in observations) * direction
+    rear = min(m * direction for m, _ in observations) * direction
     previous = [(m, g) for m, g in observations[:-1] if abs(m - mid) >= PH_MIN_FIT_SPAN]
     if not previous:
-        return _Gain(gain, mid, 0.0, frontier, PH_STEEPEN_PER_PH * direction, ceiling)
+        return _Gain(gain, mid, 0.0, rear, frontier, PH_STEEPEN_PER_PH * direction, ceiling)
     m0, g0 = previous[-1]
     slope = (math.log(gain) - math.log(g0)) / (mid - m0)
     slope = max(-MAX_SLOPE_PER_PH, min(MAX_SLOPE_PER_PH, slope))
-    return _Gain(gain, mid, slope, frontier, PH_STEEPEN_FITTED_PER_PH * direction, ceiling)
+    return _Gain(gain, mid, slope, rear, frontier, PH_STEEPEN_FITTED_PER_PH * direction, ceiling)
 
 
 @dataclass(frozen=True)
 class _Gain:
-    """pH per ml: ``g·exp(slope·(pH − at))``, steepening by ``ahead`` per pH past ``frontier``.
+    """pH per ml/L: ``g·exp(slope·(pH − at))``, steepening by ``ahead`` per pH past ``frontier``.
 
-    ``ahead`` carries the sign of the direction of travel; the gain never
+    ``ahead`` carries the sign of the direction of travel. Behind ``rear``
+    (the observation farthest back) the fit is not followed where it would
+    flatten: the gain stays at least its value at ``rear``. The gain never
     exceeds ``ceiling``.
     """
 
     g: float
     at: float
     slope: float
+    rear: float
     frontier: float
     ahead: float
     ceiling: float
 
     def __call__(self, ph: float) -> float:
-        past = max(0.0, (ph - self.frontier) * (1.0 if self.ahead >= 0 else -1.0))
-        ln_g = math.log(self.g) + self.slope * (ph - self.at) + abs(self.ahead) * past
+        sign = 1.0 if self.ahead >= 0 else -1.0
+        ln_g = math.log(self.g) + self.slope * (ph - self.at)
+        if (ph - self.rear) * sign < 0:
+            ln_g = max(ln_g, math.log(self.g) + self.slope * (self.rear - self.at))
+        ln_g += abs(self.ahead) * max(0.0, (ph - self.frontier) * sign)
         return min(self.ceiling, math.exp(ln_g))
 
     def ml_between(self, x0: float, x1: float, n: int = 32) -> float:
-        """ml to move from ``x0`` to ``x1``: ∫ dpH / gain (midpoint rule)."""
+        """ml/L to move from ``x0`` to ``x1``: ∫ dpH / gain (midpoint rule)."""
         h = (x1 - x0) / n
         return sum(abs(h) / self(x0 + (i + 0.5) * h) for i in range(n))
 
-    def walk(self, x0: float, x1: float, ml: float, n: int = 32) -> float:
-        """Where ``ml`` takes the value from ``x0`` towards ``x1`` (at most ``x1``)."""
-        h = (x1 - x0) / n
-        spent, x = 0.0, x0
-        for i in range(n):
-            seg = abs(h) / self(x0 + (i + 0.5) * h)
-            if spent + seg >= ml:
-                return x + h * (ml - spent) / seg
-            spent += seg
-            x += h
+
+class _Titration:
+    """This tank's titration curve for one pump: ml per litre to cross each ``PH_BIN`` of pH.
+
+    What is observed is spans: the ml/L it took to move the settled pH from one
+    value to another. A span says nothing about how its ml/L spread over the
+    pH it covers, and the spread is far from even (the curve flattens tenfold
+    per pH towards a buffer's pKa), so the curve is the smoothest one that
+    fits every span: ``ln`` of the density per bin, least squares on each
+    span's ``ln`` ml/L, with a penalty on the second difference of
+    neighbouring bins. Nested or overlapping spans (each new dose's span
+    reaches back ``PH_MIN_SECANT``) pin the shape down. The latest
+    ``PH_SPANS`` spans are kept, newer ones weigh more (``PH_RECENCY``), so
+    the curve follows a tank whose buffering drifts as nutrients are taken up
+    or topped up. Bins no span covered are unknown: the gain model costs them.
+    """
+
+    def __init__(self, spans: list[tuple[float, float, float, float]] | None = None) -> None:
+        self.spans: list[tuple[float, float, float, float]] = list(
+            spans or []
+        )  # lo, hi, ml/L, trust
+        self._fitted: dict[int, float] | None = None
+
+    @staticmethod
+    def _pieces(x0: float, x1: float) -> list[tuple[float, float, int]]:
+        """``(from, to, bin)`` sub-spans of ``x0`` → ``x1``, in the order travelled."""
+        lo, hi = min(x0, x1), max(x0, x1)
+        first = math.floor((lo - PH_GRID[0]) / PH_BIN)
+        last = math.ceil((hi - PH_GRID[0]) / PH_BIN)
+        pieces = []
+        for k in range(first, last):
+            a = max(lo, PH_GRID[0] + k * PH_BIN)
+            b = min(hi, PH_GRID[0] + (k + 1) * PH_BIN)
+            if b - a > 1e-9:
+                pieces.append((a, b, k) if x1 > x0 else (b, a, k))
+        return pieces if x1 > x0 else pieces[::-1]
+
+    def observe(self, x0: float, x1: float, per_l: float, trust: float = 1.0) -> None:
+        """A dose (with its trail) took the settled pH from ``x0`` to ``x1`` with ``per_l`` ml/L.
+
+        ``trust`` (0..1] weighs the span in the fit: less when an end was extrapolated.
+        """
+        lo, hi = min(x0, x1), max(x0, x1)
+        if hi - lo < PH_BIN / 2 or not per_l > 0 or lo < PH_GRID[0] or hi > PH_GRID[1]:
+            return
+        self.spans.append((lo, hi, per_l, trust))
+        del self.spans[:-PH_SPANS]
+        self._fitted = None
+
+    @property
+    def density(self) -> dict[int, float]:
+        """ml/L per pH of every bin some span covered (fitted on first use after a change)."""
+        if self._fitted is None:
+            self._fitted = _fit_curve(self.spans, self._pieces)
+        return self._fitted
+
+    def cost(self, x0: float, x1: float, gain: _Gain) -> tuple[float, float]:
+        """ml/L from ``x0`` to ``x1``: over learned bins, and over the rest by ``gain``."""
+        density = self.density
+        known = modelled = 0.0
+        for a, b, k in self._pieces(x0, x1):
+            d = density.get(k)
+            if d is None:
+                modelled += gain.ml_between(a, b, 4)
+            else:
+                known += abs(b - a) * d
+        return known, modelled
+
+    def walk(self, x0: float, x1: float, per_l: float, gain: _Gain) -> float:
+        """Where ``per_l`` ml/L take the pH from ``x0`` towards ``x1`` (at most ``x1``)."""
+        density = self.density
+        spent = 0.0
+        for a, b, k in self._pieces(x0, x1):
+            d = density.get(k)
+            piece = gain.ml_between(a, b, 4) if d is None else abs(b - a) * d
+            if spent + piece >= per_l:
+                return a + (b - a) * (per_l - spent) / piece
+            spent += piece
         return x1
+
+
+def _fit_curve(
+    spans: list[tuple[float, float, float, float]],
+    pieces: Callable[[float, float], list[tuple[float, float, int]]],
+) -> dict[int, float]:
+    """The smoothest ln-density per bin that fits ``spans`` (Gauss-Newton, a few steps)."""
+    if not spans:
+        return {}
+    import numpy as np  # only nodes whose controller learns a curve pay for numpy
+
+    cover = [{k: abs(b - a) for a, b, k in pieces(lo, hi)} for lo, hi, _, _ in spans]
+    bins = sorted({k for c in cover for k in c})
+    col = {k: i for i, k in enumerate(bins)}
+    overlap = np.zeros((len(spans), len(bins)))
+    for row, c in enumerate(cover):
+        for k, w in c.items():
+            overlap[row, col[k]] = w
+    target = np.log([per_l for _, _, per_l, _ in spans])
+    recency = PH_RECENCY ** np.arange(len(spans) - 1, -1, -1, dtype=float)
+    weight = np.sqrt(recency * np.array([trust for *_, trust in spans]))
+    smooth = [(col[k - 1], col[k], col[k + 1]) for k in bins if k - 1 in col and k + 1 in col]
+    second = np.zeros((len(smooth), len(bins)))
+    for row, (i, j, m) in enumerate(smooth):
+        second[row, i], second[row, j], second[row, m] = 1.0, -2.0, 1.0
+    second *= math.sqrt(PH_SMOOTHING)
+    spans_density = [per_l / (hi - lo) for lo, hi, per_l, _ in spans]
+    u = np.full(len(bins), math.log(math.fsum(spans_density) / len(spans_density)))
+    for _ in range(30):
+        e = np.exp(u)
+        total = overlap @ e
+        residual = np.concatenate([weight * (np.log(total) - target), second @ u])
+        jacobian = np.vstack([weight[:, None] * overlap * e / total[:, None], second])
+        step = np.linalg.lstsq(jacobian, -residual, rcond=None)[0]
+        u += np.clip(step, -2.0, 2.0)
+        if float(np.max(np.abs(step))) < 1e-6:
+            break
+    return {k: float(math.exp(u[col[k]])) for k in bins}

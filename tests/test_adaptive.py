@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import math
+from typing import Any
 
 import pytest
 
 import rules.adaptive as adaptive
 from rules.adaptive import AdaptiveController
-from rules.controller import Decision, DecisionContext, PlantConstants, create
+from rules.controller import ControllerError, Decision, DecisionContext, PlantConstants, create
 
 PLANT = PlantConstants(
     tank_volume_l=10.0,
@@ -253,3 +255,116 @@ async def test_new_cycle_forgets_the_dose_in_flight() -> None:
 async def test_long_dose_is_capped() -> None:
     (dose,) = (await first(AdaptiveController(), "tds", 100.0, 2000.0)).doses
     assert dose.ms == adaptive.MAX_DOSE_S * 1000
+
+
+# ------------------------------------------------------- the learned titration curve
+
+
+def _density(x: float) -> float:
+    """A toy tank: ml/L per pH, flattening tenfold per pH towards a buffer above."""
+    return 0.5 * math.exp(2.3 * (x - 4.8))
+
+
+def _integral(x0: float, x1: float) -> float:
+    lo, hi = min(x0, x1), max(x0, x1)
+    return 0.5 / 2.3 * (math.exp(2.3 * (hi - 4.8)) - math.exp(2.3 * (lo - 4.8)))
+
+
+def test_curve_fitted_to_nested_spans_costs_the_way_like_the_tank() -> None:
+    """Spans that all start at 4.8 (as a run of doses' secants do) pin down the shape:
+    sub-spans no dose travelled on its own are costed within a few per cent."""
+    curve = adaptive._Titration()
+    for end in (5.1, 5.3, 5.45, 5.6):
+        curve.observe(4.8, end, _integral(4.8, end))
+    no_gain = adaptive._gain_model([], direction=1.0)
+    for x0, x1 in ((4.8, 5.5), (5.0, 5.4), (5.3, 5.55), (5.5, 5.2)):
+        known, modelled = curve.cost(x0, x1, no_gain)
+        assert modelled == 0.0
+        assert known == pytest.approx(_integral(x0, x1), rel=0.05), (x0, x1)
+    # An even spread over a span (no fit) would be off by far more at its far end.
+    flat = _integral(4.8, 5.6) / 0.8 * 0.15
+    assert abs(flat / _integral(5.45, 5.6) - 1) > 0.3
+    # Outside every span the gain model costs the way, pessimistically (less ml).
+    known, modelled = curve.cost(5.6, 5.8, no_gain)
+    assert known == 0.0 and 0 < modelled < _integral(5.6, 5.8)
+
+
+def test_spans_with_extrapolated_ends_weigh_less() -> None:
+    truth = _integral(5.0, 5.4)
+    curve = adaptive._Titration()
+    curve.observe(5.0, 5.4, truth)
+    curve.observe(5.0, 5.4, 1.3 * truth, trust=adaptive.PH_EXTRAPOLATED_TRUST)
+    no_gain = adaptive._gain_model([], direction=1.0)
+    known, _ = curve.cost(5.0, 5.4, no_gain)
+    assert truth < known < 1.1 * truth
+
+
+async def _toy_cycle(c: AdaptiveController, start: float, sp: float) -> list[float]:
+    """One pH cycle on the toy tank, each dose settled at once; the ml of each dose."""
+    x, doses = start, []
+    d = await first(c, "ph", x, sp)
+    for _ in range(30):
+        if not d.doses:
+            break
+        (dose,) = d.doses
+        ml = dose.ms / 1000 * 1.58
+        doses.append(ml)
+        sign = 1.0 if dose.actuator == "ph_up" else -1.0
+        for _ in range(400):  # integrate dx = dml / density
+            x += sign * (ml / 10.0 / 400) / _density(x)
+        for _ in range(3):
+            d = await c.decide(ctx("ph", x, sp))
+            if d.doses:
+                break
+    assert abs(x - sp) <= 0.05
+    return doses
+
+
+async def test_a_second_cycle_on_a_learned_tank_doses_its_need_in_one_go() -> None:
+    c = AdaptiveController()
+    cold = await _toy_cycle(c, 4.8, 5.5)
+    warm = await _toy_cycle(c, 4.8, 5.5)
+    need = 10.0 * _integral(4.8, 5.5)
+    assert len(cold) >= 3 and cold[0] < 0.7 * need  # the prior is cautious
+    assert warm[0] == pytest.approx(adaptive.PH_FRACTION_KNOWN * need, rel=0.03)
+    assert len(warm) < len(cold)
+
+
+async def test_learned_state_survives_a_round_trip_and_bad_states_are_refused() -> None:
+    c = AdaptiveController()
+    assert c.learned() == {}
+    await _toy_cycle(c, 4.8, 5.5)
+    await first(c, "tds", 600.0, 700.0)
+    for value in (660.0, 660.5, 660.2, 660.3):  # far less than the mass balance said
+        await c.decide(ctx("tds", value, 700.0))
+    state = c.learned()
+    assert json.loads(json.dumps(state)) == state
+    assert state["ph_spans"]["ph_up"] and state["tds_factor"]["nutrient"] != 1.0
+    again = AdaptiveController()
+    again.restore(state)
+    assert again.learned() == state
+    same = await first(again, "ph", 4.8, 5.5)
+    assert same == await first(c, "ph", 4.8, 5.5)
+    bad_states: list[dict[str, Any]] = [
+        {**state, "version": 99},
+        {k: v for k, v in state.items() if k != "ph_spans"},
+        {**state, "ph_spans": {"ph_up": [[5.5, 4.8, 1.0, 1.0]]}},  # lo > hi
+        {**state, "ph_spans": {"ph_up": [[4.8, 5.5, float("nan"), 1.0]]}},
+        {**state, "tds_factor": {"nutrient": 9.0}},
+        {**state, "ph_gains": {"ph_up": [[5.0, -1.0]]}},
+        {**state, "ph_spans": "nonsense"},
+    ]
+    for bad in bad_states:
+        fresh = AdaptiveController()
+        with pytest.raises(ControllerError):
+            fresh.restore(bad)
+        assert fresh.learned() == {}
+
+
+def test_gain_model_does_not_flatten_behind_what_it_saw() -> None:
+    """pH down secants from the steep region 5.2-5.6 (earlier cycles): costing a dose from
+    6.5, behind them, must not follow the fit into ever flatter (ml-hungrier) ground."""
+    obs = [(5.6, 0.4), (5.2, 0.9)]  # gain rises going down
+    gain = adaptive._gain_model(obs, direction=-1.0)
+    assert gain(6.5) == pytest.approx(gain(5.6))
+    assert gain(5.0) > gain(5.2)  # ahead: steeper still
