@@ -119,6 +119,7 @@ PH_RECENCY = 0.9  # weight of a span per newer span after it (the tank drifts)
 PH_SMOOTHING = 4.0  # weight of the curvature penalty on ln density between neighbouring bins
 PH_EXTRAPOLATED_TRUST = 0.25  # weight of a span end read off an extrapolation, not a steady pH
 PH_FRACTION_KNOWN = 0.97  # of the need over bins of the curve already travelled
+PH_CHANGED_RATIO = 1.4  # a steady span this far off the curve: the tank changed, start again
 MAX_DOSE_S = 60.0
 MIN_DOSE_MS = 20
 PREDICTED_FRACTION = 0.75  # of a pH dose computed from an extrapolated (not steady) value
@@ -537,7 +538,10 @@ class _Titration:
     reaches back ``PH_MIN_SECANT``) pin the shape down. The latest
     ``PH_SPANS`` spans are kept, newer ones weigh more (``PH_RECENCY``), so
     the curve follows a tank whose buffering drifts as nutrients are taken up
-    or topped up. Bins no span covered are unknown: the gain model costs them.
+    or topped up; a span between steady readings that differs from the curve
+    by more than ``PH_CHANGED_RATIO`` means the tank changed (a new nutrient
+    solution), and the curve starts again from it. Bins no span covered are
+    unknown: the gain model costs them.
     """
 
     def __init__(self, spans: list[tuple[float, float, float, float]] | None = None) -> None:
@@ -568,6 +572,12 @@ class _Titration:
         lo, hi = min(x0, x1), max(x0, x1)
         if hi - lo < PH_BIN / 2 or not per_l > 0 or lo < PH_GRID[0] or hi > PH_GRID[1]:
             return
+        density = self.density
+        pieces = self._pieces(lo, hi)
+        if trust >= 1.0 and all(k in density for _, _, k in pieces):
+            predicted = math.fsum(abs(b - a) * density[k] for a, b, k in pieces)
+            if abs(math.log(per_l / predicted)) > math.log(PH_CHANGED_RATIO):
+                self.spans.clear()  # not the tank the curve was learned on (new solution)
         self.spans.append((lo, hi, per_l, trust))
         del self.spans[:-PH_SPANS]
         self._fitted = None

@@ -368,3 +368,17 @@ def test_gain_model_does_not_flatten_behind_what_it_saw() -> None:
     gain = adaptive._gain_model(obs, direction=-1.0)
     assert gain(6.5) == pytest.approx(gain(5.6))
     assert gain(5.0) > gain(5.2)  # ahead: steeper still
+
+
+def test_a_span_far_off_the_curve_starts_it_again() -> None:
+    """A new nutrient solution buffers differently: one steady span that disagrees with the
+    curve by more than PH_CHANGED_RATIO replaces it, where drift only nudges it."""
+    curve = adaptive._Titration()
+    for end in (5.1, 5.3, 5.5):
+        curve.observe(4.8, end, _integral(4.8, end))
+    curve.observe(5.0, 5.4, 1.2 * _integral(5.0, 5.4))  # drift: kept with the rest
+    assert len(curve.spans) == 4
+    curve.observe(5.0, 5.4, 0.5 * _integral(5.0, 5.4), trust=adaptive.PH_EXTRAPOLATED_TRUST)
+    assert len(curve.spans) == 5  # an extrapolated end is not proof enough
+    curve.observe(5.0, 5.4, 0.5 * _integral(5.0, 5.4))
+    assert curve.spans == [(5.0, 5.4, 0.5 * _integral(5.0, 5.4), 1.0)]
