@@ -9,13 +9,22 @@ Settings changed at run time (shared attributes, `set_mode`) are validated
 as a whole, applied at once and persisted in the store together with the
 config file's own values: after a restart the run-time values win, unless the
 config file itself was edited since, in which case the file wins.
+
+What a controller learned about the tank (`rules.controller.Learner`) is
+saved in the store whenever it changes, keyed by node and controller name,
+together with the plant constants it was learned under, and handed back to
+the next controller of that name on this node: after a restart, a reload or a
+switch of controller and back. Knowledge learned under other plant constants
+(another tank volume, stock or pump) is discarded.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import dataclasses
+import json
 import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -26,8 +35,16 @@ from gateway.config import ConfigError, ControlConfig, NodeConfig, apply_control
 from gateway.config import control_settings as settings_of
 from gateway.errors import CommandError
 from gateway.service import fields
-from gateway.store import Store
-from rules.controller import Controller, ControllerOptions, Dose, PlantConstants, create
+from gateway.store import Store, StoreClosed, StoreError
+from rules.controller import (
+    Controller,
+    ControllerError,
+    ControllerOptions,
+    Dose,
+    Learner,
+    PlantConstants,
+    create,
+)
 from rules.cycle import ControlCycle, CycleSettings, Triggers
 from rules.safety import SafetyGuard, SafetyLimits, SafetyRefusal, SensorWatch
 from rules.severity import DEFAULT_BANDS, Band
@@ -51,6 +68,41 @@ def _plant_constants(config: NodeConfig) -> PlantConstants:
         stock_ppm=config.plant.stock_ppm,
         flow_ml_s=dict(config.plant.flow_ml_s),
     )
+
+
+def plant_fingerprint(plant: PlantConstants) -> dict[str, Any]:
+    """The plant constants as a JSON object, to tell what learned state was learned under."""
+    return {
+        "tank_volume_l": float(plant.tank_volume_l),
+        "stock_ppm": float(plant.stock_ppm),
+        "flow_ml_s": {a: float(f) for a, f in sorted(plant.flow_ml_s.items())},
+    }
+
+
+def _plant_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
+    """What differs between two plant fingerprints, e.g. ``tank_volume_l 10.0 -> 20.0``."""
+
+    def flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in d.items():
+            if isinstance(value, Mapping):
+                out.update(flat(value, f"{prefix}{key}."))
+            else:
+                out[f"{prefix}{key}"] = value
+        return out
+
+    a, b = flat(old), flat(new)
+    return ", ".join(
+        f"{key} {a.get(key, '-')} -> {b.get(key, '-')}"
+        for key in sorted(a.keys() | b.keys())
+        if a.get(key) != b.get(key)
+    )
+
+
+def _summary(state: Mapping[str, Any], limit: int = 160) -> str:
+    """``state`` as compact JSON for a log line, cut at ``limit`` characters."""
+    text = json.dumps(state, sort_keys=True, separators=(",", ":"), default=str)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def from_config(target: type[_T], source: object) -> _T:
@@ -85,6 +137,12 @@ class NodeControl:
         self._triggers: Triggers | None = None
         self.last_dose_text: str | None = None
         self._last_failure: str | None = None
+        # Learned state (Learner controllers): restore due after every new
+        # controller; the lock makes a tick wait for a restore under way.
+        self._restore_due = False
+        self._learned_lock = asyncio.Lock()
+        self._learned_saved: dict[str, Any] = {}
+        self._learned_save_failed = False
         self._rebuild()
 
     # -------------------------------------------------------------- settings
@@ -128,6 +186,8 @@ class NodeControl:
                 settings.controller,
                 ControllerOptions(rb_variant=settings.rb_variant),
             )
+            self._learned_saved = {}
+            self._restore_due = isinstance(self._controller, Learner)
         cycle_settings = from_config(CycleSettings, settings)
         running = self._cycle is not None and self._cycle.state != "idle"
         if running:
@@ -146,7 +206,11 @@ class NodeControl:
             self._triggers = Triggers(settings.schedule, settings.interval)
 
     async def load_settings(self) -> None:
-        """Restore run-time settings and the rolling-hour actuation ledger."""
+        """Restore run-time settings, the rolling-hour actuation ledger and what was learned."""
+        await self._load_settings()
+        await self._restore_learned()
+
+    async def _load_settings(self) -> None:
         now_wall = self._clock.time()
         history = await self._store.actuations_since(self._node.name, now_wall - 3600)
         self.guard = SafetyGuard(
@@ -209,6 +273,7 @@ class NodeControl:
         await self._store.save_settings(
             self._node.name, {"base": settings_of(self._config.control), "current": current}
         )
+        await self._restore_learned()
         log.info(
             "node %s: settings updated by %s: %s",
             self._node.name,
@@ -217,6 +282,108 @@ class NodeControl:
             extra=fields(node=self._node.name),
         )
         return current
+
+    # ------------------------------------------------------- learned state
+    async def _restore_learned(self) -> None:
+        """Hand a new Learner controller what its namesake learned here before.
+
+        Saved state learned under other plant constants is deleted, not
+        restored: a dose model of another tank or pump would mislead the
+        controller more than no model. Unusable state (the controller
+        refuses it, or the row is damaged) is logged and the controller
+        starts fresh; it never stops the node.
+        """
+        async with self._learned_lock:
+            controller, settings = self._controller, self.settings
+            if not self._restore_due or settings is None:
+                return
+            self._restore_due = False
+            if not isinstance(controller, Learner):
+                return
+            node, name = self._node.name, settings.controller
+            try:
+                saved = await self._store.load_learned(node, name)
+            except StoreClosed:
+                return  # the gateway is stopping
+            except StoreError as exc:
+                self._learned_unusable(name, f"cannot be read ({exc})")
+                await self._forget_learned(name)
+                return
+            if saved is None or controller is not self._controller:
+                return  # nothing saved, or switched again meanwhile (that one's restore is due)
+            state, plant = saved
+            current = plant_fingerprint(self.plant)
+            if plant != current:
+                log.info(
+                    "node %s: discarded what %s learned about the tank: the plant constants "
+                    "changed (%s), so the old knowledge would mislead it",
+                    node, name, _plant_changes(plant, current),
+                    extra=fields(node=node),
+                )
+                await self._forget_learned(name)
+                return
+            try:
+                controller.restore(state)
+            except Exception as exc:  # noqa: BLE001 - whatever the file says must not stop the node
+                # ControllerError is the contract; anything else is a bug in the
+                # controller, and still no reason to stop the node.
+                what = "" if isinstance(exc, ControllerError) else f"{type(exc).__name__}: "
+                self._learned_unusable(name, f"was refused ({what}{exc})")
+                # A fresh controller, in case it took part of the state before refusing.
+                self._rebuild()
+                self._restore_due = False
+                await self._forget_learned(name)
+                return
+            self._learned_saved = copy.deepcopy(controller.learned())  # no need to save it back
+            log.info(
+                "node %s: restored what %s learned about the tank (%s)",
+                node, name, _summary(state),
+                extra=fields(node=node),
+            )
+
+    def _learned_unusable(self, name: str, why: str) -> None:
+        log.warning(
+            "node %s: what %s learned about the tank %s; it starts fresh",
+            self._node.name, name, why,
+            extra=fields(node=self._node.name),
+        )
+
+    async def _forget_learned(self, name: str) -> None:
+        try:
+            await self._store.forget_learned(self._node.name, name)
+        except StoreError as exc:
+            log.warning(
+                "node %s: cannot delete what %s learned: %s", self._node.name, name, exc,
+                extra=fields(node=self._node.name),
+            )
+
+    async def _save_learned(self) -> None:
+        """Save the controller's learned state if it changed since the last save."""
+        controller, settings = self._controller, self.settings
+        if not isinstance(controller, Learner) or settings is None:
+            return
+        snapshot = controller.learned()
+        if not snapshot or snapshot == self._learned_saved:
+            return
+        snapshot = copy.deepcopy(snapshot)
+        node = self._node.name
+        try:
+            await self._store.save_learned(
+                node, settings.controller, snapshot, plant_fingerprint(self.plant),
+                ts=self._clock.time(),
+            )
+        except StoreError as exc:
+            if not self._learned_save_failed:  # once per streak of failures
+                self._learned_save_failed = True
+                log.warning(
+                    "node %s: cannot save what %s learned about the tank: %s",
+                    node, settings.controller, exc,
+                    extra=fields(node=node),
+                )
+            return
+        self._learned_save_failed = False
+        if controller is self._controller:
+            self._learned_saved = snapshot
 
     # -------------------------------------------------------------- the loop
     def observe(self, values: Mapping[str, float | None]) -> None:
@@ -250,6 +417,7 @@ class NodeControl:
 
     async def tick(self) -> None:
         """One control step: triggers, then the cycle's doses through the guard."""
+        await self._restore_learned()
         cycle, settings, triggers = self._cycle, self.settings, self._triggers
         if cycle is None or settings is None or triggers is None:
             return
@@ -267,6 +435,7 @@ class NodeControl:
             except (SafetyRefusal, CommandError, LinkError):
                 # Logged and recorded where raised; the cycle re-decides next window.
                 continue
+        await self._save_learned()
 
     def _start(self, now: float, why: str) -> None:
         assert self._cycle is not None

@@ -219,8 +219,9 @@ class Learner(Protocol):
         """Take back a snapshot that :meth:`learned` returned earlier (maybe in another process).
 
         Raise :class:`ControllerError` when ``state`` is unusable (another
-        version's format, values out of range), and leave the controller as it
-        was then: the gateway logs it and carries on with what it has.
+        version's format, values out of range), preferably before changing
+        anything; the gateway logs it and carries on with a new controller
+        that starts fresh.
         """
         ...
 
