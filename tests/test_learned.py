@@ -166,12 +166,15 @@ def count_calls(
     return calls
 
 
-async def test_the_test_controller_is_a_learner(tutors: list[Tutor]) -> None:
+async def test_which_controllers_are_learners(tutors: list[Tutor]) -> None:
     assert isinstance(Tutor(), Learner)
-    fuzzy = controller_module.create("fuzzy")
+    adaptive, fuzzy = controller_module.create("adaptive"), controller_module.create("fuzzy")
     try:
+        assert isinstance(adaptive, Learner), "the adaptive controller's knowledge is kept"
+        assert adaptive.learned() == {}, "nothing learned yet: nothing to save"
         assert not isinstance(fuzzy, Learner)
     finally:
+        adaptive.close()
         fuzzy.close()
 
 
@@ -347,3 +350,28 @@ async def test_a_failing_save_is_logged_once_and_not_fatal(
         await control.tick()  # the store works again: the state is saved
         state, _ = await store.load_learned(NODE, NAME) or ({}, {})
         assert state["decisions"] == 3
+
+
+async def test_what_the_adaptive_controller_learns_survives_the_store(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The real thing: adaptive's knowledge after the evaluation's scenarios, kept and restored."""
+    from rules.evaluate import learn
+
+    state = await learn("adaptive")
+    assert state, "the adaptive controller learned something"
+    path = tmp_path / "gw.sqlite"
+    async with Store.open(path, max_rows=None, max_bytes=None) as store:
+        await store.save_learned(NODE, "adaptive", state, plant_fingerprint(PlantConstants()))
+        back, _ = await store.load_learned(NODE, "adaptive") or ({}, {})
+    fresh = controller_module.create("adaptive")
+    try:
+        assert isinstance(fresh, Learner)
+        fresh.restore(back)
+        assert fresh.learned() == state, "JSON round trip, restore, snapshot: the same"
+    finally:
+        fresh.close()
+    caplog.set_level(logging.INFO, logger="hydrogate.control")
+    async with started(path, node_config(controller="adaptive"), FakeClock()):
+        assert any("restored what adaptive learned" in r.message for r in caplog.records)
+        assert not any(r.levelno >= logging.WARNING for r in caplog.records)
