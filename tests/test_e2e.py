@@ -130,6 +130,8 @@ def _committed_seqs(db: Path) -> set[int]:
     conn = sqlite3.connect(db)
     try:
         rows = conn.execute("SELECT entry FROM outbox").fetchall()
+    except sqlite3.OperationalError:  # the gateway is still creating the schema
+        return set()
     finally:
         conn.close()
     return {int(json.loads(r[0])["values"]["seq"]) for r in rows if '"seq"' in r[0]}
