@@ -101,6 +101,7 @@ TDS_SETTLE_PCT = 0.3  # of the setpoint, between consecutive decisions
 TDS_SETTLE_MIN_PPM = 2.5
 TDS_SETTLE_SPAN = 3  # windows over which the TDS change must be small too
 TDS_LEARN_MIN_PCT = 3.0  # a dose teaches its pump's factor only above this effect
+TDS_FACTOR_DEADBAND = 0.05  # observed/expected this close to 1 teaches nothing
 PH_FRACTION_PRIOR = 0.9  # of the need under the prior (a ceiling: it already falls short)
 PH_FRACTION = 0.85  # of the need under a learned model
 PH_DEADBAND = 0.015
@@ -310,8 +311,14 @@ class AdaptiveController:
         observed = final - dose.before
         if abs(observed) < TDS_LEARN_MIN_PCT / 100.0 * ctx.setpoint:
             return  # a trim's effect is too small against the noise to correct the model
+        ratio = observed / dose.expected  # the expectation already holds the factor so far
+        if abs(ratio - 1.0) <= TDS_FACTOR_DEADBAND:
+            # Within what a reading taken before the last of the mixing, or the noise,
+            # explains; the dose fraction's margin and the trim absorb it. Carried over
+            # to later cycles, such an error would make their first doses overshoot.
+            return
         old = st.tds_factor.get(dose.actuator, 1.0)
-        st.tds_factor[dose.actuator] = min(2.0, max(0.5, observed / dose.expected * old))
+        st.tds_factor[dose.actuator] = min(2.0, max(0.5, ratio * old))
 
     # ----------------------------------------------------------------- pH
     def _ph(self, ctx: DecisionContext, st: _LoopState, x0: float, *, steady: bool) -> Decision:

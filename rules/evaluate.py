@@ -54,8 +54,8 @@ __all__ = [
 ]
 
 #: Controllers compared, in table order. ``NAME+learned`` is controller NAME that starts
-#: each scenario knowing what it learned in one earlier pass over every scenario
-#: (:func:`learn`): the tank of its second day, where plain NAME is its first hour.
+#: each scenario knowing what it learned in one earlier pass over the other scenarios
+#: (:func:`learn`): a tank it has worked on, where plain NAME is its first hour.
 CONTROLLERS: tuple[str, ...] = (
     "closeloop",
     "fuzzy",
@@ -334,20 +334,25 @@ async def simulate(
     return result
 
 
-async def learn(controller_name: str, *, mixing_wait_s: float = 60.0) -> dict[str, Any]:
-    """What ``controller_name`` knows of the plant after one pass over every scenario.
+async def learn(
+    controller_name: str, *, leave_out: Scenario | None = None, mixing_wait_s: float = 60.0
+) -> dict[str, Any]:
+    """What ``controller_name`` knows of the plant after one pass over the scenarios.
 
-    One controller runs all of :data:`SCENARIOS` in order (each on a fresh
-    plant, with sensor-noise seed :data:`LEARN_SEED`), carrying what it
-    learns from one to the next, as a gateway does from cycle to cycle; the
-    snapshot is what the daemon would have saved by then.
+    One controller runs every scenario of :data:`SCENARIOS` but ``leave_out``
+    (the one it will be measured on: it never learns from the run it is
+    judged by) in order, each on a fresh plant with sensor-noise seed
+    :data:`LEARN_SEED`, carrying what it learns from one to the next, as a
+    gateway does from cycle to cycle; the snapshot is what the daemon would
+    have saved by then.
     """
     controller = create(controller_name)
     try:
         if not isinstance(controller, Learner):
             raise ControllerError(f"controller {controller_name!r} learns nothing to carry over")
         for scenario in SCENARIOS:
-            await simulate(scenario, controller, mixing_wait_s=mixing_wait_s, seed=LEARN_SEED)
+            if scenario != leave_out:
+                await simulate(scenario, controller, mixing_wait_s=mixing_wait_s, seed=LEARN_SEED)
         return controller.learned()
     finally:
         controller.close()
@@ -362,12 +367,12 @@ async def run_scenario(
 ) -> Result:
     """A fresh controller on one scenario; ``NAME+learned`` starts from :func:`learn`'s snapshot.
 
-    ``learned`` passes that snapshot in (so that a caller running many
-    scenarios learns once); without it, ``NAME+learned`` learns first.
+    ``learned`` passes in such a snapshot; without it, ``NAME+learned``
+    learns first, from every other scenario.
     """
     base = controller_name.removesuffix(LEARNED)
     if base != controller_name and learned is None:
-        learned = await learn(base, mixing_wait_s=mixing_wait_s)
+        learned = await learn(base, leave_out=scenario, mixing_wait_s=mixing_wait_s)
     controller = create(base)
     try:
         if base != controller_name:
@@ -629,10 +634,13 @@ keeps for the next (and, through the gateway's store, across restarts). Its
 pH model is a titration curve per pump, fitted to every span its doses
 travelled; where the way to the setpoint lies on that curve, it doses 97 % of
 what the curve says, in one run. `adaptive+learned` is the same controller
-starting each scenario with what it learned in one earlier pass over all
-nine scenarios on the same plant (other sensor noise: seed 2 where the
-measured runs use seed 1): the tank's second day. It meets every target on
-every scenario, pH up from 4.8 included, in 190-310 s on pH.
+starting each scenario with what it learned in one earlier pass over the
+*other* eight scenarios on the same plant (never from the run it is judged
+by, and with other sensor noise: seed 2 where the measured runs use seed 1).
+It meets every target on every scenario, pH up from 4.8 included: the way
+from 4.8 to 5.5 and 6.0 is part of the other pH-up runs, so it is set in one
+dose; 6.0 → 6.5, which no other run travelled, still takes the cautious
+gain model's few doses.
 
 **The first hour on a new tank (`adaptive`).** With nothing learned, pH up
 from 4.8 to 5.5 and to 6.0 settles later than fuzzy (about 830 s and 790 s
@@ -650,11 +658,13 @@ overshoot by 5-65 % on some sensor-noise seeds, so it stays.
 
 **Robustness.** The numbers above are for one sensor-noise seed. For
 `adaptive+learned`, learning-pass seeds 2-9 crossed with measured-run seeds
-1, 11 and 12 (24 combinations): settling, overshoot (at most 2.3 %) and
-steady-state error meet the targets in all of them; the volume target is
-missed in 5 of 24, all on pH 4.8 → 6.5 at measured seed 12, by 1-2 % (55 ml
-per step against fuzzy's 54 ml, where the tolerance is 1 %): the drift of
-plant uptake is trimmed back in the buffer region, where 0.015 pH costs 3 ml.
+1, 11 and 12 (24 combinations of nine scenarios each): every target is met
+in 23; in one, pH 5.5 → 5.0 overshoots by 3.04 % (the limit is 3 %). The
+learned pH 4.8 → 5.5 wins by a thin margin (194 s against fuzzy's 212 s on
+the seed above; 186-206 s over the seeds). The
+pump correction factors of TDS learn only from errors above 5 %: smaller
+ones are mostly a reading taken before the last of the mixing, and carried
+over to the next cycle's first dose they made it overshoot.
 """
 
 
@@ -780,16 +790,9 @@ async def evaluate(
 ) -> list[Result]:
     """Every controller on every scenario (scenario-major order)."""
     results = []
-    learned = {
-        name: await learn(name.removesuffix(LEARNED), mixing_wait_s=mixing_wait_s)
-        for name in controllers
-        if name.endswith(LEARNED)
-    }
     for scenario in scenarios:
         for name in controllers:
-            result = await run_scenario(
-                scenario, name, mixing_wait_s=mixing_wait_s, learned=learned.get(name)
-            )
+            result = await run_scenario(scenario, name, mixing_wait_s=mixing_wait_s)
             results.append(result)
             if progress is not None:
                 progress(result)

@@ -169,6 +169,10 @@ async def test_learning_pass_carries_knowledge_between_scenarios() -> None:
     state = await ev.learn("adaptive")
     assert set(state["ph_spans"]) == {"ph_up", "ph_down"}
     assert set(state["tds_factor"]) <= {"nutrient", "refill"}
+    # The scenario a controller is measured on is left out of what it learns from.
+    down = next(s for s in ev.SCENARIOS if s.name == "ph_down_6.0_5.0")
+    without = await ev.learn("adaptive", leave_out=down)
+    assert len(without["ph_spans"]["ph_down"]) < len(state["ph_spans"]["ph_down"])
     with pytest.raises(ev.ControllerError, match="learns nothing"):
         await ev.learn("fuzzy")
 
