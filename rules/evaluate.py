@@ -659,7 +659,7 @@ overshoot by 5-65 % on some sensor-noise seeds, so it stays.
 **Robustness.** The numbers above are for one sensor-noise seed. For
 `adaptive+learned`, learning-pass seeds 2-9 crossed with measured-run seeds
 1, 11 and 12 (24 combinations of nine scenarios each): every target is met
-in 23; in one, pH 5.5 → 5.0 overshoots by 3.04 % (the limit is 3 %). The
+in 23; in one, pH 5.5 → 5.0 overshoots by 3.03 % (the limit is 3 %). The
 learned pH 4.8 → 5.5 wins by a thin margin (194 s against fuzzy's 212 s on
 the seed above; 186-206 s over the seeds). The
 pump correction factors of TDS learn only from errors above 5 %: smaller
