@@ -526,7 +526,7 @@ class _Gain:
         ln_g += abs(self.ahead) * max(0.0, (ph - self.frontier) * sign)
         return min(self.ceiling, math.exp(ln_g))
 
-    def ml_between(self, x0: float, x1: float, n: int = 32) -> float:
+    def ml_between(self, x0: float, x1: float, n: int = 4) -> float:
         """ml/L to move from ``x0`` to ``x1``: ∫ dpH / gain (midpoint rule)."""
         h = (x1 - x0) / n
         return sum(abs(h) / self(x0 + (i + 0.5) * h) for i in range(n))
@@ -596,25 +596,29 @@ class _Titration:
             self._fitted = _fit_curve(self.spans, self._pieces)
         return self._fitted
 
-    def cost(self, x0: float, x1: float, gain: _Gain) -> tuple[float, float]:
-        """ml/L from ``x0`` to ``x1``: over learned bins, and over the rest by ``gain``."""
+    def _costed(self, x0: float, x1: float, gain: _Gain) -> list[tuple[float, float, float, bool]]:
+        """``(from, to, ml/L, learned)`` per piece of ``x0`` → ``x1``: by the curve or ``gain``."""
         density = self.density
-        known = modelled = 0.0
+        costed = []
         for a, b, k in self._pieces(x0, x1):
             d = density.get(k)
             if d is None:
-                modelled += gain.ml_between(a, b, 4)
+                costed.append((a, b, gain.ml_between(a, b), False))
             else:
-                known += abs(b - a) * d
+                costed.append((a, b, abs(b - a) * d, True))
+        return costed
+
+    def cost(self, x0: float, x1: float, gain: _Gain) -> tuple[float, float]:
+        """ml/L from ``x0`` to ``x1``: over learned bins, and over the rest by ``gain``."""
+        costed = self._costed(x0, x1, gain)
+        known = sum(ml for _, _, ml, learned in costed if learned)
+        modelled = sum(ml for _, _, ml, learned in costed if not learned)
         return known, modelled
 
     def walk(self, x0: float, x1: float, per_l: float, gain: _Gain) -> float:
         """Where ``per_l`` ml/L take the pH from ``x0`` towards ``x1`` (at most ``x1``)."""
-        density = self.density
         spent = 0.0
-        for a, b, k in self._pieces(x0, x1):
-            d = density.get(k)
-            piece = gain.ml_between(a, b, 4) if d is None else abs(b - a) * d
+        for a, b, piece, _ in self._costed(x0, x1, gain):
             if spent + piece >= per_l:
                 return a + (b - a) * (per_l - spent) / piece
             spent += piece

@@ -359,24 +359,17 @@ async def learn(
 
 
 async def run_scenario(
-    scenario: Scenario,
-    controller_name: str,
-    *,
-    mixing_wait_s: float = 60.0,
-    learned: Mapping[str, Any] | None = None,
+    scenario: Scenario, controller_name: str, *, mixing_wait_s: float = 60.0
 ) -> Result:
-    """A fresh controller on one scenario; ``NAME+learned`` starts from :func:`learn`'s snapshot.
-
-    ``learned`` passes in such a snapshot; without it, ``NAME+learned``
-    learns first, from every other scenario.
-    """
+    """A fresh controller on one scenario; ``NAME+learned`` first learns the other scenarios."""
     base = controller_name.removesuffix(LEARNED)
-    if base != controller_name and learned is None:
+    learned = None
+    if base != controller_name:
         learned = await learn(base, leave_out=scenario, mixing_wait_s=mixing_wait_s)
     controller = create(base)
     try:
-        if base != controller_name:
-            assert isinstance(controller, Learner) and learned is not None
+        if learned is not None:
+            assert isinstance(controller, Learner)  # learn() refuses any other
             controller.restore(learned)
         result = await simulate(scenario, controller, mixing_wait_s=mixing_wait_s)
         result.controller = controller_name
