@@ -79,7 +79,7 @@ def _lazy(module: str, attr: str) -> Callable[..., object]:
 LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("gateway.demo", "demo"),
     "calibrate": ("rules.calibration", "calibrate"),
-    "evaluate": ("rules.evaluate", "evaluate"),
+    "evaluate": ("sim.evaluate", "evaluate"),
 }
 
 

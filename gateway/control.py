@@ -431,10 +431,11 @@ class NodeControl:
         who = decision.controller if decision is not None else settings.controller
         for dose in doses:
             try:
-                await self.actuate(dose, controller=who, strict=False)
+                granted = await self.actuate(dose, controller=who, strict=False)
             except (SafetyRefusal, CommandError, LinkError):
                 # Logged and recorded where raised; the cycle re-decides next window.
                 continue
+            cycle.ran(granted)
         await self._save_learned()
 
     def _start(self, now: float, why: str) -> None:

@@ -23,6 +23,7 @@ name is an error), so it is configuration, not mutable run-time state.
 from __future__ import annotations
 
 import importlib
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -38,6 +39,7 @@ __all__ = [
     "DecisionContext",
     "Dose",
     "Learner",
+    "PH_PUMPS",
     "PlantConstants",
     "RulesError",
     "UnknownControllerError",
@@ -52,6 +54,9 @@ ACTUATORS: tuple[str, ...] = ("nutrient", "ph_up", "ph_down", "refill")
 _DEFAULT_FLOW_ML_S: Mapping[str, float] = MappingProxyType(
     {"nutrient": 1.58, "ph_up": 1.58, "ph_down": 1.58, "refill": 1.58}
 )
+
+#: The pH pumps, whose solutions' strength a tank's titration decides.
+PH_PUMPS: tuple[str, ...] = ("ph_up", "ph_down")
 
 
 class RulesError(Exception):
@@ -96,11 +101,21 @@ class PlantConstants:
 
     Defaults are the control documentation's plant: a 10 L tank, a
     10,000 ppm nutrient stock and pumps of 1.58 ml/s.
+
+    ``ph_ml_per_l_per_unit`` is the strength of each pH solution *on this
+    tank*: the ml of ``ph_up`` / ``ph_down`` per litre of tank that move the
+    pH by one unit near the setpoint, measured by a guided titration
+    (``hydrogate titrate``) or known from an earlier one. A pump missing from
+    it has an unknown strength: the pH safety envelope then assumes the
+    steepest plausible tank (rules/envelope.py) until it has measured one.
     """
 
     tank_volume_l: float = 10.0
     stock_ppm: float = 10000.0
     flow_ml_s: Mapping[str, float] = field(default_factory=lambda: _DEFAULT_FLOW_ML_S)
+    ph_ml_per_l_per_unit: Mapping[str, float] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
 
     def __post_init__(self) -> None:
         if not self.tank_volume_l > 0:
@@ -110,8 +125,16 @@ class PlantConstants:
         for actuator, flow in self.flow_ml_s.items():
             if not flow > 0:
                 raise ValueError(f"flow_ml_s[{actuator}] must be > 0, got {flow}")
-        # Freeze the mapping too, so a frozen PlantConstants is really immutable.
+        for actuator, strength in self.ph_ml_per_l_per_unit.items():
+            if actuator not in PH_PUMPS:
+                raise ValueError(f"ph_ml_per_l_per_unit: {actuator!r} is not a pH pump")
+            if not (math.isfinite(strength) and strength > 0):
+                raise ValueError(f"ph_ml_per_l_per_unit[{actuator}] must be > 0, got {strength}")
+        # Freeze the mappings too, so a frozen PlantConstants is really immutable.
         object.__setattr__(self, "flow_ml_s", MappingProxyType(dict(self.flow_ml_s)))
+        object.__setattr__(
+            self, "ph_ml_per_l_per_unit", MappingProxyType(dict(self.ph_ml_per_l_per_unit))
+        )
 
     def flow(self, actuator: str) -> float:
         """The flow of ``actuator`` in ml/s; raises ``KeyError`` if it has none."""
@@ -127,6 +150,13 @@ class DecisionContext:
     previous decision in the same cycle (``None`` at the start of a cycle);
     ``values`` holds the latest calibrated readings of every key;
     ``band`` is the (low, high) range that counts as on target.
+    ``max_ml`` is the most of each pump the cycle will let run for this
+    decision (the pH safety envelope, rules/envelope.py; 0 while the last
+    dose is still mixing in); a pump missing from it has no such limit. A
+    controller that keeps track of what it dosed must not ask for more:
+    anything above is cut by the cycle without telling it. ``now`` is the
+    cycle's clock in seconds (``None`` when the caller has none), so a
+    controller can tell how long ago it dosed.
     """
 
     loop: Literal["tds", "ph"]
@@ -136,6 +166,8 @@ class DecisionContext:
     values: Mapping[str, float]
     plant: PlantConstants
     band: tuple[float, float]
+    max_ml: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
+    now: float | None = None
 
     @property
     def error(self) -> float:

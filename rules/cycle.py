@@ -11,12 +11,29 @@ simulated time. In each loop (``"tds"``, then ``"ph"``):
    sees a half-mixed tank;
 2. when the window is full, the controller gets a :class:`DecisionContext`
    (setpoint, averaged value, previous error for Δerror, every latest value,
-   plant constants, the band) and returns a :class:`Decision`; its doses are
-   handed to the caller, which runs them through the safety guard;
+   plant constants, the band, the most the pH envelope allows) and returns a
+   :class:`Decision`; its doses are handed to the caller, which runs them
+   through the safety guard and reports back with :meth:`ControlCycle.ran`;
 3. the loop is done when the averaged value has stayed inside its band
    (``setpoint ± tds_tolerance_pct %`` or ``± ph_tolerance``) for the hold
-   time (``tds_hold_s``, ``ph_hold_s``); a dose restarts the hold;
+   time (``tds_hold_s``, ``ph_hold_s``); a dose restarts the hold. A loop
+   whose first window is already inside its deadband is done at once:
+   nothing was dosed, so there is nothing to wait for; one inside its band
+   (a trim at most) lets a later loop that is out of its band go first (an
+   urgent pH never waits behind a TDS trim);
 4. the whole cycle is aborted after ``max_cycle_s``.
+
+Whatever a controller says, the cycle enforces (issue 11):
+
+- **a deadband**: no dose while the averaged value is within
+  ``tds_deadband_pct`` % / ``ph_deadband`` of the setpoint (default a quarter
+  of the band), so a loop comes to rest instead of trimming forever;
+- **direction**: a dose only moves the value towards the setpoint (no
+  nutrient above it, no water below it, no pH up above it, no pH down below);
+- **the pH safety envelope** (rules/envelope.py): a pH dose is cut to what
+  the steepest plausible titration says moves the pH by at most half the
+  remaining error (and 0.3), none while the last one is still mixing in, and
+  automatic pH dosing stops after two overshoots in a row until acknowledged.
 
 Nutrient doses move pH, so pH is corrected after TDS and not the other way
 round. :class:`Triggers` decides when an automatic cycle starts: at the
@@ -33,7 +50,15 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from rules.controller import Controller, Decision, DecisionContext, Dose, PlantConstants
+from rules.controller import (
+    PH_PUMPS,
+    Controller,
+    Decision,
+    DecisionContext,
+    Dose,
+    PlantConstants,
+)
+from rules.envelope import PhEnvelope
 
 __all__ = ["CycleSettings", "ControlCycle", "CycleState", "Loop", "Triggers"]
 
@@ -45,8 +70,18 @@ CycleState = Literal["idle", "tds", "ph"]
 #: Which actuators belong to which loop; a decision's other doses are dropped.
 _LOOP_ACTUATORS: Mapping[str, frozenset[str]] = {
     "tds": frozenset({"nutrient", "refill"}),
-    "ph": frozenset({"ph_up", "ph_down"}),
+    "ph": frozenset(PH_PUMPS),
 }
+
+#: The way each actuator moves its loop's value: +1 up, -1 down.
+_DIRECTION: Mapping[str, float] = {"nutrient": 1.0, "refill": -1.0, "ph_up": 1.0, "ph_down": -1.0}
+
+#: The default deadband is the band's half-width over this (pH ±0.0375 in ±0.15, TDS 1.25 %
+#: in 5 %): a loop comes to rest well inside its band, so drift takes long to leave it.
+DEADBAND_SHARE = 4.0
+
+#: Below this the level sensor is not a tank volume (an empty tank, a probe out of the water).
+_MIN_LEVEL_L = 0.5
 
 
 @dataclass(frozen=True)
@@ -67,6 +102,8 @@ class CycleSettings:
     tds_hold_s: float = 180.0
     ph_hold_s: float = 300.0
     max_cycle_s: float = 3600.0
+    tds_deadband_pct: float | None = None
+    ph_deadband: float | None = None
     loops: tuple[Loop, ...] = ("tds", "ph")
 
     def __post_init__(self) -> None:
@@ -84,6 +121,13 @@ class CycleSettings:
                 raise ValueError(f"{name} must be >= 0")
         if not self.loops or any(loop not in ("tds", "ph") for loop in self.loops):
             raise ValueError("loops must be a non-empty sequence of 'tds' and 'ph'")
+        for name, tolerance in (
+            ("tds_deadband_pct", self.tds_tolerance_pct),
+            ("ph_deadband", self.ph_tolerance),
+        ):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= tolerance:
+                raise ValueError(f"{name} must be between 0 and the tolerance ({tolerance:g})")
 
     def setpoint(self, loop: Loop) -> float:
         """The loop's setpoint (ppm or pH)."""
@@ -95,6 +139,14 @@ class CycleSettings:
             half = self.tds_setpoint * self.tds_tolerance_pct / 100.0
             return self.tds_setpoint - half, self.tds_setpoint + half
         return self.ph_setpoint - self.ph_tolerance, self.ph_setpoint + self.ph_tolerance
+
+    def deadband(self, loop: Loop) -> float:
+        """Half-width around the setpoint inside which no dose is made (ppm or pH)."""
+        if loop == "tds":
+            pct = self.tds_deadband_pct
+            pct = self.tds_tolerance_pct / DEADBAND_SHARE if pct is None else pct
+            return self.tds_setpoint * pct / 100.0
+        return self.ph_tolerance / DEADBAND_SHARE if self.ph_deadband is None else self.ph_deadband
 
     def average_s(self, loop: Loop) -> float:
         """Length of the loop's averaging window."""
@@ -110,6 +162,8 @@ class ControlCycle:
 
     ``outcome`` tells how the last cycle ended (``done``, ``aborted``,
     ``timeout``); ``last_decision`` who decided last (telemetry ``controller``).
+    ``envelope`` is the tank's pH safety envelope; pass the same one to every
+    cycle of a node, it is knowledge about the tank.
     """
 
     def __init__(
@@ -119,10 +173,12 @@ class ControlCycle:
         plant: PlantConstants,
         *,
         actuators: Collection[str],
+        envelope: PhEnvelope | None = None,
     ) -> None:
         self.settings = settings
         self.controller = controller
         self.plant = plant
+        self.envelope = envelope if envelope is not None else PhEnvelope(plant)
         self.actuators = frozenset(actuators)
         self.state: CycleState = "idle"
         self.last_decision: Decision | None = None
@@ -136,6 +192,10 @@ class ControlCycle:
         self._previous_error: float | None = None
         self._hold_since: float | None = None
         self._loop_index = 0
+        self._dosed = False  # in the current loop
+        self._order: list[Loop] = list(settings.loops)  # this cycle's loops, in order
+        self._deferred: set[Loop] = set()  # loops moved behind others this cycle
+        self._volume_l = plant.tank_volume_l  # at the last decision
 
     # ------------------------------------------------------------- control
     def start(self, now: float) -> None:
@@ -145,7 +205,9 @@ class ControlCycle:
         self.started_at = now
         self.outcome = None
         self._loop_index = 0
-        self._enter(self.settings.loops[0], now)
+        self._order = list(self.settings.loops)
+        self._deferred = set()
+        self._enter(self._order[0], now)
 
     def abort(self, now: float, reason: str = "aborted") -> None:
         """Stop the cycle; the caller switches the actuators off."""
@@ -162,6 +224,13 @@ class ControlCycle:
         self._samples.clear()
 
     def _enter(self, loop: Loop, now: float) -> None:
+        if loop == "ph" and self.envelope.locked is not None:
+            _log.debug("control loop ph skipped: %s", self.envelope.locked)
+            self._loop_done(loop, now)
+            return
+        if loop == "ph":
+            self.envelope.start_loop()
+        self._dosed = False
         self.state = loop
         self.loop_started_at = now
         self._samples.clear()
@@ -202,6 +271,8 @@ class ControlCycle:
         assert measured is not None
 
         low, high = self.settings.band(loop)
+        if not self._dosed and self._settled_at_start(loop, measured, now):
+            return []
         if low <= measured <= high:
             if self._hold_since is None:
                 self._hold_since = now
@@ -216,14 +287,29 @@ class ControlCycle:
         return await self._decide(loop, measured, now)
 
     async def _decide(self, loop: Loop, measured: float, now: float) -> list[Dose]:
+        setpoint = self.settings.setpoint(loop)
+        if loop == "ph":
+            self.envelope.observe(measured, setpoint=setpoint, tolerance=self.settings.ph_tolerance)
+        if abs(measured - setpoint) <= self.settings.deadband(loop):
+            self._next_decision = now + self.settings.average_s(loop)
+            return []
+        self._volume_l = self._volume()
+        max_ml: dict[str, float] = {}
+        if loop == "ph":
+            max_ml = {
+                pump: per_l * self._volume_l
+                for pump, per_l in self.envelope.limits(setpoint).items()
+            }
         ctx = DecisionContext(
             loop=loop,
-            setpoint=self.settings.setpoint(loop),
+            setpoint=setpoint,
             measured=measured,
             previous_error=self._previous_error,
             values=dict(self._latest),
             plant=self.plant,
             band=self.settings.band(loop),
+            max_ml=max_ml,
+            now=now,
         )
         decision = await self.controller.decide(ctx)
         self.last_decision = decision
@@ -235,11 +321,16 @@ class ControlCycle:
             and d.duty > 0
             and d.actuator in _LOOP_ACTUATORS[loop]
             and d.actuator in self.actuators
+            and (setpoint - measured) * _DIRECTION[d.actuator] > 0
         ]
         if len(doses) != len(decision.doses):
             dropped = [d for d in decision.doses if d not in doses]
             if any(d.ms > 0 and d.duty > 0 for d in dropped):
-                _log.info("doses outside loop %s or not announced dropped: %s", loop, dropped)
+                _log.info(
+                    "doses outside loop %s, not announced or away from the setpoint dropped: %s",
+                    loop, dropped,
+                )
+        doses = [c for d in doses if (c := self._within(d, max_ml)) is not None]
         if not doses:
             self._next_decision = now + self.settings.average_s(loop)
             return []
@@ -249,13 +340,88 @@ class ControlCycle:
         self._next_decision = self._accept_from + self.settings.average_s(loop)
         self._samples.clear()
         self._hold_since = None
+        self._dosed = True
         return doses
+
+    def _settled_at_start(self, loop: Loop, measured: float, now: float) -> bool:
+        """Before its first dose: end the loop if on target, or let a worse loop go first.
+
+        Within the deadband there is nothing to do. Inside the band a trim at
+        most is due, and it never makes a loop whose value is out of its band
+        wait (an urgent pH is not kept behind a TDS trim): this loop moves to
+        the end of the cycle, once.
+        """
+        setpoint = self.settings.setpoint(loop)
+        if abs(measured - setpoint) <= self.settings.deadband(loop):
+            self._loop_done(loop, now)
+            return True
+        low, high = self.settings.band(loop)
+        if not low <= measured <= high or loop in self._deferred:
+            return False
+        later = self._order[self._loop_index + 1 :]
+        if any(self._out_of_band(other) for other in later):
+            _log.info("control loop %s only needs a trim; %s goes first", loop, ", ".join(later))
+            self._deferred.add(loop)
+            self._order.append(self._order.pop(self._loop_index))
+            self._enter(self._order[self._loop_index], now)
+            return True
+        return False
+
+    def _out_of_band(self, loop: Loop) -> bool:
+        value = self._latest.get(loop)
+        if value is None:
+            return False
+        low, high = self.settings.band(loop)
+        return not low <= value <= high
+
+    def _volume(self) -> float:
+        """The tank's volume now: the level sensor's, else the configured one."""
+        level = self._latest.get("water_level")
+        if level is not None and level > _MIN_LEVEL_L:
+            return level
+        return self.plant.tank_volume_l
+
+    def _ml_per_ms(self, dose: Dose) -> float | None:
+        flow = self.plant.flow_ml_s.get(dose.actuator)
+        return None if flow is None else flow * dose.duty / 255.0 / 1000.0
+
+    def _within(self, dose: Dose, max_ml: Mapping[str, float]) -> Dose | None:
+        """``dose`` cut to the envelope's limit (``None`` when nothing is left of it)."""
+        limit = max_ml.get(dose.actuator)
+        if limit is None:
+            return dose
+        per_ms = self._ml_per_ms(dose)
+        if per_ms is None:  # no flow known: the envelope cannot size it
+            _log.warning("pH dose dropped: no flow configured for %s", dose.actuator)
+            return None
+        ms = min(dose.ms, math.floor(limit / per_ms))
+        if ms < dose.ms:
+            _log.info(
+                "%s cut by the pH envelope from %d to %d ms (%.3g ml allowed)",
+                dose.actuator, dose.ms, ms, limit,
+            )
+        return Dose(dose.actuator, dose.duty, ms) if ms >= 1 else None
+
+    def ran(self, dose: Dose) -> None:
+        """The node accepted ``dose`` (maybe shortened by the safety guard): it is on its way."""
+        if dose.actuator in PH_PUMPS and dose.duty > 0 and self.state == "ph":
+            per_ms = self._ml_per_ms(dose)
+            if per_ms is not None:
+                self.envelope.dosed(
+                    dose.actuator,
+                    dose.ms * per_ms / self._volume_l,
+                    setpoint=self.settings.ph_setpoint,
+                )
+
+    def acknowledge(self) -> bool:
+        """The grower acknowledged: automatic pH dosing may start again. True if it was locked."""
+        return self.envelope.acknowledge()
 
     def _loop_done(self, loop: Loop, now: float) -> None:
         self._loop_index += 1
-        if self._loop_index < len(self.settings.loops):
+        if self._loop_index < len(self._order):
             _log.info("control loop %s on target; next loop", loop)
-            self._enter(self.settings.loops[self._loop_index], now)
+            self._enter(self._order[self._loop_index], now)
             return
         _log.info("control cycle done after %.0f s", now - (self.started_at or now))
         self.state = "idle"

@@ -4,9 +4,17 @@ RB only acts when a value is *outside* its band (seed 002, "Zone: OUTSIDE
 threshold") and computes pump seconds with simple physics:
 
 - pH below the band: ``ph_up = min(cap_ph, (ref - pH) * gain)``; above it:
-  ``ph_down = min(cap_ph, (pH - ref) * gain)``. The gain (50 s per pH unit)
-  is the document's empirical constant ("~80 ml per pH unit"); it is not
-  derived from the plant.
+  ``ph_down = min(cap_ph, (pH - ref) * gain)``. The document's gain (50 s per
+  pH unit, "~80 ml per pH unit") was measured on its own tank with a very
+  dilute pH solution: the same seconds of a 1 mol/L acid drive a 10 L tank
+  from pH 7.2 to 2.2. So the gain here is derived from the tank: seconds per
+  pH unit = ``ph_ml_per_l_per_unit · V / flow`` of the pump
+  (``plant.ph_ml_per_l_per_unit``, measured by a guided titration), and when
+  nobody measured it, from the steepest plausible tank
+  (:data:`rules.envelope.STEEPEST_GAIN`) — tiny doses, which the pH safety
+  envelope would cut anyway. ``variant="documented"`` keeps the document's
+  formulas exactly (band edges, 50 s per pH unit), for the tank they were
+  written for.
 - ppm below the band: nutrient by mass balance, ``Vadd = (ref - ppm)·V/Cs``,
   ``t = Vadd/Q``, capped at ``cap_nutrient_s``. With the default plant this
   is 63.29 s per 100 ppm; the document rounds it to 63 s.
@@ -18,7 +26,8 @@ The document contradicts itself about the reference ``ref``: its formulas
 use the band edge (pH 5.5 / 6.5, 560 / 840 ppm), its worked example the
 target (e = 6.0 − 5.3 → 35 s). Both are here: ``variant="band"`` (default,
 the formulas) and ``variant="target"`` (the example), chosen by
-``ControllerOptions.rb_variant``. In both, RB only acts outside the band.
+``ControllerOptions.rb_variant``; ``"documented"`` is ``"band"`` with the
+document's pH gain. In every variant, RB only acts outside the band.
 
 The tank volume, stock concentration and flows come from
 :class:`~rules.controller.PlantConstants`, so another tank or pump changes
@@ -27,10 +36,12 @@ the nutrient and water doses consistently.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Literal
 
 from rules.controller import (
+    PH_PUMPS,
     ControllerError,
     ControllerOptions,
     Decision,
@@ -39,11 +50,12 @@ from rules.controller import (
     PlantConstants,
     register,
 )
+from rules.envelope import STEEPEST_GAIN
 
-__all__ = ["RbController", "RbSeconds", "RbThresholds", "rb_seconds"]
+__all__ = ["RbController", "RbSeconds", "RbThresholds", "ph_gain_s", "rb_seconds"]
 
-RbVariant = Literal["band", "target"]
-_VARIANTS: tuple[RbVariant, ...] = ("band", "target")
+RbVariant = Literal["band", "target", "documented"]
+_VARIANTS: tuple[RbVariant, ...] = ("band", "target", "documented")
 
 
 @dataclass(frozen=True)
@@ -83,25 +95,29 @@ def rb_seconds(
     variant: RbVariant = "band",
     thresholds: RbThresholds = RbThresholds(),  # noqa: B008 - frozen, immutable default
     plant: PlantConstants = PlantConstants(),  # noqa: B008 - frozen, immutable default
+    ph_gain_s: Mapping[str, float] | None = None,
 ) -> RbSeconds:
     """Seconds each pump should run for the given readings (pure function).
 
     ``variant`` picks the reference of the proportional terms: the band edge
-    (``"band"``) or the target (``"target"``). A ``water_level`` of ``None``
-    (no level sensor) disables the low-level refill rule.
+    (``"band"``, ``"documented"``) or the target (``"target"``). A
+    ``water_level`` of ``None`` (no level sensor) disables the low-level
+    refill rule. ``ph_gain_s`` gives each pH pump's seconds per pH unit
+    (:func:`ph_gain_s`); without it, the document's ``ph_gain_s_per_unit``.
     """
     if variant not in _VARIANTS:
         raise ValueError(f"variant must be one of {_VARIANTS}, got {variant!r}")
     t = thresholds
-    by_band = variant == "band"
+    by_band = variant != "target"
+    gain = ph_gain_s or {"ph_up": t.ph_gain_s_per_unit, "ph_down": t.ph_gain_s_per_unit}
 
     ph_up = ph_down = nutrient = refill = 0.0
     if ph < t.ph_low:
         ref = t.ph_low if by_band else t.ph_target
-        ph_up = min(t.cap_ph_s, (ref - ph) * t.ph_gain_s_per_unit)
+        ph_up = min(t.cap_ph_s, (ref - ph) * gain["ph_up"])
     elif ph > t.ph_high:
         ref = t.ph_high if by_band else t.ph_target
-        ph_down = min(t.cap_ph_s, (ph - ref) * t.ph_gain_s_per_unit)
+        ph_down = min(t.cap_ph_s, (ph - ref) * gain["ph_down"])
 
     volume_ml = plant.tank_volume_l * 1000.0
     if ppm < t.ppm_low:
@@ -117,6 +133,21 @@ def rb_seconds(
         refill = max(refill, t.low_level_refill_s)
 
     return RbSeconds(ph_up=ph_up, ph_down=ph_down, nutrient=nutrient, refill=refill)
+
+
+def ph_gain_s(plant: PlantConstants) -> dict[str, float]:
+    """Seconds of each pH pump per pH unit on this tank: ``ml/L per unit · V / flow``.
+
+    A pump whose solution's strength was never measured gets the steepest
+    plausible tank's (``1 / STEEPEST_GAIN`` ml/L per unit): RB must not
+    dose an unknown acid as if it were the document's dilute one.
+    """
+    gains = {}
+    for pump in PH_PUMPS:
+        strength = plant.ph_ml_per_l_per_unit.get(pump, 1.0 / STEEPEST_GAIN)
+        flow = plant.flow_ml_s.get(pump)
+        gains[pump] = 0.0 if flow is None else strength * plant.tank_volume_l / flow
+    return gains
 
 
 def _dose(actuator: str, seconds: float) -> Dose | None:
@@ -144,7 +175,7 @@ class RbController:
         variant = (options or ControllerOptions()).rb_variant
         if variant not in _VARIANTS:
             raise ControllerError(f"rb_variant must be one of {_VARIANTS}, got {variant!r}")
-        self.variant: RbVariant = "band" if variant == "band" else "target"
+        self.variant: RbVariant = variant  # type: ignore[assignment]  # checked just above
         self.thresholds = thresholds
 
     def seconds(self, ctx: DecisionContext) -> RbSeconds:
@@ -158,8 +189,9 @@ class RbController:
                               plant=ctx.plant)
         t = replace(self.thresholds, ph_low=low, ph_high=high, ph_target=ctx.setpoint)
         ppm = (t.ppm_low + t.ppm_high) / 2.0
+        gains = None if self.variant == "documented" else ph_gain_s(ctx.plant)
         return rb_seconds(ctx.measured, ppm, None, variant=self.variant, thresholds=t,
-                          plant=ctx.plant)
+                          plant=ctx.plant, ph_gain_s=gains)
 
     async def decide(self, ctx: DecisionContext) -> Decision:
         """Doses of ``ctx.loop``: nutrient and/or refill (tds), ph_up or ph_down (ph)."""

@@ -513,6 +513,24 @@ class Reservoir:
         rh = p.humidity_mean - p.humidity_amplitude * c
         return air, min(max(rh, 0.0), 100.0)
 
+    def titration_ml_per_l(self, pump: str, ph_from: float, ph_to: float) -> float:
+        """ml of ``pump``'s solution per litre of tank that take the tank from one pH to another.
+
+        The charge balance of the tank's present composition, with the small
+        dilution by the dose itself neglected: what a careful titration of a
+        sample of this tank would find. Positive when ``pump`` moves the pH
+        that way, negative when it cannot.
+        """
+        _pump_key(pump)
+        v = self._vol
+        carb, phos = self._carb / v, self._phos / v
+        b_from, _ = _required_base(ph_from, carb, phos)
+        b_to, _ = _required_base(ph_to, carb, phos)
+        per_litre = self._inflow[pump][1]  # mol of strong base per litre of solution
+        if per_litre == 0.0:
+            raise PlantError(f"pump {pump!r} does not move the pH")
+        return (b_to - b_from) / per_litre * 1000.0
+
     # --- outputs -------------------------------------------------------------
 
     def _tank_ph(self) -> float:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from rules import evaluate as ev
+from sim import evaluate as ev
 
 
 def test_metrics_of_a_known_curve() -> None:

@@ -356,7 +356,7 @@ async def test_what_the_adaptive_controller_learns_survives_the_store(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The real thing: adaptive's knowledge after the evaluation's scenarios, kept and restored."""
-    from rules.evaluate import learn
+    from sim.evaluate import learn
 
     state = await learn("adaptive")
     assert state, "the adaptive controller learned something"
