@@ -86,6 +86,7 @@ STANDARD_BAUDS = (1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200, 230400, 4
 NODE_WATCHDOG_S = 30.0
 """A node stops its actuators after this long without a frame (NODELINK.md)."""
 FLOW_ACTUATORS = ("nutrient", "ph_up", "ph_down", "refill")
+PH_PUMPS = ("ph_up", "ph_down")
 DEFAULT_FLOW_ML_S = 1.58
 
 
@@ -191,6 +192,7 @@ class PlantConfig:
     tank_volume_l: float = 10.0
     stock_ppm: float = 10000.0
     flow_ml_s: FrozenMap[str, float] = field(default_factory=_default_flows)
+    ph_ml_per_l_per_unit: FrozenMap[str, float] = field(default_factory=FrozenMap)
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,7 +206,7 @@ class ControlConfig:
     tds_setpoint: float
     ph_setpoint: float
     mode: str = "auto"
-    controller: str = "fuzzy"
+    controller: str = "adaptive"
     crop: str | None = None
     tds_band: tuple[float, float] | None = None
     ph_band: tuple[float, float] | None = None
@@ -219,6 +221,8 @@ class ControlConfig:
     tds_hold_s: float = 180.0
     ph_hold_s: float = 300.0
     max_cycle_s: float = 3600.0
+    tds_deadband_pct: float | None = None
+    ph_deadband: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -453,8 +457,17 @@ def _plant(sec: Section) -> PlantConfig:
     rate = num_range(0, 1000, lo_open=True, unit="ml/s")
     flow = FrozenMap((name, flows.get(name, rate, DEFAULT_FLOW_ML_S)) for name in FLOW_ACTUATORS)
     flows.finish()
+    strengths = sec.section("ph_ml_per_l_per_unit")
+    strength = num_range(0, 1000, lo_open=True, unit="ml/L per pH unit")
+    measured = {name: strengths.optional(name, strength) for name in PH_PUMPS}
+    strengths.finish()
     sec.finish()
-    return PlantConfig(tank_volume_l=tank, stock_ppm=stock, flow_ml_s=flow)
+    return PlantConfig(
+        tank_volume_l=tank,
+        stock_ppm=stock,
+        flow_ml_s=flow,
+        ph_ml_per_l_per_unit=FrozenMap((k, v) for k, v in measured.items() if v is not None),
+    )
 
 
 def _interval(value: Any) -> float:
@@ -503,7 +516,7 @@ def _control(sec: Section, controllers: Collection[str]) -> ControlConfig | None
         tds_setpoint=0.0,
         ph_setpoint=0.0,
         mode=sec.get("mode", runtime["mode"], "auto"),
-        controller=sec.get("controller", runtime["controller"], "fuzzy"),
+        controller=sec.get("controller", runtime["controller"], "adaptive"),
         crop=None if crop is None else crop.name,
         tds_band=None if crop is None else crop.ppm,
         ph_band=None if crop is None else crop.ph,
@@ -511,14 +524,28 @@ def _control(sec: Section, controllers: Collection[str]) -> ControlConfig | None
         ph_tolerance=sec.get("ph_tolerance", num_range(0, 2, lo_open=True), 0.15),
         schedule=sec.get("schedule", runtime["schedule"], ()),
         interval=sec.get("interval", runtime["interval"], 30.0),
-        rb_variant=sec.get("rb_variant", one_of("band", "target"), "band"),
+        rb_variant=sec.get("rb_variant", one_of("band", "target", "documented"), "band"),
         tds_average_s=sec.get("tds_average_s", duration_range(1, 600), 10.0),
         ph_average_s=sec.get("ph_average_s", duration_range(1, 600), 30.0),
         mixing_wait_s=sec.get("mixing_wait_s", duration_range(0, 3600), 60.0),
         tds_hold_s=sec.get("tds_hold_s", duration_range(0, 3600), 180.0),
         ph_hold_s=sec.get("ph_hold_s", duration_range(0, 3600), 300.0),
         max_cycle_s=sec.get("max_cycle_s", duration_range(60, 86400), 3600.0),
+        tds_deadband_pct=sec.optional("tds_deadband_pct", num_range(0, 50)),
+        ph_deadband=sec.optional("ph_deadband", num_range(0, 2)),
     )
+    for key, tolerance in (
+        ("tds_deadband_pct", config.tds_tolerance_pct),
+        ("ph_deadband", config.ph_tolerance),
+    ):
+        value = getattr(config, key)
+        if value is not None and value > tolerance:
+            tol_key = "tds_tolerance_pct" if key == "tds_deadband_pct" else "ph_tolerance"
+            sec.errors.add(
+                sec.path_of(key),
+                f"must be at most {tol_key} ({fmt_number(tolerance)}): no dose is made inside "
+                "the deadband, which lies inside the band",
+            )
     least = config.tds_hold_s + config.ph_hold_s
     if config.max_cycle_s < least:
         sec.errors.add(

@@ -46,6 +46,7 @@ from rules.controller import (
     create,
 )
 from rules.cycle import ControlCycle, CycleSettings, Triggers
+from rules.envelope import EnvelopeError, PhEnvelope
 from rules.safety import SafetyGuard, SafetyLimits, SafetyRefusal, SensorWatch
 from rules.severity import DEFAULT_BANDS, Band
 
@@ -60,6 +61,10 @@ _T = TypeVar("_T")
 TICK_S = 1.0
 
 
+#: The key under which the node's pH safety envelope is kept in the store's learned table.
+ENVELOPE_KEY = "ph-envelope"
+
+
 def _plant_constants(config: NodeConfig) -> PlantConstants:
     if config.plant is None:
         return PlantConstants()
@@ -67,6 +72,7 @@ def _plant_constants(config: NodeConfig) -> PlantConstants:
         tank_volume_l=config.plant.tank_volume_l,
         stock_ppm=config.plant.stock_ppm,
         flow_ml_s=dict(config.plant.flow_ml_s),
+        ph_ml_per_l_per_unit=dict(config.plant.ph_ml_per_l_per_unit),
     )
 
 
@@ -76,6 +82,9 @@ def plant_fingerprint(plant: PlantConstants) -> dict[str, Any]:
         "tank_volume_l": float(plant.tank_volume_l),
         "stock_ppm": float(plant.stock_ppm),
         "flow_ml_s": {a: float(f) for a, f in sorted(plant.flow_ml_s.items())},
+        "ph_ml_per_l_per_unit": {
+            a: float(v) for a, v in sorted(plant.ph_ml_per_l_per_unit.items())
+        },
     }
 
 
@@ -131,11 +140,13 @@ class NodeControl:
         self.plant = _plant_constants(config)
         self.watch = SensorWatch()
         self.guard = SafetyGuard(_limits(config), actuators=(), watch=self.watch)
+        self.envelope = PhEnvelope(self.plant, name=node.name)
         self.settings: ControlConfig | None = config.control
         self._controller: Controller | None = None
         self._cycle: ControlCycle | None = None
         self._triggers: Triggers | None = None
         self.last_dose_text: str | None = None
+        self._reported_lock: str | None = None
         self._last_failure: str | None = None
         # Learned state (Learner controllers): restore due after every new
         # controller; the lock makes a tick wait for a restore under way.
@@ -197,6 +208,7 @@ class NodeControl:
             self._controller,
             self.plant,
             actuators=self._node.actuators or ("nutrient", "ph_up", "ph_down", "refill"),
+            envelope=self.envelope,
         )
         triggers = self._triggers
         if triggers is None or (triggers.schedule, triggers.interval_s) != (
@@ -208,6 +220,7 @@ class NodeControl:
     async def load_settings(self) -> None:
         """Restore run-time settings, the rolling-hour actuation ledger and what was learned."""
         await self._load_settings()
+        await self._restore_envelope()
         await self._restore_learned()
 
     async def _load_settings(self) -> None:
@@ -282,6 +295,72 @@ class NodeControl:
             extra=fields(node=self._node.name),
         )
         return current
+
+    # ------------------------------------------------------------ pH envelope
+    async def _restore_envelope(self) -> None:
+        """Take back what the pH envelope knew of this tank, and above all its lock.
+
+        Knowledge measured under other plant constants (volume, flows, the
+        solutions' strength) is dropped, but a lock never is: only the grower
+        releases it (`acknowledge`).
+        """
+        node = self._node.name
+        try:
+            saved = await self._store.load_learned(node, ENVELOPE_KEY)
+        except StoreError as exc:
+            log.warning("node %s: the pH envelope's state cannot be read (%s); it starts fresh",
+                        node, exc, extra=fields(node=node))
+            return
+        if saved is None:
+            return
+        state, plant = saved
+        try:
+            self.envelope.restore(state)
+        except EnvelopeError as exc:
+            log.warning("node %s: %s; it starts fresh", node, exc, extra=fields(node=node))
+            return
+        if plant != plant_fingerprint(self.plant):
+            locked = self.envelope.locked
+            self.envelope.acknowledge()
+            self.envelope.locked = locked
+            log.info("node %s: the plant constants changed, so the pH envelope measures the "
+                     "tank again", node, extra=fields(node=node))
+        if self.envelope.locked is not None:
+            log.error("node %s: %s", node, self.envelope.locked, extra=fields(node=node))
+
+    async def _save_envelope(self) -> None:
+        """Save the envelope's knowledge when it changed (a lock must survive a restart)."""
+        if not self.envelope.take_changed():
+            return
+        try:
+            await self._store.save_learned(
+                self._node.name, ENVELOPE_KEY, self.envelope.learned(),
+                plant_fingerprint(self.plant), ts=self._clock.time(),
+            )
+        except StoreError as exc:
+            log.warning("node %s: cannot save the pH envelope's state: %s", self._node.name, exc,
+                        extra=fields(node=self._node.name))
+
+    @property
+    def alarm(self) -> str | None:
+        """Why automatic control needs the grower (the pH lock), or ``None``."""
+        return self.envelope.locked
+
+    async def acknowledge(self, source: str) -> bool:
+        """The grower acknowledged: release the pH lock and measure the tank again."""
+        was = self.envelope.acknowledge()
+        log.warning(
+            "node %s: %s by %s; automatic pH dosing %s",
+            self._node.name,
+            "pH lock acknowledged" if was else "acknowledged (nothing was locked)",
+            source,
+            "resumes, measuring the tank again from small doses" if was else "continues",
+            extra=fields(node=self._node.name),
+        )
+        if was:
+            self._node.record(int(self._clock.time() * 1000), {"ph_lock": "released"})
+        await self._save_envelope()
+        return was
 
     # ------------------------------------------------------- learned state
     async def _restore_learned(self) -> None:
@@ -436,6 +515,11 @@ class NodeControl:
                 # Logged and recorded where raised; the cycle re-decides next window.
                 continue
             cycle.ran(granted)
+        locked = self.envelope.locked
+        if locked is not None and locked != self._reported_lock:
+            self._node.record(int(self._clock.time() * 1000), {"ph_lock": locked})
+        self._reported_lock = locked
+        await self._save_envelope()
         await self._save_learned()
 
     def _start(self, now: float, why: str) -> None:
@@ -543,7 +627,10 @@ class NodeControl:
     # ------------------------------------------------------------------- RPC
     def state(self) -> dict[str, Any]:
         """Cycle state and every control setting by its config name."""
-        state: dict[str, Any] = {"cycle": self._cycle.state if self._cycle else "idle"}
+        state: dict[str, Any] = {
+            "cycle": self._cycle.state if self._cycle else "idle",
+            "ph_lock": self.envelope.locked,
+        }
         if self.settings is not None:
             state.update(settings_of(self.settings))
             decision = self._cycle.last_decision if self._cycle else None
@@ -574,6 +661,8 @@ class NodeControl:
             if not await self._node.stop_actuators():
                 raise CommandError("cycle aborted, but the node did not confirm stop")
             return {"cycle": "idle"}
+        if method == "acknowledge":
+            return {"released": await self.acknowledge("RPC acknowledge")}
         if method == "set_mode":
             mode = params.get("mode") if isinstance(params, Mapping) else params
             current = await self.update_settings({"mode": mode}, source="RPC set_mode")

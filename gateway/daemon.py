@@ -32,6 +32,9 @@ log = logging.getLogger("hydrogate")
 STOP_ACTUATORS_S = 5.0
 #: Keys a node's shared attributes may set (CONTRACT.md).
 SHARED_KEYS = ("mode", "controller", "tds_setpoint", "ph_setpoint", "schedule", "interval")
+#: A shared attribute whose every update acknowledges a stop of automatic control (the pH
+#: lock); it is an event, not a setting, so it is never requested at a session start.
+ACKNOWLEDGE = "acknowledge"
 
 
 class Gateway:
@@ -222,8 +225,13 @@ class Gateway:
         if runner is None:
             log.warning("attributes for unknown device %r ignored", device)
             return
+        if ACKNOWLEDGE in data and self._tg is not None:
+            self._tg.create_task(
+                runner.control.acknowledge("shared attribute acknowledge"),
+                name=f"acknowledge:{device}",
+            )
         update = {k: v for k, v in data.items() if k in SHARED_KEYS}
-        ignored = sorted(set(data) - set(update) - {"deleted"})
+        ignored = sorted(set(data) - set(update) - {"deleted", ACKNOWLEDGE})
         if ignored:
             log.info("device %s: attributes %s are not settings, ignored", device, ignored)
         if not update or runner.control.settings is None or self._tg is None:

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import math
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 from drivers.backoff import Backoff
@@ -248,8 +249,11 @@ class NodeRunner:
             return
         self._severity_at = now
         severity = assess(self.latest, self.control.severity_bands)
+        alarm = self.control.alarm
+        if alarm is not None:  # automatic control stopped itself: the grower must act
+            severity = replace(severity, level="urgent", reason=f"{alarm}; {severity.reason}")
         off = tuple(sorted(k for k, degree in severity.degrees.items() if degree > 0))
-        key = (severity.level, off)
+        key = (severity.level, (*off, *(("lock",) if alarm else ())))
         self.severity = severity
         if key == self._severity_key:
             return
