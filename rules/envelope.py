@@ -130,7 +130,7 @@ class Anchor:
 
     def bound(self, x: float) -> float:
         """The steepest gain the curve can have at ``x`` given this anchor."""
-        return self.gain * 10.0 ** (self.spread + abs(x - self.ph))
+        return self.gain * math.exp(LN10 * (self.spread + abs(x - self.ph)))
 
 
 @dataclass

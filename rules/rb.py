@@ -175,7 +175,7 @@ class RbController:
         variant = (options or ControllerOptions()).rb_variant
         if variant not in _VARIANTS:
             raise ControllerError(f"rb_variant must be one of {_VARIANTS}, got {variant!r}")
-        self.variant: RbVariant = variant  # type: ignore[assignment]  # checked just above
+        self.variant: RbVariant = next(v for v in _VARIANTS if v == variant)
         self.thresholds = thresholds
 
     def seconds(self, ctx: DecisionContext) -> RbSeconds:
