@@ -42,9 +42,11 @@ The bound is the least of these at the pH in question, times ``distrust``.
 3. After a dose with no visible response the next may be at most
    :data:`GROWTH` times larger (a response may be late; a dose grows only
    when the last one is known to have done little).
-4. A response larger than the bound allowed means the tank is steeper than
-   plausible: ``distrust`` grows by the ratio, so every later dose shrinks,
-   and it is logged.
+4. A response larger than the bound allowed shrinks every later dose, and
+   is logged: when earlier measurements allowed it, the tank has changed
+   since (a new solution) and the new, steeper measurement replaces them;
+   when only the configured strength or the plausible extremes did, the tank
+   is steeper than the model allows and ``distrust`` grows by the ratio.
 5. A dose that settles beyond the band on the far side of the setpoint is an
    overshoot; :data:`OVERSHOOTS_TO_LOCK` in a row stop automatic pH dosing
    until the grower acknowledges (RPC or attribute ``acknowledge``): two
@@ -274,16 +276,10 @@ class PhEnvelope:
         else:
             self._probe.pop(dose.pump, None)
             span = max(change + tail, DETECT_PH)
-            anchors.append(Anchor(dose.before + sign * span / 2, span / dose.per_l, span / 2))
+            anchor = Anchor(dose.before + sign * span / 2, span / dose.per_l, span / 2)
             if change > dose.predicted + DETECT_PH:
-                ratio = min(change / max(dose.predicted, 1e-9), MAX_DISTRUST_STEP)
-                self.distrust *= ratio
-                _log.warning(
-                    "%s%s moved the pH by %.2f where at most %.2f was plausible: the tank is "
-                    "steeper than assumed, every later pH dose is %.1f times smaller",
-                    self._who(), dose.pump, change, dose.predicted, self.distrust,
-                    extra={"actuator": dose.pump},
-                )
+                self._surprised(dose, change, anchors)
+            anchors.append(anchor)
         del anchors[:-MAX_ANCHORS]
         past = (after - setpoint) * sign
         if past > tolerance:
@@ -303,6 +299,31 @@ class PhEnvelope:
         else:
             self.overshoots = 0
         self._changed = True
+
+    def _surprised(self, dose: _Pending, change: float, anchors: list[Anchor]) -> None:
+        """A response larger than the bound allowed: every later dose must be smaller.
+
+        When what was measured before bounded it, the tank has changed since (a
+        new nutrient solution, other water): those measurements go, and the new
+        one, steeper, sizes the later doses. When only the configured strength
+        or the plausible extremes bounded it, the tank is steeper than the
+        model allows at all: every later dose shrinks by the surprise.
+        """
+        measured = any(a.measured for a in anchors)
+        if measured:
+            anchors.clear()
+            how = "the tank changed since it was measured; it is measured again from this dose"
+        else:
+            self.distrust *= min(change / max(dose.predicted, 1e-9), MAX_DISTRUST_STEP)
+            how = (
+                f"the tank is steeper than assumed, every later pH dose is "
+                f"{self.distrust:.1f} times smaller"
+            )
+        _log.warning(
+            "%s%s moved the pH by %.2f where at most %.2f was plausible: %s",
+            self._who(), dose.pump, change, dose.predicted, how,
+            extra={"actuator": dose.pump},
+        )
 
     def acknowledge(self) -> bool:
         """The grower looked: unlock, and start measuring the tank again. True if locked."""

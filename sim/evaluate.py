@@ -138,13 +138,15 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario("ph_up_6.5", "pH 4.8 → 6.5", "ph", 800.0, 4.8, 6.5),
     Scenario("ph_down_6.0_5.0", "pH 6.0 → 5.0", "ph", 800.0, 6.0, 5.0),
     Scenario("ph_down_5.5_5.0", "pH 5.5 → 5.0", "ph", 800.0, 5.5, 5.0),
+    # Issue 11: an urgent pH with TDS already on target (it once never got past the TDS loop).
+    Scenario("ph_down_7.2_6.0", "pH 7.2 → 6.0, TDS on target", "ph", 800.0, 7.2, 6.0),
 )
 QUICK_SCENARIOS: tuple[str, ...] = (
     "tds_up_1000",
     "tds_down_800",
     "ph_up_6.5",
     "ph_down_6.0_5.0",
-    "ph_down_5.5_5.0",
+    "ph_down_7.2_6.0",
 )
 
 DEFINITIONS = """\

@@ -147,6 +147,7 @@ def test_contract_example_parses_to_the_expected_dataclasses() -> None:
                 control=ControlConfig(
                     tds_setpoint=800.0,
                     ph_setpoint=6.0,
+                    controller="fuzzy",
                     crop="lettuce",
                     tds_band=(560.0, 840.0),
                     ph_band=(6.0, 7.0),
@@ -510,7 +511,7 @@ BAD = [
         "nodes.0.control.rb_variant",
         "mid",
         "nodes[0].control.rb_variant",
-        "must be one of band, target; not 'mid'",
+        "must be one of band, target, documented; not 'mid'",
     ),
     (
         "nodes.0.control.tds_average_s",
@@ -1051,7 +1052,7 @@ def test_summary() -> None:
         "  tank-a: tcp://192.168.1.50:3333, poll 5 s, calibrated: ph, tds; "
         "auto fuzzy, tds 800 ppm, pH 6 (lettuce), every 30 s, at 09:00 15:00 21:00",
         "  tank-b: serial:///dev/ttyUSB0?baud=115200, poll 5 s, calibrated: none; "
-        "auto fuzzy, tds 700 ppm, pH 6.5 (lettuce), every 30 s",
+        "auto adaptive, tds 700 ppm, pH 6.5 (lettuce), every 30 s",
     ]
     offline = parse_config(
         changed(changed(base(), "thingsboard", DELETE), "nodes.1.control", DELETE)

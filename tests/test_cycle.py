@@ -10,6 +10,7 @@ import pytest
 
 from rules.controller import Decision, DecisionContext, Dose, PlantConstants
 from rules.cycle import ControlCycle, CycleSettings, Triggers
+from rules.envelope import STEEPEST_GAIN
 
 ALL = ("nutrient", "ph_up", "ph_down", "refill")
 
@@ -32,8 +33,8 @@ class FakeController:
         self.closed = True
 
 
-def settings(**kw: float) -> CycleSettings:
-    base: dict[str, float] = {
+def settings(**kw: object) -> CycleSettings:
+    base: dict[str, object] = {
         "tds_setpoint": 800.0,
         "ph_setpoint": 6.0,
         "tds_average_s": 10.0,
@@ -74,22 +75,106 @@ async def test_idle_cycle_does_nothing() -> None:
     assert ctl.contexts == []
 
 
-async def test_in_band_cycle_holds_tds_then_ph_then_ends() -> None:
+async def test_on_target_loops_end_after_one_window_without_a_decision() -> None:
     ctl = FakeController(never)
     cycle = ControlCycle(settings(), ctl, PlantConstants(), actuators=ALL)
     cycle.start(0.0)
     assert cycle.state == "tds"
-    await run(cycle, 0.0, 189.0, lambda t: {"tds": 800.0, "ph": 6.0})
-    # Window full at 10 s, hold from 10 s, done at 190 s.
-    assert cycle.state == "tds"
-    await cycle.tick(190.0, {"tds": 800.0, "ph": 6.0})
+    await run(cycle, 0.0, 9.0, lambda t: {"tds": 800.0, "ph": 6.0})
+    assert cycle.state == "tds"  # the 10 s window is not full yet
+    await cycle.tick(10.0, {"tds": 800.0, "ph": 6.0})
+    assert cycle.state == "ph"  # nothing dosed, inside the deadband: nothing to wait for
+    await run(cycle, 11.0, 39.0, lambda t: {"tds": 800.0, "ph": 6.0})
     assert cycle.state == "ph"
-    await run(cycle, 191.0, 519.0, lambda t: {"tds": 800.0, "ph": 6.0})
-    assert cycle.state == "ph"
-    await cycle.tick(520.0, {"tds": 800.0, "ph": 6.0})  # 190 + 30 window + 300 hold
+    await cycle.tick(40.0, {"tds": 800.0, "ph": 6.0})
     assert cycle.state == "idle"
     assert cycle.outcome == "done"
-    assert {c.loop for c in ctl.contexts} == {"tds", "ph"}
+    assert ctl.contexts == []  # the controller was never asked
+
+
+async def test_a_loop_inside_its_band_trims_then_holds() -> None:
+    ctl = FakeController(never)
+    cycle = ControlCycle(settings(), ctl, PlantConstants(), actuators=ALL)
+    cycle.start(0.0)
+    # 780 ppm: inside the 5 % band, outside the 1.25 % deadband; pH on target.
+    await run(cycle, 0.0, 189.0, lambda t: {"tds": 780.0, "ph": 6.0})
+    assert cycle.state == "tds"  # window full at 10 s, hold from 10 s
+    assert ctl.contexts and ctl.contexts[0].loop == "tds"
+    await cycle.tick(190.0, {"tds": 780.0, "ph": 6.0})
+    assert cycle.state == "ph"
+
+
+async def test_a_trim_lets_an_out_of_band_loop_go_first() -> None:
+    ctl = FakeController(never)
+    cycle = ControlCycle(settings(), ctl, PlantConstants(), actuators=ALL)
+    cycle.start(0.0)
+    # TDS needs a trim at most, the pH is urgent: pH first, then the TDS trim.
+    await run(cycle, 0.0, 10.0, lambda t: {"tds": 780.0, "ph": 7.2})
+    assert cycle.state == "ph"
+    await run(cycle, 11.0, 200.0, lambda t: {"tds": 780.0, "ph": 6.0 if t > 100 else 7.2})
+    assert cycle.state == "tds"  # back to the trim once the pH is on target
+    loops = [c.loop for c in ctl.contexts]
+    assert loops[0] == "ph" and loops[-1] == "tds"
+    await run(cycle, 201.0, 400.0, lambda t: {"tds": 780.0, "ph": 6.0})
+    assert cycle.outcome == "done"  # deferred once only: its hold ends the cycle
+
+
+async def test_deadband_means_no_decision_whatever_the_controller() -> None:
+    def always(ctx: DecisionContext) -> tuple[Dose, ...]:
+        return (Dose("nutrient", 255, 1000), Dose("refill", 255, 1000))
+
+    ctl = FakeController(always)
+    cycle = ControlCycle(
+        settings(tds_deadband_pct=2.0, tds_hold_s=1000), ctl, PlantConstants(), actuators=ALL
+    )
+    cycle.start(0.0)
+    # 790 ppm is 1.25 % off: inside the 2 % deadband, so the loop is done at once.
+    assert await run(cycle, 0.0, 10.0, lambda t: {"tds": 790.0, "ph": 6.0}) == []
+    assert cycle.state == "ph" and ctl.contexts == []
+
+
+async def test_only_doses_towards_the_setpoint_pass() -> None:
+    def both(ctx: DecisionContext) -> tuple[Dose, ...]:
+        return (Dose("nutrient", 255, 1000), Dose("refill", 255, 1000))
+
+    cycle = ControlCycle(settings(), FakeController(both), PlantConstants(), actuators=ALL)
+    cycle.start(0.0)
+    doses = await run(cycle, 0.0, 10.0, lambda t: {"tds": 500.0, "ph": 6.0})
+    assert [d.actuator for _, d in doses] == ["nutrient"]  # water would move TDS away
+    cycle2 = ControlCycle(settings(), FakeController(both), PlantConstants(), actuators=ALL)
+    cycle2.start(0.0)
+    doses = await run(cycle2, 0.0, 10.0, lambda t: {"tds": 1000.0, "ph": 6.0})
+    assert [d.actuator for _, d in doses] == ["refill"]
+
+
+async def test_ph_doses_are_cut_to_the_envelope_and_it_learns_what_ran() -> None:
+    def big(ctx: DecisionContext) -> tuple[Dose, ...]:
+        return (Dose("ph_up", 255, 60_000),)
+
+    ctl = FakeController(big)
+    plant = PlantConstants(tank_volume_l=10.0)  # pumps of 1.58 ml/s, strength unknown
+    cycle = ControlCycle(settings(loops=("ph",)), ctl, plant, actuators=ALL)
+    cycle.start(0.0)
+    doses = await run(cycle, 0.0, 100.0, lambda t: {"ph": 5.0})
+    # Two windows must agree first (30 s each); then at most 0.3 pH on the steepest curve.
+    assert [t for t, _ in doses] == [60.0]
+    allowed_ml = 0.3 / STEEPEST_GAIN * 10.0
+    assert doses[0][1].ms == math.floor(allowed_ml / (1.58 / 1000.0))
+    assert ctl.contexts[-1].max_ml["ph_up"] == pytest.approx(allowed_ml)
+    assert ctl.contexts[-1].max_ml["ph_down"] == 0.0
+    cycle.ran(doses[0][1])
+    assert cycle.envelope.waiting
+
+
+async def test_a_locked_envelope_skips_the_ph_loop() -> None:
+    ctl = FakeController(never)
+    cycle = ControlCycle(settings(), ctl, PlantConstants(), actuators=ALL)
+    cycle.envelope.locked = "stopped after two overshoots"
+    cycle.start(0.0)
+    await run(cycle, 0.0, 10.0, lambda t: {"tds": 800.0, "ph": 7.5})
+    assert cycle.state == "idle" and cycle.outcome == "done"
+    assert all(c.loop != "ph" for c in ctl.contexts)
+    assert cycle.acknowledge() is True and cycle.envelope.locked is None
 
 
 async def test_decision_context_and_window_average() -> None:
@@ -118,13 +203,13 @@ async def test_dose_then_mixing_wait_then_fresh_window() -> None:
     ctl = FakeController(policy)
     cycle = ControlCycle(settings(), ctl, PlantConstants(), actuators=ALL)
     cycle.start(0.0)
-    doses = await run(cycle, 0.0, 200.0, lambda t: {"tds": 500.0 if t < 100 else 800.0})
+    doses = await run(cycle, 0.0, 200.0, lambda t: {"tds": 500.0 if t < 100 else 700.0})
     times = [t for t, _ in doses]
     # First decision at 10 s; the dose runs 2 s, the tank mixes 60 s, a fresh 10 s window.
     assert times[0] == 10.0
     assert times[1] == 10.0 + 2.0 + 60.0 + 10.0
     # Readings during the mixing wait are not used: the third context averages only t >= 146 s.
-    assert ctl.contexts[2].measured == 800.0
+    assert ctl.contexts[2].measured == 700.0
 
 
 async def test_only_loop_actuators_and_real_doses_pass() -> None:
@@ -162,7 +247,7 @@ async def test_dose_resets_hold() -> None:
         settings(tds_hold_s=30), FakeController(policy), PlantConstants(), actuators=ALL
     )
     cycle.start(0.0)
-    doses = await run(cycle, 0.0, 125.0, lambda t: {"tds": 790.0, "ph": 6.0})
+    doses = await run(cycle, 0.0, 125.0, lambda t: {"tds": 780.0, "ph": 6.0})
     assert [t for t, _ in doses] == [20.0]
     # Without the dose the loop would end at 40 s; with it the hold restarts
     # after 1 s run + 60 s mixing + 10 s window: 91 s + 30 s hold.
@@ -215,6 +300,15 @@ def test_settings_validate() -> None:
         settings(mixing_wait_s=-1)
     with pytest.raises(ValueError):
         CycleSettings(tds_setpoint=1, ph_setpoint=6, loops=("ec",))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="ph_deadband"):
+        settings(ph_deadband=0.2)  # wider than the band
+
+
+def test_deadband_defaults_to_a_quarter_of_the_band() -> None:
+    s = settings()
+    assert s.deadband("tds") == pytest.approx(800.0 * 0.0125)
+    assert s.deadband("ph") == pytest.approx(0.0375)
+    assert settings(ph_deadband=0.0).deadband("ph") == 0.0
 
 
 # --- triggers ----------------------------------------------------------------------------------

@@ -1,15 +1,15 @@
-"""``hydrogate evaluate``: metric definitions, and the quick run with the adaptive targets."""
+"""``hydrogate evaluate``: metric definitions, the full cycle on the thesis rig, a small sweep."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import time
 from pathlib import Path
 
 import pytest
 
 from sim import evaluate as ev
+from sim.tanks import Tank, family
 
 
 def test_metrics_of_a_known_curve() -> None:
@@ -46,14 +46,6 @@ def test_metrics_downward_step_and_never_settling() -> None:
     assert m.steady_state_error == pytest.approx(6.0 - 0.004 * 69 - 5.0)  # mean of t >= 39 s
 
 
-def test_minimum_volume_is_mass_balance() -> None:
-    params = ev.plant_params()
-    up = next(s for s in ev.SCENARIOS if s.name == "tds_up_700")
-    down = next(s for s in ev.SCENARIOS if s.name == "tds_down_800")
-    assert ev.minimum_ml(up, params) == pytest.approx(10_000 * 400 / 9_300)
-    assert ev.minimum_ml(down, params) == pytest.approx(10_000 * (1300 / 800 - 1))
-
-
 def test_volume_until_counts_running_doses_up_to_the_moment() -> None:
     flows = {"nutrient": 12.0, "ph_up": 1.58}
     doses = [
@@ -79,116 +71,142 @@ def test_volume_per_step_and_band_entry() -> None:
     assert half.band_entry_s is None and half.ml_per_step == pytest.approx(100.0)
 
 
-def test_target_misses_names_each_failure() -> None:
-    scenario = next(s for s in ev.SCENARIOS if s.name == "ph_up_6.0")
-    good = ev.Metrics(100.0, 50.0, 300.0, 1.0, 0.01, {"ph_up": 20.0}, 200.0, 19.0, 1.0)
-    ref = ev.Metrics(100.0, 50.0, 600.0, 1.0, 0.01, {"ph_up": 25.0}, 200.0, 20.0, 1.0)
-    assert ev.target_misses(scenario, good, ref) == []
-    bad = ev.Metrics(100.0, 50.0, None, 4.0, 0.06, {"ph_up": 30.0}, 200.0, 30.0, 1.0)
-    misses = ev.target_misses(scenario, bad, ref)
-    assert [m.split(" ")[0] for m in misses] == [
-        "does",
-        "overshoot",
-        "steady-state",
-        "settles",
-        "more",
-    ]
+def test_small_steps_settle_within_the_promised_accuracy() -> None:
+    # A 0.1 pH step: 5 % of it (0.005) is finer than the probe; 0.05 pH is the promise.
+    times = [float(t) for t in range(100)]
+    m = ev.metrics(times, [6.13] * 100, start=6.2, setpoint=6.1, loop="ph", volume_ml={})
+    assert m.settled
+    m = ev.metrics(times, [6.16] * 100, start=6.2, setpoint=6.1, loop="ph", volume_ml={})
+    assert not m.settled
 
 
-def test_quick_set_covers_every_kind_of_step() -> None:
-    quick = [s for s in ev.SCENARIOS if s.name in ev.QUICK_SCENARIOS]
-    kinds = {(s.loop, s.setpoint > s.start) for s in quick}
-    assert kinds == {("tds", True), ("tds", False), ("ph", True), ("ph", False)}
-    assert {"ph_down_6.0_5.0", "ph_down_5.5_5.0"} <= set(ev.QUICK_SCENARIOS)
+def test_overshoot_is_the_step_response_and_the_ph_step_starts_with_its_loop() -> None:
+    times = [float(t) for t in range(300)]
+    # Before 100 s the TDS loop's nutrient pulls the pH from 6.8 to 5.6; the pH loop then
+    # brings it to 6.0; after the cycle ends (250 s) uptake drifts it to 6.08.
+    values = [6.8 - 0.012 * t if t < 100 else min(6.0, 5.6 + 0.01 * (t - 100)) for t in times]
+    values = [v if t < 250 else 6.0 + 0.001 * (t - 250) for t, v in zip(times, values, strict=True)]
+    m = ev.metrics(times, values, start=5.6, setpoint=6.0, loop="ph", volume_ml={},
+                   response_from=100.0, response_until=250.0)
+    assert m.overshoot_pct == 0.0
+    assert m.delay_s == 120.0  # still counted from the start of the cycle
+
+
+def _result(tank: Tank, times: list[float], ph: list[float], first_ph_dose: float) -> ev.Result:
+    r = ev.Result(tank, "x", times=times, tds=[800.0] * len(times), ph=ph)
+    r.doses.append((first_ph_dose, "ph_down", 255, 1000))
+    return r
+
+
+def test_excursion_counts_what_dosing_made_worse() -> None:
+    tank = next(s for s in ev.SCENARIOS if s.name == "ph_down_7.2_6.0").tank()
+    times = [float(t) for t in range(10)]
+    # From 7.2 (1.05 above the band) down to 6.0: on the way in, no excursion.
+    r = _result(tank, times, [7.2, 7.0, 6.8, 6.5, 6.2, 6.0, 6.0, 6.0, 6.0, 6.0], 1.0)
+    assert ev.excursion(r) == 0.0
+    # Through the band and 0.2 below it.
+    r = _result(tank, times, [7.2, 6.5, 6.0, 5.8, 5.65, 5.9, 6.0, 6.0, 6.0, 6.0], 1.0)
+    assert ev.excursion(r) == pytest.approx(0.2)
+    # Further up than where dosing started.
+    r = _result(tank, times, [7.2, 7.3, 7.5, 7.2, 7.0, 6.5, 6.0, 6.0, 6.0, 6.0], 0.0)
+    assert ev.excursion(r) == pytest.approx(0.3)
+
+
+def test_misses_names_each_failure() -> None:
+    tank = next(s for s in ev.SCENARIOS if s.name == "ph_up_6.0").tank()
+    good = ev.Metrics(100.0, 50.0, 300.0, 1.0, 0.01, {}, 200.0, None, 1.0)
+    r = ev.Result(tank, "x", first_cycle_s=900.0, metrics={"tds": good, "ph": good})
+    assert ev.misses(r) == []
+    bad = ev.Metrics(100.0, 50.0, None, 6.0, 0.06, {}, 200.0, None, 1.0)
+    r = ev.Result(tank, "x", metrics={"tds": good, "ph": bad}, locked="two overshoots")
+    assert [m.split(" ")[0] for m in ev.misses(r)] == ["cycle", "ph", "ph", "ph", "pH"]
 
 
 def test_quick_run_writes_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     parser = argparse.ArgumentParser()
     ev.add_arguments(parser)
-    args = parser.parse_args(["--quick", "--out", str(tmp_path)])
-    started = time.monotonic()
+    args = parser.parse_args(
+        ["--quick", "--sweep", "2", "--week", "0.1", "--week-tanks", "1", "--out", str(tmp_path)]
+    )
     assert ev.run(args) == 0
-    assert time.monotonic() - started < 20.0
     out = capsys.readouterr().out
     assert "| TDS 300 → 1000 ppm | adaptive |" in out
     doc = (tmp_path / "control.md").read_text(encoding="utf-8")
-    assert "## Definitions" in doc and "| pH 5.5 → 5.0 | fuzzy |" in doc
-    assert "to band ml" in doc and "ml per step" in doc
+    assert "## Definitions" in doc and "| pH 7.2 → 6.0, TDS on target | fuzzy |" in doc
+    assert "## The sweep: 2 tanks nobody tuned on" in doc and "| adaptive | 2 |" in doc
+    assert "## A week on target" in doc and "--week 0.1 --week-tanks 1" in doc
     pngs = sorted(p.name for p in (tmp_path / "img").iterdir())
     assert pngs == sorted(f"control_{name}.png" for name in ev.QUICK_SCENARIOS)
     assert all((tmp_path / "img" / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
 
 
+# --- the control stack on the thesis rig and on tanks nobody tuned on --------------------------
+
+
 @pytest.fixture(scope="module")
-def quick_results() -> dict[tuple[str, str], ev.Result]:
-    """Adaptive (first hour and learned) and fuzzy on every quick scenario, run once."""
+def rig() -> dict[tuple[str, str], ev.Result]:
+    """Full cycles on the thesis rig: the quick scenarios with fuzzy, rb and adaptive."""
     scenarios = [s for s in ev.SCENARIOS if s.name in ev.QUICK_SCENARIOS]
-    results = asyncio.run(ev.evaluate(scenarios, ("fuzzy", "adaptive", "adaptive+learned")))
-    return {(r.scenario.name, r.controller): r for r in results}
+
+    async def all_runs() -> list[ev.Result]:
+        return [await ev.run_scenario(s, n) for s in scenarios for n in ("fuzzy", "rb", "adaptive")]
+
+    return {(r.scenario.name, r.controller): r for r in asyncio.run(all_runs())
+            if r.scenario is not None}
 
 
-@pytest.mark.parametrize("controller", ["adaptive", "adaptive+learned"])
 @pytest.mark.parametrize("scenario_name", list(ev.QUICK_SCENARIOS))
-def test_adaptive_targets(
-    scenario_name: str, controller: str, quick_results: dict[tuple[str, str], ev.Result]
+def test_adaptive_meets_every_target_on_the_rig(
+    scenario_name: str, rig: dict[tuple[str, str], ev.Result]
 ) -> None:
-    """Issue 3's targets for adaptive, on every quick scenario, against fuzzy."""
-    scenario = next(s for s in ev.SCENARIOS if s.name == scenario_name)
-    mine, fuzzy = quick_results[scenario_name, controller], quick_results[scenario_name, "fuzzy"]
-    m, f = mine.metrics, fuzzy.metrics
-    assert m is not None and f is not None
-    assert m.settling_s is not None, "adaptive must settle"
-    assert m.overshoot_pct <= 3.0
-    assert m.steady_state_error <= (2.0 if scenario.loop == "tds" else 0.05)
-    assert f.settling_s is None or m.settling_s < f.settling_s
-    least = ev.minimum_ml(scenario, ev.plant_params())
-    if least is not None:
-        assert m.total_ml <= 1.01 * least
-    if f.band_ml is not None:
-        assert m.ml_per_step is not None and f.ml_per_step is not None
-        assert m.ml_per_step <= 1.01 * f.ml_per_step
-    assert ev.target_misses(scenario, m, f) == []
-    # Every dose went through the safety guard and none was refused on this plant.
-    assert mine.refusals == []
+    result = rig[scenario_name, "adaptive"]
+    assert ev.misses(result) == []
+    assert result.refusals == []  # every dose within the safety limits
 
 
-async def test_learned_adaptive_meets_every_target_on_every_scenario() -> None:
-    """Issue 3's targets, all nine scenarios: adaptive once it knows the tank."""
-    results = await ev.evaluate(ev.SCENARIOS, ("fuzzy", "adaptive+learned"))
-    by_key = {(r.scenario.name, r.controller): r.metrics for r in results}
-    misses = {}
-    for scenario in ev.SCENARIOS:
-        mine, fuzzy = by_key[scenario.name, "adaptive+learned"], by_key[scenario.name, "fuzzy"]
-        assert mine is not None and fuzzy is not None
-        if found := ev.target_misses(scenario, mine, fuzzy):
-            misses[scenario.name] = found
-    assert misses == {}
+@pytest.mark.parametrize("controller", ["fuzzy", "rb", "adaptive"])
+def test_no_controller_takes_the_ph_beyond_the_band_on_the_rig(
+    controller: str, rig: dict[tuple[str, str], ev.Result]
+) -> None:
+    worst = max(r.excursion for (_, c), r in rig.items() if c == controller)
+    assert worst <= ev.MAX_EXCURSION_PH
 
 
-async def test_learning_pass_carries_knowledge_between_scenarios() -> None:
-    state = await ev.learn("adaptive")
-    assert set(state["ph_spans"]) == {"ph_up", "ph_down"}
-    assert set(state["tds_factor"]) <= {"nutrient", "refill"}
-    # The scenario a controller is measured on is left out of what it learns from.
-    down = next(s for s in ev.SCENARIOS if s.name == "ph_down_6.0_5.0")
-    without = await ev.learn("adaptive", leave_out=down)
-    assert len(without["ph_spans"]["ph_down"]) < len(state["ph_spans"]["ph_down"])
-    with pytest.raises(ev.ControllerError, match="learns nothing"):
-        await ev.learn("fuzzy")
+def test_fuzzy_completes_the_full_cycle_with_an_urgent_ph_and_tds_on_target(
+    rig: dict[tuple[str, str], ev.Result],
+) -> None:
+    result = rig["ph_down_7.2_6.0", "fuzzy"]
+    assert result.first_cycle_s is not None
+    assert result.metrics["ph"].settled
 
 
-@pytest.mark.parametrize("scenario_name", ["ph_up_5.5", "ph_up_6.0"])
-@pytest.mark.xfail(
-    strict=True,
-    reason="known miss on a tank never seen before: from pH 4.8 fuzzy's fixed first dose "
-    "happens to fit this tank, adaptive's safe prior needs more doses "
-    "(docs/control.md, 'The first hour on a new tank')",
-)
-async def test_adaptive_settles_sooner_than_fuzzy_from_ph_4_8(scenario_name: str) -> None:
-    scenario = next(s for s in ev.SCENARIOS if s.name == scenario_name)
-    mine = (await ev.run_scenario(scenario, "adaptive")).metrics
-    fuzzy = (await ev.run_scenario(scenario, "fuzzy")).metrics
-    assert mine is not None and fuzzy is not None
-    assert mine.settling_s is not None and fuzzy.settling_s is not None
-    assert mine.overshoot_pct <= 3.0  # this part holds: the xfail is the settling time
-    assert mine.settling_s < fuzzy.settling_s
+#: A small fixed sweep: tanks of the sweep's ranges the controllers were not tuned on,
+#: the config right or 20 % wrong (the full sweep runs as a benchmark: bench/control_sweep.py).
+SWEEP_SEED, SWEEP_TANKS = 5, 6
+
+
+@pytest.fixture(scope="module")
+def swept() -> list[ev.Result]:
+    tanks = [t for t in family(SWEEP_TANKS * 3 // 2, seed=SWEEP_SEED) if t.config != "unset"]
+    return asyncio.run(ev.sweep(tanks[:SWEEP_TANKS], ("rb", "fuzzy", "adaptive")))
+
+
+def test_adaptive_meets_every_target_on_tanks_it_was_not_tuned_on(swept: list[ev.Result]) -> None:
+    failures = {
+        r.tank.name: ev.misses(r) for r in swept if r.controller == "adaptive" and ev.misses(r)
+    }
+    assert failures == {}
+
+
+def test_every_controller_is_safe_on_the_sweep(swept: list[ev.Result]) -> None:
+    for r in swept:
+        assert r.excursion <= ev.MAX_EXCURSION_PH, (r.controller, r.tank.describe())
+        assert r.locked is None, (r.controller, r.tank.describe())
+
+
+async def test_a_day_on_target_with_uptake_and_evaporation() -> None:
+    tank = family(1, seed=SWEEP_SEED)[0]
+    held = await ev.week(tank, "adaptive", days=1.0)
+    assert held.in_band["tds"] >= ev.MIN_WEEK_IN_BAND
+    assert held.in_band["ph"] >= ev.MIN_WEEK_IN_BAND
+    assert held.doses > 0  # it had something to correct

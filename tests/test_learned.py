@@ -358,8 +358,9 @@ async def test_what_the_adaptive_controller_learns_survives_the_store(
     """The real thing: adaptive's knowledge after the evaluation's scenarios, kept and restored."""
     from sim.evaluate import learn
 
-    state = await learn("adaptive")
+    state, envelope = await learn("adaptive")
     assert state, "the adaptive controller learned something"
+    assert envelope["anchors"], "and the pH envelope measured the rig"
     path = tmp_path / "gw.sqlite"
     async with Store.open(path, max_rows=None, max_bytes=None) as store:
         await store.save_learned(NODE, "adaptive", state, plant_fingerprint(PlantConstants()))
@@ -371,6 +372,7 @@ async def test_what_the_adaptive_controller_learns_survives_the_store(
         assert fresh.learned() == state, "JSON round trip, restore, snapshot: the same"
     finally:
         fresh.close()
+    caplog.clear()
     caplog.set_level(logging.INFO, logger="hydrogate.control")
     async with started(path, node_config(controller="adaptive"), FakeClock()):
         assert any("restored what adaptive learned" in r.message for r in caplog.records)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from rules.controller import (
@@ -15,7 +17,8 @@ from rules.controller import (
     create,
     names,
 )
-from rules.rb import RbController, RbSeconds, RbThresholds, rb_seconds
+from rules.envelope import STEEPEST_GAIN
+from rules.rb import RbController, RbSeconds, RbThresholds, ph_gain_s, rb_seconds
 
 DOC = 1e-9
 
@@ -149,20 +152,45 @@ async def test_decide_tds_loop() -> None:
     rb.close()
 
 
-async def test_decide_ph_loop_uses_context_band_and_target() -> None:
-    band = create("rb")
-    target = create("rb", ControllerOptions(rb_variant="target"))
+async def test_documented_variant_keeps_the_documents_ph_gain() -> None:
+    documented = create("rb", ControllerOptions(rb_variant="documented"))
     c = ctx("ph", 6.0, 5.3, (5.5, 6.5), water_level=0.5)
-    assert (await band.decide(c)).doses == (Dose("ph_up", 255, 10000),)
-    assert (await target.decide(c)).doses == (Dose("ph_up", 255, 35000),)
+    assert (await documented.decide(c)).doses == (Dose("ph_up", 255, 10000),)
     # A node with setpoint 6.5 and band 6.35..6.65: pH 7.0 -> (7.0 - 6.65)·50 s down.
     c = ctx("ph", 6.5, 7.0, (6.35, 6.65))
-    assert (await band.decide(c)).doses == (Dose("ph_down", 255, 17500),)
-    assert (await target.decide(c)).doses == (Dose("ph_down", 255, 25000),)
+    assert (await documented.decide(c)).doses == (Dose("ph_down", 255, 17500),)
+
+
+async def test_ph_gain_is_derived_from_the_measured_strength_band_or_target() -> None:
+    plant = PlantConstants(
+        tank_volume_l=20.0,
+        flow_ml_s={"ph_up": 2.0, "ph_down": 1.0},
+        ph_ml_per_l_per_unit={"ph_up": 0.5, "ph_down": 0.2},
+    )
+    assert ph_gain_s(plant) == {"ph_up": 0.5 * 20 / 2.0, "ph_down": 0.2 * 20 / 1.0}
+    band = create("rb")
+    target = create("rb", ControllerOptions(rb_variant="target"))
+    c = replace(ctx("ph", 6.0, 5.3, (5.5, 6.5)), plant=plant)
+    assert (await band.decide(c)).doses == (Dose("ph_up", 255, round(0.2 * 5.0 * 1000)),)
+    assert (await target.decide(c)).doses == (Dose("ph_up", 255, round(0.7 * 5.0 * 1000)),)
+    c = replace(ctx("ph", 6.0, 6.9, (5.5, 6.5)), plant=plant)
+    assert (await band.decide(c)).doses == (Dose("ph_down", 255, round(0.4 * 4.0 * 1000)),)
+
+
+async def test_an_unmeasured_solution_gets_the_steepest_plausible_gain() -> None:
+    # The document's 50 s per pH unit would dose 79 ml of a 1 mol/L acid into 10 L here.
+    gains = ph_gain_s(PlantConstants())
+    assert gains["ph_down"] == pytest.approx(10.0 / STEEPEST_GAIN / 1.58)
+    d = await create("rb").decide(ctx("ph", 6.0, 7.2, (5.85, 6.15)))
+    (dose,) = d.doses
+    assert dose.ms < 50  # ms, not tens of seconds
 
 
 def test_controller_thresholds_apply() -> None:
-    rb = RbController(thresholds=RbThresholds(ph_gain_s_per_unit=10, cap_ph_s=3))
+    rb = RbController(
+        ControllerOptions(rb_variant="documented"),
+        thresholds=RbThresholds(ph_gain_s_per_unit=10, cap_ph_s=3),
+    )
     assert rb.seconds(ctx("ph", 6.0, 5.0, (5.5, 6.5))).ph_up == 3.0
 
 
