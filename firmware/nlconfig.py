@@ -256,9 +256,10 @@ def _uart(entry, chk, errors):
         try:
             out[p] = chk.pin(entry.get(p, default[p]), "uart." + p, output=p == "tx")
         except Invalid as exc:
+            if p == "rx":
+                del chk.used[out["tx"]]
             raise Invalid("%s: %s" % (p, exc))
-    chk.used[out["tx"]] = "uart"
-    chk.used[out["rx"]] = "uart"
+        chk.used[out[p]] = "uart." + p
     return out
 
 
@@ -348,9 +349,14 @@ def validate(data):
                 errors.append("%s: %s" % (path, exc))
     if cfg["uart"] is None and cfg["tcp"] is None and data.get("uart") is not False:
         # No way in at all: fall back to the board's default UART so that the
-        # gateway (and `hydrogate node probe`) can still read the errors.
-        cfg["uart"] = dict(chk.board["uart"])
-        errors.append("uart: using the default UART%(id)d tx=%(tx)d rx=%(rx)d" % cfg["uart"])
+        # gateway (and `hydrogate node probe`) can still read the errors --
+        # unless a pump or sensor has its pins (a UART's TX idles high).
+        uart = chk.board["uart"]
+        if uart["tx"] in chk.used or uart["rx"] in chk.used:
+            errors.append("uart: no usable link: the default UART pins are taken")
+        else:
+            cfg["uart"] = dict(uart)
+            errors.append("uart: using the default UART%(id)d tx=%(tx)d rx=%(rx)d" % uart)
     return cfg, errors
 
 

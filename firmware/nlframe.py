@@ -20,10 +20,10 @@ MAX_DEPTH = 8  # nesting accepted in a request (the protocol needs 1)
 
 
 class FrameError(ValueError):
-    # reason: crc, json, not_object, encoding, too_long (a counter name)
-    def __init__(self, reason):
-        ValueError.__init__(self, reason)
-        self.reason = reason
+    # args[0] is the reason: crc, json, not_object, encoding, too_long (a
+    # counter name). No __init__ of its own: MicroPython cannot call
+    # ValueError.__init__ explicitly.
+    pass
 
 
 def _crc_table():

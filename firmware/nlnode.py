@@ -52,7 +52,7 @@ class Node:
         try:
             msg = parse_line(line)
         except FrameError as exc:
-            self.bad[exc.reason] += 1
+            self.bad[exc.args[0]] += 1
             return None
         self.last_valid = now  # a valid frame feeds the watchdog
         rid = msg.get("id")
@@ -121,8 +121,10 @@ class Node:
 
     def tick(self, now):
         # Apply due timers and the watchdog; call often (every loop pass).
-        for name in list(self.running):
-            if now - self.running[name][1] >= 0:
+        # Outputs go in their configured order (MicroPython's dicts have none).
+        for name, _ in self.outputs:
+            run = self.running.get(name)
+            if run is not None and now - run[1] >= 0:
                 self.off(name)
         if self.running and now - self.last_valid >= self.watchdog_ms:
             self.all_off()
@@ -138,7 +140,7 @@ class Node:
         self._event([("event", "actuator"), ("actuator", name), ("on", 0)])
 
     def all_off(self):
-        for name in list(self.running):
+        for name, _ in self.outputs:
             self.off(name)
         for _, out in self.outputs:  # also anything a fault left on
             out.set(0)
