@@ -6,7 +6,9 @@
 # Pin rules per chip: the flash (and octal PSRAM) pins and the strapping pins
 # are never used (a pump on a strapping pin can run or stop the boot); ADC2
 # does not work while Wi-Fi is on, so analog sensors need ADC1 then; input-only
-# pins cannot drive anything; the REPL's UART and USB pins are left alone.
+# pins cannot drive anything; the REPL's UART and USB pins are left alone; a
+# pump is not put on a pin that toggles during boot (ESP32 GPIO14). On the
+# ESP32-C3 the REPL is on USB, so its UART0 pins (20, 21) are the default link.
 
 from nlframe import FrameError, loads
 
@@ -24,6 +26,7 @@ BOARDS = {
         "adc1": _r(32, 39),
         "adc2": (4, 13, 14, 25, 26, 27),
         "console": (1, 3),
+        "boot_pwm": (14,),
         "uart": {"id": 2, "tx": 17, "rx": 16, "baud": 115200},
     },
     "esp32s3": {
@@ -34,6 +37,7 @@ BOARDS = {
         "adc1": _r(1, 10),
         "adc2": _r(11, 20),
         "console": (19, 20, 43, 44),
+        "boot_pwm": (),
         "uart": {"id": 1, "tx": 17, "rx": 18, "baud": 115200},
     },
     "esp32c3": {
@@ -43,8 +47,9 @@ BOARDS = {
         "input_only": (),
         "adc1": (0, 1, 3, 4),
         "adc2": (5,),
-        "console": (18, 19, 20, 21),
-        "uart": {"id": 1, "tx": 7, "rx": 6, "baud": 115200},
+        "console": (18, 19),
+        "boot_pwm": (),
+        "uart": {"id": 1, "tx": 21, "rx": 20, "baud": 115200},
     },
 }
 
@@ -102,7 +107,7 @@ class _Checker:
         self.used = {}  # pin -> path of its user
         self.keys = {}  # value key -> path of its sensor
 
-    def pin(self, value, path, output=False, analog=False):
+    def pin(self, value, path, output=False, analog=False, pump=False):
         b = self.board
         pin = _int(value, 0, 48, "a GPIO number")
         if pin not in b["pins"]:
@@ -115,6 +120,8 @@ class _Checker:
             raise Invalid("GPIO %d is the REPL's serial/USB line" % pin)
         if output and pin in b["input_only"]:
             raise Invalid("GPIO %d is input-only and cannot drive anything" % pin)
+        if pump and pin in b["boot_pwm"]:
+            raise Invalid("GPIO %d toggles while the chip boots; a pump would twitch" % pin)
         if analog:
             if pin in b["adc2"]:
                 if self.wifi:
@@ -224,7 +231,7 @@ def _actuator(entry, path, chk, names, errors):
     if "pin" not in entry:
         raise Invalid("needs 'pin'")
     try:
-        pin = chk.pin(entry["pin"], path + ".pin", output=True)
+        pin = chk.pin(entry["pin"], path + ".pin", output=True, pump=True)
     except Invalid as exc:
         raise Invalid("pin: %s" % exc)
     out = {
