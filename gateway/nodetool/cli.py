@@ -34,6 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     deploy.add_argument("--config", required=True, type=Path, help="the node.json to install")
     deploy.add_argument("--dry-run", action="store_true",
                         help="check and compile, print the mpremote command, copy nothing")
+    deploy.add_argument("--build-dir", type=Path,
+                        help="keep the compiled .mpy files here (default: a temporary directory)")
     deploy.add_argument("--force", action="store_true", help="deploy a node.json that has errors")
 
     config = sub.add_parser("config", help="write a starting node.json")
@@ -88,7 +90,7 @@ def _deploy(args: argparse.Namespace) -> int:
             if not args.force:
                 print("hydrogate node deploy: fix node.json (or --force)", file=sys.stderr)
                 return EXIT_USAGE
-        steps = deploy(args.port, args.config, dry_run=args.dry_run)
+        steps = deploy(args.port, args.config, dry_run=args.dry_run, build_dir=args.build_dir)
     except DeployError as exc:
         print(f"hydrogate node deploy: {exc}", file=sys.stderr)
         return EXIT_FAILURE

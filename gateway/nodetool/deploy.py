@@ -74,10 +74,15 @@ def _run(cmd: list[str], what: str, timeout: float) -> None:
 
 
 def deploy(port: str, config: Path, *, firmware: Path = FIRMWARE_DIR, dry_run: bool = False,
-           timeout: float = 120.0) -> Plan:
-    """Compile and upload; with ``dry_run`` only compile and return the plan."""
+           build_dir: Path | None = None, timeout: float = 120.0) -> Plan:
+    """Compile and upload; with ``dry_run`` only compile and return the plan.
+
+    The .mpy files go to ``build_dir`` (kept) or to a temporary directory.
+    """
     with tempfile.TemporaryDirectory(prefix="hydronode-") as tmp:
-        steps = plan(port, config, Path(tmp), firmware)
+        out = Path(tmp) if build_dir is None else build_dir
+        out.mkdir(parents=True, exist_ok=True)
+        steps = plan(port, config, out, firmware)
         for cmd in steps.compile:
             _run(cmd, f"mpy-cross {Path(cmd[-1]).name}", timeout)
         if not dry_run:
