@@ -7,9 +7,8 @@
 
 import time
 
-from machine import ADC, PWM, Pin, time_pulse_us
-
 import nlsense
+from machine import ADC, PWM, Pin, time_pulse_us
 from nlframe import number
 
 FAILS_TO_NULL = 3  # failed reads in a row before a value becomes null

@@ -83,7 +83,7 @@ async def test_gateway_polls_doses_and_stops_the_firmware(broker: Broker, tmp_pa
              node_entry("tank-b", f"serial://{os.ttyname(slave)}", poll_interval=0.5,
                         calibration={"tds": calib["tds"]})],
             broker.port))
-        log = open(tmp_path / "gateway.log", "w")
+        log = open(tmp_path / "gateway.log", "w")  # noqa: SIM115 -- closed in the finally below
         gw = subprocess.Popen([sys.executable, "-m", "gateway.cli", "run", "-c", str(cfg)],
                               stderr=log)
         try:

@@ -1,1 +1,1 @@
-"""`hydrogate node ...`: tools for NodeLink nodes (conformance probe, firmware deploy, node.json)."""
+"""`hydrogate node ...`: tools for NodeLink nodes (conformance probe, deploy, node.json)."""

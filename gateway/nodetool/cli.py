@@ -17,20 +17,22 @@ EXIT_USAGE = 2
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="node_command", required=True, metavar="ACTION")
 
-    probe = sub.add_parser("probe", help="NodeLink v1 conformance of a node; exit 0 only if all pass")
-    probe.add_argument("url", help="tcp://HOST[:PORT] or serial:///dev/ttyUSB0[?baud=N&dtr=0&rts=0]")
+    probe = sub.add_parser("probe", help="NodeLink v1 conformance of a node; exit 0 if all pass")
+    probe.add_argument("url", help="tcp://HOST[:PORT] or serial:///dev/ttyUSB0[?baud=N]")
     probe.add_argument("--watchdog", action="store_true",
                        help="also check the 30 s link watchdog (runs a pump, then waits 32 s)")
     probe.add_argument("--timeout", type=float, default=1.0, help="seconds per reply (default 1)")
-    probe.add_argument("--actuator", help="actuator for the timed cases (default: the first announced)")
+    probe.add_argument("--actuator",
+                       help="actuator for the timed cases (default: the first announced)")
     probe.add_argument("--duty", type=int, default=1,
                        help="duty of the test runs, 1..255 (default 1: a PWM pump barely turns)")
-    probe.add_argument("--run-ms", type=int, default=1000, help="length of a timed run (default 1000)")
+    probe.add_argument("--run-ms", type=int, default=1000,
+                       help="length of a timed run in ms (default 1000)")
     probe.add_argument("--push-wait", type=float, default=0.0,
                        help="seconds to wait for a pushed report (default 0: check those seen)")
 
-    deploy = sub.add_parser("deploy", help="compile firmware/ and copy it and node.json to a board")
-    deploy.add_argument("--port", required=True, help="the board's serial device, e.g. /dev/ttyUSB0")
+    deploy = sub.add_parser("deploy", help="compile firmware/, copy it and node.json to a board")
+    deploy.add_argument("--port", required=True, help="serial device of the board: /dev/ttyUSB0")
     deploy.add_argument("--config", required=True, type=Path, help="the node.json to install")
     deploy.add_argument("--dry-run", action="store_true",
                         help="check and compile, print the mpremote command, copy nothing")
@@ -109,7 +111,8 @@ def _config(args: argparse.Namespace) -> int:
         return [n.strip() for n in text.split(",") if n.strip()]
 
     if args.output.exists() and not args.force:
-        print(f"hydrogate node config: {args.output} exists (--force to overwrite)", file=sys.stderr)
+        print(f"hydrogate node config: {args.output} exists (--force to overwrite)",
+              file=sys.stderr)
         return EXIT_USAGE
     try:
         doc = build(name=args.name, board=args.board, sensors=names(args.sensors),

@@ -1,4 +1,4 @@
-"""`hydrogate node deploy`: compile the firmware with mpy-cross and copy it to a board with mpremote.
+"""`hydrogate node deploy`: compile firmware/ with mpy-cross, copy it to a board with mpremote.
 
 The node.json is checked with the firmware's own validation first (a board
 that boots with errors still runs, but nobody should deploy one on purpose).

@@ -83,7 +83,7 @@ class ProbeOptions:
 
 def frame(body: bytes, *, crc: str | None = None, lower: bool = False) -> bytes:
     """``body*CRC\\n`` with the right CRC, a given CRC text, or the right one in lower case."""
-    text = crc if crc is not None else "%04X" % binascii.crc_hqx(body, 0xFFFF)
+    text = crc if crc is not None else f"{binascii.crc_hqx(body, 0xFFFF):04X}"
     return body + b"*" + (text.lower() if lower else text).encode() + b"\n"
 
 
@@ -132,11 +132,11 @@ class RawLink:
         await self._writer.drain()
 
     async def wait_for(
-        self, match: Callable[[Received], bool], timeout: float, start: int = 0
+        self, match: Callable[[Received], bool], within: float, start: int = 0
     ) -> Received | None:
-        """The first line from index ``start`` on that matches, waiting up to ``timeout``."""
+        """The first line from index ``start`` on that matches, waiting up to ``within`` s."""
         try:
-            async with asyncio.timeout(timeout), self._new:
+            async with asyncio.timeout(within), self._new:
                 while True:
                     for rec in self.lines[start:]:
                         if match(rec):
@@ -177,7 +177,8 @@ class Prober:
         if rec is None:
             bad = next((r for r in self.link.lines[start:] if r.msg is None), None)
             if bad is not None:
-                raise CaseFailed(f"no valid reply; the node sent a bad frame ({bad.error})", bad.raw)
+                raise CaseFailed(f"no valid reply; the node sent a bad frame ({bad.error})",
+                                 bad.raw)
             raise CaseFailed(f"no reply within {self.opt.timeout:g} s", sent)
         assert type(rec.msg) is Reply
         return rec.msg
@@ -293,7 +294,7 @@ async def _state(p: Prober) -> str | None:
 async def _lower(p: Prober) -> str | None:
     rid = p.link.new_id()
     body = json.dumps({"id": rid, "op": "ping"}, separators=(",", ":")).encode()
-    while not any(c in "ABCDEF" for c in "%04X" % binascii.crc_hqx(body, 0xFFFF)):
+    while not any(c in "ABCDEF" for c in f"{binascii.crc_hqx(body, 0xFFFF):04X}"):
         rid = p.link.new_id()
         body = json.dumps({"id": rid, "op": "ping"}, separators=(",", ":")).encode()
     reply = await p.exchange(rid, frame(body, lower=True))
@@ -490,9 +491,9 @@ async def run_cases(link: RawLink, options: ProbeOptions) -> list[Result]:
 
 
 @asynccontextmanager
-async def connect(url: str, timeout: float = 10.0) -> AsyncIterator[RawLink]:
+async def connect(url: str, within: float = 10.0) -> AsyncIterator[RawLink]:
     """Open ``url`` with the gateway's transports and read from it in a task of ours."""
-    async with asyncio.timeout(timeout):
+    async with asyncio.timeout(within):
         reader, writer = await open_transport(url)
     link = RawLink(reader, writer)
     task = asyncio.create_task(link.read_loop(), name=f"probe-read {url}")
