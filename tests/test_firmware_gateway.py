@@ -88,10 +88,13 @@ async def test_gateway_polls_doses_and_stops_the_firmware(broker: Broker, tmp_pa
                               stderr=log)
         try:
             async with Recorder(broker.port) as rec:
-                await rec.wait_for(lambda: any("tds" in e["values"] for e in rec.entries().get("tank-a", []))
+                def full(e: dict[str, Any]) -> bool:  # the DS18B20's first value comes 750 ms late
+                    return {"tds", "water_temp"} <= set(e["values"])
+
+                await rec.wait_for(lambda: any(map(full, rec.entries().get("tank-a", [])))
                                    and any("tds" in e["values"] for e in rec.entries().get("tank-b", [])),
                                    timeout=30, what="calibrated readings from both nodes")
-                reading = next(e["values"] for e in rec.entries()["tank-a"] if "tds" in e["values"])
+                reading = next(e["values"] for e in rec.entries()["tank-a"] if full(e))
                 raw_tds = float(np.polyval(TDS_POLY, 1.12))
                 assert reading["tds"] == pytest.approx(raw_tds / (1 + 0.02 * (24.5 - 25)), rel=1e-6)
                 assert reading["ph"] == pytest.approx(0.0025 * 1152 + 3.9926)
