@@ -1,4 +1,4 @@
-"""The `hydrogate` command: run, check-config, demo, calibrate, evaluate."""
+"""The `hydrogate` command: run, check-config, demo, calibrate, evaluate, node."""
 
 from __future__ import annotations
 
@@ -80,6 +80,7 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("gateway.demo", "demo"),
     "calibrate": ("rules.calibration", "calibrate"),
     "evaluate": ("sim.evaluate", "evaluate"),
+    "node": ("gateway.nodetool.cli", "node"),
 }
 
 
@@ -111,6 +112,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         "demo": "three simulated tanks, a local buffer, no cloud account needed",
         "calibrate": "fit a calibration map from reference points and print it",
         "evaluate": "run every controller on the simulated plant and compare them",
+        "node": "tools for NodeLink nodes: probe URL, deploy firmware, write node.json",
     }
     for name, (module, _) in LAZY_COMMANDS.items():
         lazy = sub.add_parser(name, help=helps[name])

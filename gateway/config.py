@@ -289,6 +289,9 @@ def _tcp_url(parts: SplitResult) -> str:
     return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
 
 
+SERIAL_OPTIONS = ["baud", "dtr", "rts"]
+
+
 def _serial_url(parts: SplitResult) -> str:
     if parts.netloc:
         raise Invalid("must name an absolute device path: serial:///dev/ttyUSB0 (three slashes)")
@@ -296,8 +299,8 @@ def _serial_url(parts: SplitResult) -> str:
         raise Invalid("must be serial:///dev/<device>?baud=N")
     options = parse_qs(parts.query, keep_blank_values=True)
     for name in options:
-        if name != "baud":
-            raise Invalid(f"has an unknown option {name!r}{suggest(name, ['baud'])}")
+        if name not in SERIAL_OPTIONS:
+            raise Invalid(f"has an unknown option {name!r}{suggest(name, SERIAL_OPTIONS)}")
     values = options.get("baud", [str(DEFAULT_BAUD)])
     if (
         len(values) != 1
@@ -306,7 +309,14 @@ def _serial_url(parts: SplitResult) -> str:
     ):
         bauds = ", ".join(map(str, STANDARD_BAUDS))
         raise Invalid(f"baud must be one of {bauds}; not {','.join(values)!r}")
-    return f"serial://{parts.path}?baud={int(values[0])}"
+    url = f"serial://{parts.path}?baud={int(values[0])}"
+    for line in ("dtr", "rts"):  # modem lines held while open (drivers/serial.py); default 0
+        level = options.get(line, ["0"])
+        if len(level) != 1 or level[0] not in ("0", "1"):
+            raise Invalid(f"{line} must be 0 (released, the default) or 1; not {','.join(level)!r}")
+        if level[0] == "1":
+            url += f"&{line}=1"
+    return url
 
 
 URL_SCHEMES: Mapping[str, Callable[[SplitResult], str]] = MappingProxyType(

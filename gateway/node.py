@@ -155,6 +155,10 @@ class NodeRunner:
         self.fw = str(body.get("fw", ""))
         self.sensors = tuple(body.get("sensors", ()))
         self.actuators = tuple(body.get("actuators", ()))
+        error = body.get("error")
+        if isinstance(error, str) and error:  # e.g. the reference firmware's config.json errors
+            log.warning("node %s reports a problem: %s", self.name, error,
+                        extra=fields(node=self.name))
         reported = body.get("node")
         if reported and reported != self.name:
             log.info(

@@ -12,6 +12,12 @@ sudo_cmd=""
 
 pkgs=(python3 python3-venv python3-dev gcc pkg-config libsystemd-dev)
 [ "$want_test" = 1 ] && pkgs+=(mosquitto openssl)
+# Node.js runs the MicroPython WebAssembly port for the firmware tests; a Node.js
+# already on the machine (e.g. one that bundles npm) is used as it is.
+if [ "$want_test" = 1 ]; then
+  command -v node >/dev/null 2>&1 || pkgs+=(nodejs)
+  command -v npm >/dev/null 2>&1 || pkgs+=(npm)
+fi
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -31,4 +37,8 @@ if [ "$want_test" = 1 ]; then
   .venv/bin/python -m pip install -q -e ".[systemd,test]"
 else
   .venv/bin/python -m pip install -q -e ".[systemd]"
+fi
+if [ "$want_test" = 1 ]; then
+  # The MicroPython WebAssembly port, pinned by package-lock.json (test-only).
+  npm ci --no-audit --no-fund --loglevel=error
 fi

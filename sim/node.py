@@ -646,6 +646,9 @@ class SimNode:
             return {"ok": False, "error": "duty must be an integer 0..255"}
         if not _is_int(ms) or not 1 <= ms <= MAX_MS:
             return {"ok": False, "error": f"ms must be an integer 1..{MAX_MS}"}
+        other = _EXCLUSIVE.get(name)
+        if duty and other in self._running:  # never ph_up and ph_down at once
+            return {"ok": False, "error": f"{other} is running"}
         self._set(name, duty, ms)
         return {"ok": True}
 
@@ -685,6 +688,9 @@ class SimNode:
             except ConnectionError:
                 continue
 
+
+_EXCLUSIVE: Final[Mapping[str, str]] = {"ph_up": "ph_down", "ph_down": "ph_up"}
+"""Actuators a node never runs together: the second one is refused."""
 
 _GARBAGE: Final = bytes(b for b in range(256) if b not in (0x0A, 0x2A))
 """Bytes for garbage lines: anything but newline and ``*``, so never a valid frame."""

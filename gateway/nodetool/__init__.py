@@ -1,0 +1,1 @@
+"""`hydrogate node ...`: tools for NodeLink nodes (conformance probe, deploy, node.json)."""
