@@ -140,6 +140,18 @@ class PlantConstants:
         """The flow of ``actuator`` in ml/s; raises ``KeyError`` if it has none."""
         return self.flow_ml_s[actuator]
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # The read-only mapping views do not pickle; the evaluation sends plants to workers.
+        return (
+            type(self),
+            (
+                self.tank_volume_l,
+                self.stock_ppm,
+                dict(self.flow_ml_s),
+                dict(self.ph_ml_per_l_per_unit),
+            ),
+        )
+
 
 @dataclass(frozen=True)
 class DecisionContext:

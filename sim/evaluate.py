@@ -33,6 +33,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,7 @@ __all__ = [
     "sweep",
     "volume_until",
     "week",
+    "weeks",
 ]
 
 #: Controllers of the thesis comparison, in table order. ``NAME+learned`` is NAME starting
@@ -544,21 +546,53 @@ async def run_tank(tank: Tank, controller_name: str, **kwargs: Any) -> Result:
         controller.close()
 
 
+def _run_tank_sync(tank: Tank, name: str) -> Result:
+    return asyncio.run(run_tank(tank, name))
+
+
+def _week_sync(tank: Tank, name: str, days: float) -> WeekResult:
+    return asyncio.run(week(tank, name, days=days))
+
+
 async def sweep(
     tanks: Sequence[Tank],
     controllers: Sequence[str],
     *,
     progress: Callable[[Result], None] | None = None,
+    jobs: int = 1,
 ) -> list[Result]:
-    """Every controller on every tank (tank-major order)."""
+    """Every controller on every tank (tank-major order), in ``jobs`` processes."""
+    pairs = [(tank, name) for tank in tanks for name in controllers]
     results = []
-    for tank in tanks:
-        for name in controllers:
+    if jobs <= 1:
+        for tank, name in pairs:
             result = await run_tank(tank, name)
             results.append(result)
             if progress is not None:
                 progress(result)
+        return results
+    loop = asyncio.get_running_loop()
+    with ProcessPoolExecutor(max_workers=jobs) as pool:
+        futures = [loop.run_in_executor(pool, _run_tank_sync, t, n) for t, n in pairs]
+        for future in futures:
+            result = await future
+            results.append(result)
+            if progress is not None:
+                progress(result)
     return results
+
+
+async def weeks(
+    tanks: Sequence[Tank], controllers: Sequence[str], *, days: float, jobs: int = 1
+) -> list[WeekResult]:
+    """Every controller holding every tank for ``days``, in ``jobs`` processes."""
+    pairs = [(tank, name) for tank in tanks for name in controllers]
+    if jobs <= 1:
+        return [await week(t, n, days=days) for t, n in pairs]
+    loop = asyncio.get_running_loop()
+    with ProcessPoolExecutor(max_workers=jobs) as pool:
+        futures = [loop.run_in_executor(pool, _week_sync, t, n, days) for t, n in pairs]
+        return [await f for f in futures]
 
 
 @dataclass(frozen=True)
@@ -828,6 +862,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--week-tanks", type=int, default=3, metavar="N", help="tanks of the week (default 3)"
     )
+    parser.add_argument(
+        "--jobs", type=int, default=1, metavar="N",
+        help="processes for the sweep and the week (default 1)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -859,14 +897,16 @@ def run(args: argparse.Namespace) -> int:
                 progress(result)
                 results.append(result)
         tanks = family(args.sweep, seed=args.seed) if args.sweep else []
-        swept = await sweep(tanks, sweep_names, progress=progress)
-        weeks = []
+        swept = await sweep(tanks, sweep_names, progress=progress, jobs=args.jobs)
+        held = []
         if args.week > 0:
-            held = tanks[: args.week_tanks] or [SCENARIOS[0].tank()]
-            for tank in held:
-                for name in sweep_names:
-                    weeks.append(await week(tank, name, days=args.week))
-        return report.Report(results, tanks, swept, weeks)
+            held = await weeks(
+                tanks[: args.week_tanks] or [SCENARIOS[0].tank()],
+                sweep_names,
+                days=args.week,
+                jobs=args.jobs,
+            )
+        return report.Report(results, tanks, swept, held)
 
     try:
         outcome = asyncio.run(everything())
