@@ -16,7 +16,9 @@ simulated time. In each loop (``"tds"``, then ``"ph"``):
    through the safety guard and reports back with :meth:`ControlCycle.ran`;
 3. the loop is done when the averaged value has stayed inside its band
    (``setpoint ± tds_tolerance_pct %`` or ``± ph_tolerance``) for the hold
-   time (``tds_hold_s``, ``ph_hold_s``); a dose restarts the hold. A loop
+   time (``tds_hold_s``, ``ph_hold_s``); leaving the band restarts the hold, a
+   trim inside it does not (a slow drift trimmed now and then must not keep a
+   loop from ever ending). A loop
    whose first window is already inside its deadband is done at once:
    nothing was dosed, so there is nothing to wait for; one inside its band
    (a trim at most) lets a later loop that is out of its band go first (an
@@ -193,6 +195,7 @@ class ControlCycle:
         self._hold_since: float | None = None
         self._loop_index = 0
         self._dosed = False  # in the current loop
+        self.loops_done: list[tuple[Loop, float]] = []  # the latest loops that ended, and when
         self._order: list[Loop] = list(settings.loops)  # this cycle's loops, in order
         self._deferred: set[Loop] = set()  # loops moved behind others this cycle
         self._volume_l = plant.tank_volume_l  # at the last decision
@@ -339,7 +342,9 @@ class ControlCycle:
         self._accept_from = now + run_s + self.settings.mixing_wait_s
         self._next_decision = self._accept_from + self.settings.average_s(loop)
         self._samples.clear()
-        self._hold_since = None
+        low, high = self.settings.band(loop)
+        if not low <= measured <= high:
+            self._hold_since = None  # (already so: a value out of band holds nothing)
         self._dosed = True
         return doses
 
@@ -418,6 +423,8 @@ class ControlCycle:
         return self.envelope.acknowledge()
 
     def _loop_done(self, loop: Loop, now: float) -> None:
+        self.loops_done.append((loop, now))
+        del self.loops_done[:-16]
         self._loop_index += 1
         if self._loop_index < len(self._order):
             _log.info("control loop %s on target; next loop", loop)

@@ -166,11 +166,11 @@ times include the TDS loop before it):
   y stays inside until the end of the run; "never" otherwise. The band is
   never narrower than the promised accuracy (2 % of r for TDS, 0.05 pH): on
   a small step 5 % of it is finer than the sensor's noise;
-- **overshoot** — max of (y − r)·sign(Δ) / |Δ| over the step response (until
-  the first cycle ends, or the whole run when it never does), in % of the
-  step (0 when y never passes r); what the plant does later (uptake, the
-  other loop's doses diluting the tank) is judged by settling and the
-  steady-state error;
+- **overshoot** — max of (y − r)·sign(Δ) / |Δ| over the loop's step
+  response (until its loop of the first cycle ends, or the whole run when it
+  never does), in % of the step (0 when y never passes r); what the plant
+  does later (uptake, the pH loop's solutions diluting the tank) is judged by
+  settling and the steady-state error;
 - **steady-state error** — |mean of y over the last 60 s − r|, in % of r for
   TDS and in pH units for pH;
 - **excursion** — how far dosing took the pH beyond its band (setpoint ±
@@ -231,8 +231,9 @@ class Result:
     doses: list[tuple[float, str, int, int]] = field(default_factory=list)
     refusals: list[tuple[float, str, str]] = field(default_factory=list)
     outcomes: list[str] = field(default_factory=list)
-    first_cycle_s: float | None = None  # when the first cycle ended "done"
+    first_cycle_s: float | None = None  # when the first cycle ended "done" (None: it never did)
     ph_loop_s: float | None = None  # when the first cycle's pH loop began (its pH step starts)
+    tds_done_s: float | None = None  # when the first cycle's TDS loop ended (its TDS step ends)
     locked: str | None = None  # the envelope's lock reason at the end, if any
     volume_ml: dict[str, float] = field(default_factory=dict)
     metrics: dict[str, Metrics] = field(default_factory=dict)
@@ -399,12 +400,15 @@ async def simulate(
             if cycle.state == "idle" and triggers.due(_EPOCH + datetime.timedelta(seconds=t)):
                 if cycle.outcome is not None:
                     result.outcomes.append(cycle.outcome)
-                    if cycle.outcome == "done" and result.first_cycle_s is None:
-                        result.first_cycle_s = t
                 cycle.start(t)
             doses = await cycle.tick(t, reading)
+            if cycle.state == "idle" and not result.outcomes and result.first_cycle_s is None:
+                if cycle.outcome == "done":  # the first cycle, and only it, counts
+                    result.first_cycle_s = t
             if cycle.state == "ph" and result.ph_loop_s is None:
                 result.ph_loop_s = t
+            if result.tds_done_s is None:
+                result.tds_done_s = next((w for lp, w in cycle.loops_done if lp == "tds"), None)
             for dose in doses:
                 try:
                     permit = guard.permit(dose, t, strict=False)
@@ -426,8 +430,6 @@ async def simulate(
                 del off_at[actuator]
     if cycle.outcome is not None or cycle.state != "idle":
         result.outcomes.append("running" if cycle.state != "idle" else cycle.outcome or "idle")
-    if result.first_cycle_s is None and cycle.outcome == "done" and cycle.state == "idle":
-        result.first_cycle_s = t
     result.locked = env.locked
     result.volume_ml = plant.dosed_ml
     # The pH step starts where the pH loop found it: the nutrient doses of the TDS loop
@@ -447,7 +449,7 @@ async def simulate(
             setpoint=setpoints[loop],
             loop=loop,
             volume_ml={p: result.volume_ml[p] for p in _LOOP_PUMPS[loop]},
-            response_until=result.first_cycle_s,
+            response_until=result.tds_done_s if loop == "tds" else result.first_cycle_s,
             response_from=(result.ph_loop_s or 0.0) if loop == "ph" else 0.0,
         )
     return result

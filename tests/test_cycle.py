@@ -235,7 +235,7 @@ async def test_only_loop_actuators_and_real_doses_pass() -> None:
     assert await run(cycle2, 0.0, 10.0, lambda t: {"tds": 500.0}) == []
 
 
-async def test_dose_resets_hold() -> None:
+async def test_leaving_the_band_restarts_the_hold_a_trim_does_not() -> None:
     calls = 0
 
     def policy(ctx: DecisionContext) -> tuple[Dose, ...]:
@@ -244,15 +244,23 @@ async def test_dose_resets_hold() -> None:
         return (Dose("nutrient", 255, 1000),) if calls == 2 else ()
 
     cycle = ControlCycle(
-        settings(tds_hold_s=30), FakeController(policy), PlantConstants(), actuators=ALL
+        settings(tds_hold_s=100), FakeController(policy), PlantConstants(), actuators=ALL
     )
     cycle.start(0.0)
-    doses = await run(cycle, 0.0, 125.0, lambda t: {"tds": 780.0, "ph": 6.0})
+    # In band (780 of 760..840) from 10 s; a trim at 20 s; the hold still ends at 110 s.
+    doses = await run(cycle, 0.0, 200.0, lambda t: {"tds": 780.0, "ph": 6.0})
     assert [t for t, _ in doses] == [20.0]
-    # Without the dose the loop would end at 40 s; with it the hold restarts
-    # after 1 s run + 60 s mixing + 10 s window: 91 s + 30 s hold.
-    assert cycle.state == "ph"
-    assert cycle.loop_started_at == 121.0
+    assert cycle.loops_done[0] == ("tds", 110.0)
+    # Out of band at 40-60 s (the trim's mixing wait hides it until 91 s): 700 ppm then.
+    cycle2 = ControlCycle(
+        settings(tds_hold_s=100), FakeController(never), PlantConstants(), actuators=ALL
+    )
+    cycle2.start(0.0)
+    await run(cycle2, 0.0, 300.0,
+              lambda t: {"tds": 700.0 if 40 <= t <= 60 else 780.0, "ph": 6.0})
+    # The window leaves the band at 40 s and is back inside at 70 s: done at 170 s.
+    assert cycle2.loops_done[0][0] == "tds"
+    assert cycle2.loops_done[0][1] == pytest.approx(170.0, abs=2.0)
 
 
 async def test_missing_and_nan_values_do_not_fill_window_and_cycle_times_out() -> None:
