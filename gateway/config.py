@@ -5,7 +5,7 @@ loaded data. Both collect *every* problem with its YAML path
 (``nodes[1].control.ph_setpoint: must be between 3 and 9``) and raise one
 :class:`ConfigError` listing them; nothing is clamped or guessed. The keys,
 defaults and messages are part of the project's outer contract
-(/work/shared/CONTRACT.md, "Configuration").
+(docs/configuration.md).
 
 Relative file paths (``storage.path``, ``thingsboard.access_token_file``,
 ``thingsboard.ca_file``) are relative to the folder of the config file, so a
@@ -187,7 +187,11 @@ def _default_flows() -> FrozenMap[str, float]:
 
 @dataclass(frozen=True, slots=True)
 class PlantConfig:
-    """The physical constants that dose-computing controllers need (seed 002 defaults)."""
+    """The physical constants that dose-computing controllers need.
+
+    Defaults: the control documentation's plant (docs/references.md, "Control
+    documentation").
+    """
 
     tank_volume_l: float = 10.0
     stock_ppm: float = 10000.0

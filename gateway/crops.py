@@ -2,8 +2,8 @@
 
 ``control.crop: lettuce`` in the configuration gives a node its setpoints (the
 middle of each range) and its bands (the ranges themselves) unless the config
-states setpoints explicitly. The table is in /work/shared/REFERENCE.md
-("Crop ranges"); crops with a single pH value have a band of zero width.
+states setpoints explicitly. The table is in docs/references.md ("Thesis:
+control", crop ranges); crops with a single pH value have a band of zero width.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """ThingsBoard MQTT Gateway API payloads: pure builders, validators and parsers.
 
 Everything the gateway sends to ThingsBoard is built here, and everything it
-receives is parsed here, with no I/O. The rules come from
-/work/shared/THINGSBOARD.md: on MQTT 3.1.1 the server closes the session on
+receives is parsed here, with no I/O. The rules come from docs/thingsboard.md
+(how the server parses the Gateway API): on MQTT 3.1.1 it closes the session on
 any payload it cannot parse, and a store that resends until acknowledged would
 then resend that payload forever. So every outgoing entry is validated before
 it is stored (`telemetry_entry`), every payload is kept under the size limit

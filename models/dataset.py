@@ -1,6 +1,6 @@
 """The ML controller's training data: RB doses plus four documented interactions, with noise.
 
-The control documentation (seed 002) trains its ML controller on 40,000
+The control documentation (docs/references.md) trains its ML controller on 40,000
 generated samples: six features (ppm, pH, air temperature, humidity, water
 temperature, water level) and four targets (seconds of phUp, phDown,
 nutrientAdd, refill). The labels are the rule-based (RB) doses, taken from

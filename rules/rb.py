@@ -1,6 +1,7 @@
 """The control documentation's rule-based (RB) controller: the fallback of last resort.
 
-RB only acts when a value is *outside* its band (seed 002, "Zone: OUTSIDE
+RB only acts when a value is *outside* its band (docs/references.md, "Control
+documentation": "Zone: OUTSIDE
 threshold") and computes pump seconds with simple physics:
 
 - pH below the band: ``ph_up = min(cap_ph, (ref - pH) * gain)``; above it:
@@ -60,7 +61,7 @@ _VARIANTS: tuple[RbVariant, ...] = ("band", "target", "documented")
 
 @dataclass(frozen=True)
 class RbThresholds:
-    """Bands, targets and caps of the RB controller (seed 002 defaults)."""
+    """Bands, targets and caps of the RB controller (the control documentation's defaults)."""
 
     ph_low: float = 5.5
     ph_high: float = 6.5

@@ -1,4 +1,6 @@
-"""Fuzzy notification severity (seed 002): none, info, warning or urgent, with a reason.
+"""Fuzzy notification severity: none, info, warning or urgent, with a reason.
+
+The bands and levels are the control documentation's (docs/references.md).
 
 Each parameter has a :class:`Band`: a normal range and, on each side, an
 optional critical threshold (pH normal 5.5–6.5, critical below 5.0 or above

@@ -402,9 +402,9 @@ async def simulate(
                     result.outcomes.append(cycle.outcome)
                 cycle.start(t)
             doses = await cycle.tick(t, reading)
-            if cycle.state == "idle" and not result.outcomes and result.first_cycle_s is None:
-                if cycle.outcome == "done":  # the first cycle, and only it, counts
-                    result.first_cycle_s = t
+            first_ends = cycle.state == "idle" and not result.outcomes  # only it counts
+            if first_ends and cycle.outcome == "done" and result.first_cycle_s is None:
+                result.first_cycle_s = t
             if cycle.state == "ph" and result.ph_loop_s is None:
                 result.ph_loop_s = t
             if result.tds_done_s is None:

@@ -2,7 +2,7 @@
 
 ``SimNode`` answers the gateway's requests (hello, read, actuate, stop, state,
 ping), pushes ``boot``, ``actuator`` and ``report`` events, and keeps the
-node-side safety duties of /work/shared/NODELINK.md: an actuator stops on the
+node-side safety duties of docs/nodelink.md: an actuator stops on the
 node's own clock after its ``ms``, and every actuator stops when no valid
 frame has arrived for ``watchdog_s``. Behind it a ``Reservoir`` is stepped
 with the node clock (times ``speed``), so what the gateway doses is what the

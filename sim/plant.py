@@ -99,7 +99,7 @@ class PlantParams:
     initial_water_temp: float | None = None  # None: equal to the air temperature
     capacity_l: float = 20.0  # overflow drains mixed tank water beyond this
 
-    # Pumps (seed 002: 1.58 ml/s, stock 10,000 ppm, tank 10 L).
+    # Pumps (the control documentation: 1.58 ml/s, stock 10,000 ppm, tank 10 L).
     nutrient_flow_ml_s: float = 1.58
     ph_up_flow_ml_s: float = 1.58
     ph_down_flow_ml_s: float = 1.58
@@ -150,7 +150,7 @@ class PlantParams:
 
     @classmethod
     def thesis_rig(cls, **overrides: float) -> PlantParams:
-        """Pumps sized like the thesis's rig rather than seed 002's 1.58 ml/s.
+        """Pumps sized like the thesis's rig rather than the control documentation's 1.58 ml/s.
 
         The thesis names a diaphragm pump for the stock and a water pump for
         dilution but gives no flows. With 1.58 ml/s a 2 s pulse adds only

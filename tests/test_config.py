@@ -38,7 +38,7 @@ from gateway.crops import CROPS, find_crop
 
 REPO = Path(__file__).resolve().parent.parent
 
-# The configuration example of /work/shared/CONTRACT.md, verbatim.
+# The configuration example of the outer contract (docs/configuration.md), verbatim.
 CONTRACT_YAML = """\
 gateway:
   name: greenhouse-1            # the gateway's own device name in ThingsBoard

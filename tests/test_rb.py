@@ -1,4 +1,4 @@
-"""The rule-based fallback (seed 002) and the controller registry."""
+"""The rule-based fallback (docs/references.md, "Control documentation") and the registry."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ DOC = 1e-9
 
 
 def doc_band(ph: float, ppm: float, wl: float | None) -> RbSeconds:
-    """The document's formulas, verbatim (seed 002, "Formulas")."""
+    """The document's formulas, verbatim (docs/references.md, "Control documentation")."""
     ph_up = min(50, (5.5 - ph) * 50) if ph < 5.5 else 0.0
     ph_down = min(50, (ph - 6.5) * 50) if ph > 6.5 else 0.0
     nutrient = min(63, (560 - ppm) / 100 * 63) if ppm < 560 else 0.0
