@@ -49,6 +49,86 @@ THESIS_TABLE = """| test | delay s | rise s | settling s | overshoot | steady-st
 """
 
 
+DISCUSSION = """\
+### What every controller runs through
+
+Every controller decides inside the same cycle (rules/cycle.py) and below the
+same safety layers, so a controller that asks for something unsafe is cut,
+not trusted:
+
+- **TDS first, then pH** (nutrient doses move the pH); a loop whose first
+  averaged value is inside its **deadband** (a quarter of the band by
+  default) is done at once, and a loop that only needs a trim (inside its
+  band) lets a loop that is out of its band go first — an urgent pH never
+  waits behind a TDS trim (the thesis's fuzzy controller once never got past
+  nudging an on-target TDS);
+- no dose inside the deadband and no dose **away from the setpoint**
+  (no water below the TDS setpoint, no pH-up above the pH setpoint);
+- a loop ends once its value has stayed in its band for the hold time; a
+  trim inside the band does not restart the hold;
+- the **pH safety envelope** (rules/envelope.py): a pH dose may move the pH
+  by at most half the remaining error, capped at 0.3, on the steepest
+  titration the tank can plausibly have given what is known (the configured
+  `ph_ml_per_l_per_unit` with a 1.5× margin, every dose's measured response,
+  and the chemistry bound of docs/references.md, "Titration bound"); none
+  while the last dose is still mixing in; after a dose with no visible
+  response the next may grow tenfold at most; a response larger than the
+  bound allowed shrinks every later dose; two overshoots in a row lock
+  automatic pH dosing until the grower acknowledges;
+- the safety guard (rules/safety.py): run length, hourly budget, sensor
+  plausibility, never pH up and down together.
+
+### What the envelope costs and buys
+
+The envelope makes every pH approach geometric: from far away a dose moves
+the pH by about 0.15–0.3, near the setpoint by half the remaining error, so a
+step of 1.5 pH takes eight to ten doses, each followed by the mixing wait and
+two window averages. On a tank whose chemistry it knows (the strength
+configured or measured), the first dose is sized from that; on a tank it
+knows nothing about it starts from the steepest plausible tank (2 mol/L
+solutions, no alkalinity) with doses of a few milligrams and grows them
+tenfold per dose until it sees a response, which costs two or three extra
+doses. In exchange no controller — not the documented RB formula, not the
+thesis's fuzzy table, not a model gone wrong — can take the pH of a tank it
+was not tuned on far past its setpoint: the property test
+(tests/test_envelope.py) drives random doses of a hostile controller on
+random tanks of the sweep's ranges and the pH never leaves setpoint ± 0.5
+once inside.
+
+### Controllers
+
+- **adaptive** (the default): TDS by mass balance from the configured plant,
+  the first dose of a pump only 55 % of the computed need (a config up to
+  ~1.8× off still lands short), later doses 95 % of the need corrected by the
+  pump's measured effect; a dose's effect counts only once the change over
+  the last third of the time since the dose is small, whatever the mixing
+  lag. pH: the envelope's limit.
+- **rb**: the control documentation's formulas; its pH gain is derived from
+  the tank (`ph_ml_per_l_per_unit` · V / flow) instead of the documented
+  50 s per pH unit, which drives a 10 L tank with 1 mol/L acid from pH 7.2 to
+  2.2 (`rb_variant: documented` keeps it, for the tank it was written for).
+  It acts only outside the band and doses to the band's edge, so it rests at
+  the edge: safe, never precise.
+- **fuzzy**: the thesis's rule table, unchanged; its fixed pulses are small
+  on big tanks (slow) and, for pH, cut by the envelope.
+
+### Limits found and left
+
+- On a tank whose pH solutions' strength nobody measured, a pump that was
+  never used cannot always start near the setpoint: when even its shortest
+  pulse could, on the steepest plausible tank, move the pH by more than half
+  of a small remaining error, the pH rests inside the band but outside the
+  deadband. `hydrogate titrate` (or the config) removes the doubt.
+- With strong uptake on a weakly buffered tank, the pH drifts about as far
+  between two doses as half the remaining error moves it back, so it can
+  rest a few hundredths outside the deadband.
+- Growing doses tenfold after an invisible one assumes `mixing_wait_s` covers
+  the transport delay to the probe; a wait shorter than the delay makes the
+  envelope slower (it waits for two agreeing windows), not unsafe by more
+  than that tenfold probe.
+"""
+
+
 def _ranges() -> str:
     return "\n".join(f"- `{k}`: {lo:g} – {hi:g}" for k, (lo, hi) in RANGES.items())
 
@@ -106,6 +186,9 @@ def document(report: Report, *, command: str, images: Sequence[str]) -> str:
         ]
     parts += [
         "",
+        "## Discussion",
+        "",
+        DISCUSSION,
         "## Definitions",
         "",
         DEFINITIONS,
