@@ -170,7 +170,6 @@ class Gateway:
             await self._stop_task("uplink")
         assert self.store is not None
         await self.store.flush()
-        await self._stop_task("watchdog")
 
     def _start_node(self, node: NodeConfig) -> None:
         assert self._tg is not None and self.store is not None

@@ -19,6 +19,7 @@
 #   SYSTEMCTL         the systemctl command (default systemctl)
 #   PIP_*             pip's own settings, e.g. PIP_NO_INDEX=1 PIP_FIND_LINKS=DIR offline
 set -euo pipefail
+umask 022  # the service's user must read the release
 
 src="$(cd "$(dirname "$0")/.." && pwd)"
 root="${HYDROGATE_ROOT:-}"

@@ -53,7 +53,13 @@ if [ "$want_test" = 1 ]; then
   # and fail for a target whose wheels are not there. Not fatal here: the tests say.
   [ -x .cache/install/debian-venv/bin/python ] \
     || /usr/bin/python3 -m venv --system-site-packages --without-pip .cache/install/debian-venv
-  .venv/bin/python tests/install_targets.py download .cache/install \
-    .cache/install/debian-venv/bin/python \
-    || echo "setup.sh: some install targets did not resolve; tests/test_install_targets.py says which" >&2
+  stamp="$(cat pyproject.toml tests/install_targets.py | sha256sum | cut -c1-16)"
+  if [ "$(cat .cache/install/stamp 2>/dev/null)" != "$stamp" ]; then
+    if .venv/bin/python tests/install_targets.py download .cache/install \
+         .cache/install/debian-venv/bin/python; then
+      echo "$stamp" > .cache/install/stamp
+    else
+      echo "setup.sh: some install targets did not resolve; tests/test_install_targets.py says which" >&2
+    fi
+  fi
 fi

@@ -14,7 +14,6 @@ import json
 import os
 import re
 import shutil
-import sqlite3
 import subprocess
 import sys
 import time
@@ -516,8 +515,10 @@ def test_uninstall_asks_what_to_do_with_the_data(ns: SystemdNamespace) -> None:
     assert not ns.path("/opt/hydrogate").exists()
     assert not ns.path(f"/etc/systemd/system/{UNIT}").exists()
     assert ns.path("/etc/hydrogate/config.yaml").exists() and db.exists()
-    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
-        assert conn.execute("SELECT COUNT(*) FROM outbox").fetchone()[0] >= 0
+    counters = ns.run(["/usr/bin/python3", "-c", (  # the buffer is intact, readings and all
+        "import sqlite3; c = sqlite3.connect('/var/lib/hydrogate/hydrogate.sqlite');"
+        "print(c.execute(\"SELECT value FROM meta WHERE key = 'received'\").fetchone()[0])")])
+    assert int(counters.stdout) > 0
     assert ns.run(["id", "hydrogate"], check=False).returncode == 0
 
     ns.run([script, "--purge"])
