@@ -80,8 +80,8 @@ say "building $new"
 pip=("$new/bin/python" -m pip --disable-pip-version-check --no-input --quiet)
 # Build hydrogate from the sources without writing into them (read-only checkouts work).
 build="$(mktemp -d)"
-tar -C "$src" --exclude=./.git --exclude=./.venv --exclude=./.cache --exclude='*.egg-info' \
-  --exclude=./build -cf - . | tar -C "$build" -xf -
+tar -C "$src" --exclude=./.git --exclude=./.venv --exclude=./.cache --exclude=./node_modules \
+  --exclude='*.egg-info' --exclude=./build -cf - . | tar -C "$build" -xf -
 "${pip[@]}" install --no-cache-dir "$build[systemd]" \
   || { rm -rf "$build"; die "pip could not install hydrogate"; }
 rm -rf "$build"
