@@ -201,7 +201,7 @@ class NodeRunner:
             if isinstance(actuator, str):
                 self.running[actuator] = 1 if body.get("on") else 0
         elif event.event == "boot":
-            log.warning(  # power or firmware trouble at the node
+            log.info(  # after every power-up of the site too: not by itself a problem
                 "node %s (re)started (fw %s)",
                 self.name,
                 body.get("fw"),
