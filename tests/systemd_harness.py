@@ -293,7 +293,7 @@ class SystemdNamespace:
             self._cgroups.append(d)
 
     @staticmethod
-    def _remove_cgroup(root: Path, timeout: float = 10.0) -> None:
+    def _remove_cgroup(root: Path, timeout: float = 30.0) -> None:
         """Remove ``root`` and its sub-groups once the killed processes have left them."""
         deadline = time.monotonic() + timeout
         while root.exists() and time.monotonic() < deadline:
