@@ -29,31 +29,65 @@ def _add_config_option(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    """The daemon. A config it cannot run is exit 2, which the unit does not restart."""
+    import faulthandler
+    import logging
+
     from gateway.config import ConfigError, load_config
     from gateway.daemon import run_daemon
-    from gateway.service import setup_logging
+    from gateway.preflight import preflight
+    from gateway.service import notify, setup_logging
 
     setup_logging(args.log_level)
+    # On the watchdog's SIGABRT (or a crash), every thread's stack goes to stderr, i.e.
+    # the journal: where the hung thread was stuck.
+    faulthandler.enable()
+    log = logging.getLogger("hydrogate")
     try:
         config = load_config(args.config)
+        findings = preflight(config, service_user=None, ml=False)  # as the user we run as
     except ConfigError as exc:
-        print(f"hydrogate: invalid configuration {args.config}:\n{exc}", file=sys.stderr)
+        errors = [f"{path}: {message}" if path else message for path, message in exc.errors]
+    else:
+        for finding in findings:
+            if not finding.error:
+                log.warning("%s", finding)
+        errors = [str(f) for f in findings if f.error]
+    if errors:
+        log.error(
+            "cannot start: %s has %d error%s; fix %s, check it with "
+            "`hydrogate check-config -c %s`, then start the service again:\n%s",
+            args.config, len(errors), "s" if len(errors) != 1 else "",
+            "it" if len(errors) == 1 else "them", args.config, "\n".join(errors),
+        )
+        notify(f"STATUS=invalid configuration: {errors[0]}")
         return EXIT_CONFIG
     return asyncio.run(run_daemon(config, config_path=args.config))
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
     from gateway.config import ConfigError, load_config, summarize
+    from gateway.preflight import preflight
 
     try:
         config = load_config(args.config)
+        findings = preflight(config)
     except ConfigError as exc:
         count = len(exc.errors)
         print(f"{args.config}: {count} error{'s' if count != 1 else ''}", file=sys.stderr)
         print(str(exc), file=sys.stderr)
         return EXIT_CONFIG
-    print(f"{args.config}: OK")
-    print(summarize(config))
+    errors = [f for f in findings if f.error]
+    for finding in findings:
+        kind = "error" if finding.error else "warning"
+        print(f"{args.config}: {kind}: {finding}", file=sys.stderr)
+    if errors:
+        count = len(errors)
+        print(f"{args.config}: {count} error{'s' if count != 1 else ''}", file=sys.stderr)
+        return EXIT_CONFIG
+    if not args.quiet:
+        print(f"{args.config}: OK")
+        print(summarize(config))
     return EXIT_OK
 
 
@@ -104,8 +138,14 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     _add_config_option(run)
     run.set_defaults(func=_cmd_run)
 
-    check = sub.add_parser("check-config", help="validate a configuration file")
+    check = sub.add_parser(
+        "check-config",
+        help="validate a configuration file and that this machine can run it",
+    )
     _add_config_option(check)
+    check.add_argument(
+        "-q", "--quiet", action="store_true", help="print only errors and warnings"
+    )
     check.set_defaults(func=_cmd_check_config)
 
     helps = {

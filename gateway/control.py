@@ -583,10 +583,11 @@ class NodeControl:
             raise
         granted = permit.dose
         if permit.clamped_reason:
-            log.warning(
+            log.info(  # the safety layer doing its job: the dose still runs
                 "node %s: %s shortened from %d to %d ms (%s)",
                 node.name, dose.actuator, dose.ms, granted.ms, permit.clamped_reason,
-                extra=fields(node=node.name, actuator=dose.actuator),
+                extra=fields(node=node.name, actuator=dose.actuator,
+                             reason=permit.clamped_reason, controller=controller),
             )
         try:
             await link.request(
@@ -612,7 +613,7 @@ class NodeControl:
         log.info(
             "node %s: %s %d ms at duty %d (%s)",
             node.name, granted.actuator, granted.ms, granted.duty, controller,
-            extra=fields(node=node.name, actuator=granted.actuator),
+            extra=fields(node=node.name, actuator=granted.actuator, controller=controller),
         )
         return granted
 
@@ -620,7 +621,8 @@ class NodeControl:
         log.warning(
             "node %s: %d ms refused by safety (%s): %s",
             self._node.name, dose.ms, controller, exc,
-            extra=fields(node=self._node.name, actuator=dose.actuator),
+            extra=fields(node=self._node.name, actuator=dose.actuator, reason=exc.reason,
+                         controller=controller),
         )
         self._node.record(ts, {"safety_refused": str(exc)})
 

@@ -3,13 +3,18 @@
 Every task has one owner, the TaskGroup of `Gateway.run`. Signals only set
 flags: SIGTERM/SIGINT stop (actuators commanded off, buffer committed),
 SIGHUP reloads the config file (a bad file is refused and the running
-config stays).
+config stays). Under systemd the gateway says READY=1 once running, wraps a
+reload in RELOADING=1 ... READY=1 with a STATUS= that names a refusal, and
+pings the watchdog while the store's writer thread answers (`run_watchdog`).
+Each node's task runs in a context whose `service.NODE` is the node's name,
+so every line it logs carries ``NODE=``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import signal
 import time
@@ -21,7 +26,7 @@ from gateway.clock import Clock, SystemClock
 from gateway.config import Config, ConfigError, NodeConfig, load_config
 from gateway.errors import CommandError
 from gateway.node import NodeRunner
-from gateway.service import fields, notify
+from gateway.service import NODE, monotonic_usec, notify, run_watchdog, watchdog_interval
 from gateway.store import Store, StoreError
 from gateway.tasks import cancel_and_wait
 from gateway.uplink import Uplink
@@ -35,6 +40,13 @@ SHARED_KEYS = ("mode", "controller", "tds_setpoint", "ph_setpoint", "schedule", 
 #: A shared attribute whose every update acknowledges a stop of automatic control (the pH
 #: lock); it is an event, not a setting, so it is never requested at a session start.
 ACKNOWLEDGE = "acknowledge"
+
+
+def node_context(name: str) -> contextvars.Context:
+    """A copy of the current context in which `service.NODE` is ``name``."""
+    ctx = contextvars.copy_context()
+    ctx.run(NODE.set, name)
+    return ctx
 
 
 class Gateway:
@@ -94,8 +106,12 @@ class Gateway:
                 for node in cfg.nodes:
                     self._start_node(node)
                 self._start_uplink()
-                notify("READY=1")
-                notify(f"STATUS=running {len(cfg.nodes)} nodes")
+                interval = watchdog_interval()
+                if interval is not None:
+                    self._tasks["watchdog"] = tg.create_task(
+                        run_watchdog(interval, store.flush), name="watchdog"
+                    )
+                notify(f"READY=1\nSTATUS={self._status()}")
                 self.ready.set()
                 log.info(
                     "hydrogate %s running: %d nodes, buffer %s, %s",
@@ -107,7 +123,7 @@ class Gateway:
                     else "offline (buffer only)",
                 )
                 await self._supervise()
-                notify("STOPPING=1")
+                notify("STOPPING=1\nSTATUS=stopping: pumps off, committing the buffer")
                 await self._shutdown()
             self._tg = None
         log.info("hydrogate stopped; %d readings buffered", store.stats.depth)
@@ -123,13 +139,28 @@ class Gateway:
                 reload.cancel()
             if self._reload.is_set() and not self._stop.is_set():
                 self._reload.clear()
-                await self.reload()
+                notify(f"RELOADING=1\nMONOTONIC_USEC={monotonic_usec()}")
+                error = await self.reload()
+                status = self._status() if error is None else f"reload refused: {error}"
+                notify(f"READY=1\nSTATUS={status}")
+
+    def _status(self) -> str:
+        """The one-line state systemctl status shows."""
+        tb = self.config.thingsboard
+        where = f"ThingsBoard {tb.host}:{tb.port}" if tb else "offline (buffer only)"
+        return f"running {len(self.config.nodes)} nodes, {where}"
 
     async def _shutdown(self) -> None:
         runners = list(self.runners.values())
+        loop = asyncio.get_running_loop()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(STOP_ACTUATORS_S):
-                await asyncio.gather(*(r.shutdown() for r in runners))
+                # Each in its node's context, so its lines carry NODE=; awaited here.
+                await asyncio.gather(*(
+                    loop.create_task(r.shutdown(), name=f"shutdown:{r.name}",
+                                     context=node_context(r.name))
+                    for r in runners
+                ))
         for name in list(self._tasks):
             await self._stop_task(name)
         if self.uplink is not None:
@@ -145,7 +176,7 @@ class Gateway:
         runner = NodeRunner(node, store=self.store, clock=self.clock)
         self.runners[node.name] = runner
         self._tasks[f"node:{node.name}"] = self._tg.create_task(
-            runner.run(), name=f"node:{node.name}"
+            runner.run(), name=f"node:{node.name}", context=node_context(node.name)
         )
 
     def _start_uplink(self) -> None:
@@ -170,16 +201,25 @@ class Gateway:
             await cancel_and_wait(task)
 
     # ---------------------------------------------------------------- reload
-    async def reload(self) -> None:
-        """Apply the config file again; a bad file changes nothing."""
+    async def reload(self) -> str | None:
+        """Apply the config file again; a bad file changes nothing.
+
+        Returns None when the file was applied, else why it was refused.
+        """
         if self.config_path is None:
             log.warning("SIGHUP ignored: no config file to reload")
-            return
+            return "no config file to reload"
         try:
             new = await asyncio.to_thread(load_config, self.config_path)
         except ConfigError as exc:
-            log.error("reload refused, keeping the running config:\n%s", exc)
-            return
+            log.error(
+                "reload refused, keeping the running config; fix %s (check it with "
+                "`hydrogate check-config -c %s`):\n%s",
+                self.config_path, self.config_path, exc,
+            )
+            first = exc.errors[0] if exc.errors else ("", str(exc))
+            more = f" (+{len(exc.errors) - 1} more)" if len(exc.errors) > 1 else ""
+            return f"{first[0]}: {first[1]}{more}"
         old = self.config
         if new.storage != old.storage:
             log.warning("storage settings changed: they take effect at the next restart")
@@ -198,18 +238,23 @@ class Gateway:
             await self._stop_task("uplink")
             self._start_uplink()
         log.info("configuration reloaded from %s", self.config_path)
+        return None
 
     async def _remove_node(self, name: str, *, left: bool) -> None:
         runner = self.runners.pop(name, None)
         if runner is not None:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(STOP_ACTUATORS_S):
-                    await runner.shutdown()
+            token = NODE.set(name)  # this reload's lines about the node say which
+            try:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(STOP_ACTUATORS_S):
+                        await runner.shutdown()
+            finally:
+                NODE.reset(token)
         await self._stop_task(f"node:{name}")
         if left and self.uplink is not None:
             await self.uplink.device_removed(name)
         log.info("node %s %s", name, "removed" if left else "restarted with new settings",
-                 extra=fields(node=name))
+                 extra={"NODE": name})
 
     # ------------------------------------------------- uplink handler (RPC, attributes)
     def shared_attribute_keys(self, device: str) -> list[str]:
@@ -236,7 +281,11 @@ class Gateway:
             log.info("device %s: attributes %s are not settings, ignored", device, ignored)
         if not update or runner.control.settings is None or self._tg is None:
             return
-        self._tg.create_task(self._apply_attributes(runner, update), name=f"attributes:{device}")
+        self._tg.create_task(
+            self._apply_attributes(runner, update),
+            name=f"attributes:{device}",
+            context=node_context(device),
+        )
 
     async def _apply_attributes(self, runner: NodeRunner, update: Mapping[str, Any]) -> None:
         try:
@@ -251,10 +300,13 @@ class Gateway:
         runner = self.runners.get(device)
         if runner is None:
             return {"success": False, "error": f"unknown device {device!r}"}
+        token = NODE.set(device)  # this RPC's task: its lines are about the node
         try:
             result = await runner.rpc(method, params)
         except CommandError as exc:
             return {"success": False, "error": str(exc)}
+        finally:
+            NODE.reset(token)
         return {"success": True, **result}
 
     def health_extra(self) -> Mapping[str, Any]:

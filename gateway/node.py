@@ -161,7 +161,7 @@ class NodeRunner:
                         extra=fields(node=self.name))
         reported = body.get("node")
         if reported and reported != self.name:
-            log.info(
+            log.warning(  # the URL may lead to another tank's node: someone must look
                 "node %s introduces itself as %r (fw %s)",
                 self.name,
                 reported,
@@ -201,7 +201,7 @@ class NodeRunner:
             if isinstance(actuator, str):
                 self.running[actuator] = 1 if body.get("on") else 0
         elif event.event == "boot":
-            log.info(
+            log.info(  # after every power-up of the site too: not by itself a problem
                 "node %s (re)started (fw %s)",
                 self.name,
                 body.get("fw"),

@@ -60,7 +60,7 @@ from rules.controller import (
 )
 from rules.rb import RbController
 
-__all__ = ["LOOP_ACTUATORS", "MlController", "Predictor", "to_model_units"]
+__all__ = ["LOOP_ACTUATORS", "MlController", "PlantMismatch", "Predictor", "to_model_units"]
 
 _LOG = logging.getLogger(__name__)
 
@@ -69,6 +69,10 @@ LOOP_ACTUATORS: Mapping[str, tuple[str, ...]] = {
     "tds": ("nutrient", "refill"),
     "ph": ("ph_up", "ph_down"),
 }
+
+
+class PlantMismatch(ModelError):
+    """The node's plant differs from the model's: every decision falls back until it is fixed."""
 
 
 class Predictor(Protocol):
@@ -147,8 +151,12 @@ class MlController:
                 model = Model.load(path, path.with_name("metadata.json"))
             except ModelError as exc:
                 self._unavailable = f"model unavailable: {exc}"
-                _LOG.warning("ml controller will use rb for every decision: %s", exc,
-                             extra={"controller": "ml", "model": str(path)})
+                _LOG.warning(
+                    "ml cannot run its model on this machine (%s): rb decides every dose "
+                    "until a TFLite runtime is installed (see docs/install-raspberry-pi.md)",
+                    exc, extra={"CONTROLLER": "ml", "REASON": "model_unavailable",
+                                "MODEL": str(path)},
+                )
         self._model = model
         self._executor = (
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="hydrogate-ml")
@@ -163,16 +171,22 @@ class MlController:
             decision = await self._decide_ml(ctx)
         except TimeoutError:
             reason = f"inference slower than {self._deadline_s * 1000:.0f} ms"
+            level = logging.INFO
         except ModelError as exc:
             reason = str(exc)
+            # A plant the model was not made for lasts until someone fixes the
+            # config: the grower must act. A reading outside the trained range
+            # or a slow inference is expected operation: rb still decides.
+            level = logging.WARNING if isinstance(exc, PlantMismatch) else logging.INFO
         else:
             if self._last_reason is not None:
                 _LOG.info("ml controller decides again (was rb: %s)", self._last_reason,
-                          extra={"controller": "ml"})
+                          extra={"CONTROLLER": "ml"})
             self._last_reason = None
             return decision
         if reason != self._last_reason and self._unavailable is None:
-            _LOG.warning("ml controller falls back to rb: %s", reason, extra={"controller": "ml"})
+            _LOG.log(level, "ml controller falls back to rb: %s", reason,
+                     extra={"CONTROLLER": "ml", "REASON": reason})
         self._last_reason = reason
         rb = await self._rb.decide(ctx)
         note = f"ml fallback: {reason}" + (f"; rb: {rb.note}" if rb.note else "")
@@ -184,7 +198,7 @@ class MlController:
         spec = self._model.spec
         actuators = LOOP_ACTUATORS[ctx.loop]
         if not _same_plant(ctx.plant, spec.plant, actuators):
-            raise ModelError("the node's plant constants differ from the model's")
+            raise PlantMismatch("the node's plant constants differ from the model's")
         features = dict(ctx.values)
         features[ctx.loop] = to_model_units(
             ctx.measured, ctx.band, spec.bands[ctx.loop], ratio=ctx.loop == "tds"

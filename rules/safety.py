@@ -358,7 +358,8 @@ class SafetyGuard:
         try:
             return self._permit(dose, now, strict=strict)
         except SafetyRefusal as refusal:
-            _log.warning(
+            # DEBUG: the caller (gateway/control.py) logs the refusal with its node.
+            _log.debug(
                 "dose refused: %s",
                 refusal,
                 extra={"actuator": dose.actuator, "reason": refusal.reason, "ms": dose.ms},
@@ -386,7 +387,7 @@ class SafetyGuard:
             raise SafetyRefusal(
                 actuator, reason, f"asked {dose.ms} ms, allowed {allowed} ms, used {used} ms/h"
             )
-        _log.info(
+        _log.debug(  # the caller logs the clamp with its node
             "dose clamped: %s %d -> %d ms (%s)",
             actuator,
             dose.ms,

@@ -18,6 +18,10 @@ if [ "$want_test" = 1 ]; then
   command -v node >/dev/null 2>&1 || pkgs+=(nodejs)
   command -v npm >/dev/null 2>&1 || pkgs+=(npm)
 fi
+# The tests install hydrogate as scripts/install.sh does on a Pi (Debian's python3 and
+# its packages, Debian's pip) and run it under a real systemd in a namespace.
+[ "$want_test" = 1 ] && pkgs+=(systemd util-linux python3-pip python3-numpy python3-yaml
+  python3-serial-asyncio python3-systemd)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -41,4 +45,21 @@ fi
 if [ "$want_test" = 1 ]; then
   # The MicroPython WebAssembly port, pinned by package-lock.json (test-only).
   npm ci --no-audit --no-fund --loglevel=error
+fi
+
+if [ "$want_test" = 1 ]; then
+  # What pip would install on each target (tests/install_targets.py), resolved now,
+  # with the network, into .cache/install; the tests resolve again offline from it
+  # and fail for a target whose wheels are not there. Not fatal here: the tests say.
+  [ -x .cache/install/debian-venv/bin/python ] \
+    || /usr/bin/python3 -m venv --system-site-packages --without-pip .cache/install/debian-venv
+  stamp="$(cat pyproject.toml tests/install_targets.py | sha256sum | cut -c1-16)"
+  if [ "$(cat .cache/install/stamp 2>/dev/null)" != "$stamp" ]; then
+    if .venv/bin/python tests/install_targets.py download .cache/install \
+         .cache/install/debian-venv/bin/python; then
+      echo "$stamp" > .cache/install/stamp
+    else
+      echo "setup.sh: some install targets did not resolve; tests/test_install_targets.py says which" >&2
+    fi
+  fi
 fi

@@ -267,7 +267,8 @@ async def test_recovers_after_a_fallback(ml: MlController, caplog: pytest.LogCap
     assert (await ml.decide(ctx(humidity=150.0))).controller == "rb"
     assert (await ml.decide(ctx(humidity=150.0))).controller == "rb"
     assert (await ml.decide(ctx())).controller == "ml"
-    assert [r.levelname for r in caplog.records] == ["WARNING", "INFO"]  # state changes only
+    # State changes only; a reading outside the trained range is expected operation: INFO.
+    assert [r.levelname for r in caplog.records] == ["INFO", "INFO"]
 
 
 async def test_closed_controller_refuses() -> None:
