@@ -16,7 +16,6 @@ from __future__ import annotations
 import binascii
 import json
 import math
-import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
@@ -30,8 +29,12 @@ ID_MIN: Final = 1
 ID_MAX: Final = 2**31 - 1
 """Request ids are integers in ``ID_MIN..ID_MAX``."""
 
+MAX_KEY: Final = 255
+"""Longest key of ``values`` kept (ThingsBoard stores keys in a varchar(255))."""
+
 _CRC_LEN: Final = 4
-_FLOAT_MAX: Final = sys.float_info.max
+_INT64_MIN: Final = -(2**63)
+_INT64_MAX: Final = 2**63 - 1
 _SEPARATORS: Final = (",", ":")
 
 
@@ -239,10 +242,14 @@ def check_reply(op: str, reply: Reply) -> None:
 
 
 def clean_values(values: Mapping[str, Any]) -> tuple[dict[str, float | None], int]:
-    """Keep the finite numbers and ``None`` of a ``values`` object; count the rest.
+    """Keep the usable entries of a ``values`` object, one by one; count the rest.
 
-    A bool is not a number, and neither is an integer too large for a double.
-    Returns ``(kept, dropped)``; the caller counts ``dropped`` as ``bad_value``.
+    A value is usable when it is ``None`` or a finite number: a bool is not
+    a number, and an integer beyond 64 bits is not one any consumer can
+    store. A key is usable when it is a printable, non-blank text of at most
+    ``MAX_KEY`` characters (ThingsBoard keeps keys in a varchar(255)). One
+    bad entry never costs the reading its good ones. Returns ``(kept,
+    dropped)``; the caller counts ``dropped`` as ``bad_value``.
     """
     kept: dict[str, float | None] = {}
     dropped = 0
@@ -251,8 +258,8 @@ def clean_values(values: Mapping[str, Any]) -> tuple[dict[str, float | None], in
         if (
             value is None
             or (kind is float and math.isfinite(value))
-            or (kind is int and -_FLOAT_MAX <= value <= _FLOAT_MAX)
-        ):
+            or (kind is int and _INT64_MIN <= value <= _INT64_MAX)
+        ) and (0 < len(key) <= MAX_KEY and key.isprintable() and not key.isspace()):
             kept[key] = value
         else:
             dropped += 1

@@ -26,6 +26,7 @@ import copy
 import dataclasses
 import json
 import logging
+import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -572,6 +573,8 @@ class NodeControl:
     # ------------------------------------------------------------- actuation
     async def actuate(self, dose: Dose, *, controller: str, strict: bool) -> Dose:
         """Run one dose through the safety guard and command it on the node."""
+        if dose.duty == 0:  # "off" is a stop (see _stop_for), never sent with a run time
+            raise CommandError(f"{dose.actuator}: duty 0 is a stop, not an actuation")
         node = self._node
         link = node.link()
         now = self._clock.monotonic()
@@ -626,6 +629,31 @@ class NodeControl:
         )
         self._node.record(ts, {"safety_refused": str(exc)})
 
+    async def _stop_for(self, actuator: str) -> dict[str, Any]:
+        """``actuate`` with duty 0: switch ``actuator`` off with NodeLink ``stop``.
+
+        An ``actuate`` with duty 0 would reach the node with its ``ms``, and a
+        relay firmware that ignores duty would run the pump for that long;
+        ``stop`` is the one command every node carries out the same way. It
+        stops every actuator of the node (NodeLink v1 has no stop of one),
+        which is never unsafe.
+        """
+        if actuator not in self.guard.actuators:
+            raise CommandError(
+                f"refused by safety: {actuator}: unknown_actuator (the node did not announce it)"
+            )
+        node = self._node
+        if not node.connected():
+            raise CommandError(f"node {node.name} link is down ({node.link_reason})")
+        if not await node.stop_actuators():
+            raise CommandError("node did not confirm stop")
+        log.info(
+            "node %s: duty 0 for %s carried out as stop (every actuator off)",
+            node.name, actuator,
+            extra=fields(node=node.name, actuator=actuator),
+        )
+        return {"actuator": actuator, "ms": 0, "duty": 0, "stopped": "every actuator"}
+
     # ------------------------------------------------------------------- RPC
     def state(self) -> dict[str, Any]:
         """Cycle state and every control setting by its config name."""
@@ -644,6 +672,8 @@ class NodeControl:
         """The control RPCs of CONTRACT.md; raises CommandError with the reason."""
         if method == "actuate":
             dose = _parse_dose(params)
+            if dose.duty == 0:  # duty 0 is "off": a stop, never a run of ms milliseconds
+                return await self._stop_for(dose.actuator)
             try:
                 granted = await self.actuate(dose, controller="manual", strict=True)
             except SafetyRefusal as exc:
@@ -672,17 +702,37 @@ class NodeControl:
         raise CommandError(f"unknown method {method!r}")
 
 
+#: Longest actuator name taken from an RPC (NodeLink keys are short words).
+MAX_ACTUATOR_CHARS = 64
+
+
 def _parse_dose(params: Any) -> Dose:
+    """The dose an ``actuate`` RPC asks for, every field checked before any use.
+
+    Numbers must be finite integers in range (``ms`` 1..600000 as NodeLink
+    allows, ``duty`` 0..255); NaN, infinities, booleans and fractions are
+    refused with the field's name, never raised as a Python error.
+    """
     if not isinstance(params, Mapping):
         raise CommandError("params must be an object with actuator, ms and optional duty")
     actuator = params.get("actuator")
-    ms = params.get("ms")
-    duty = params.get("duty", 255)
-    if not isinstance(actuator, str) or not actuator:
-        raise CommandError("params.actuator must be an actuator name")
-    for name, value, low, high in (("ms", ms, 1, 600000), ("duty", duty, 0, 255)):
-        if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
-            raise CommandError(f"params.{name} must be an integer")
-        if not low <= int(value) <= high:
+    if (
+        not isinstance(actuator, str)
+        or not actuator.strip()
+        or len(actuator) > MAX_ACTUATOR_CHARS
+        or not actuator.isprintable()
+    ):
+        raise CommandError(
+            f"params.actuator must be an actuator name of at most {MAX_ACTUATOR_CHARS} characters"
+        )
+    numbers: dict[str, int] = {}
+    for name, default, low, high in (("ms", None, 1, 600000), ("duty", 255, 0, 255)):
+        value = params.get(name, default)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise CommandError(f"params.{name} must be an integer between {low} and {high}")
+        if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
+            raise CommandError(f"params.{name} must be a finite integer, not {value!r}")
+        if not low <= value <= high:
             raise CommandError(f"params.{name} must be between {low} and {high}")
-    return Dose(actuator, int(duty), int(ms))  # type: ignore[arg-type]
+        numbers[name] = int(value)
+    return Dose(actuator, numbers["duty"], numbers["ms"])

@@ -25,6 +25,7 @@ from typing import Any
 from gateway.clock import Clock, SystemClock
 from gateway.config import Config, ConfigError, NodeConfig, load_config
 from gateway.errors import CommandError
+from gateway.faults import FaultLog, quote
 from gateway.node import NodeRunner
 from gateway.service import NODE, monotonic_usec, notify, run_watchdog, watchdog_interval
 from gateway.store import Store, StoreError
@@ -71,6 +72,9 @@ class Gateway:
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
         self.ready = asyncio.Event()
+        #: Faults of outside input (server messages, node frames), by kind: the
+        #: uplink, every node task and the handlers here count into this one.
+        self.faults = FaultLog(log)
 
     # ------------------------------------------------------------ lifecycle
     def request_stop(self) -> None:
@@ -173,7 +177,7 @@ class Gateway:
 
     def _start_node(self, node: NodeConfig) -> None:
         assert self._tg is not None and self.store is not None
-        runner = NodeRunner(node, store=self.store, clock=self.clock)
+        runner = NodeRunner(node, store=self.store, clock=self.clock, faults=self.faults)
         self.runners[node.name] = runner
         self._tasks[f"node:{node.name}"] = self._tg.create_task(
             runner.run(), name=f"node:{node.name}", context=node_context(node.name)
@@ -192,6 +196,7 @@ class Gateway:
             devices=lambda: list(self.runners),
             health_interval=self.config.gateway.health_interval,
             health_extra=self.health_extra,
+            faults=self.faults,
         )
         self._tasks["uplink"] = self._tg.create_task(self.uplink.run(), name="uplink")
 
@@ -268,7 +273,10 @@ class Gateway:
         """Shared attributes changed on the server: apply them as a whole."""
         runner = self.runners.get(device)
         if runner is None:
-            log.warning("attributes for unknown device %r ignored", device)
+            self.faults.refused(
+                "attributes:unknown_device",
+                f"attributes for unknown device {quote(device)} ignored",
+            )
             return
         if ACKNOWLEDGE in data and self._tg is not None:
             self._tg.create_task(
@@ -278,7 +286,9 @@ class Gateway:
         update = {k: v for k, v in data.items() if k in SHARED_KEYS}
         ignored = sorted(set(data) - set(update) - {"deleted", ACKNOWLEDGE})
         if ignored:
-            log.info("device %s: attributes %s are not settings, ignored", device, ignored)
+            shown = ", ".join(quote(k, 40) for k in ignored[:5])
+            more = f" and {len(ignored) - 5} more" if len(ignored) > 5 else ""
+            log.info("device %s: attributes %s%s are not settings, ignored", device, shown, more)
         if not update or runner.control.settings is None or self._tg is None:
             return
         self._tg.create_task(
@@ -288,12 +298,20 @@ class Gateway:
         )
 
     async def _apply_attributes(self, runner: NodeRunner, update: Mapping[str, Any]) -> None:
+        """Apply one update; whatever it holds, this task ends quietly (never the daemon)."""
         try:
             await runner.control.update_settings(update, source="shared attributes")
         except CommandError:
             pass  # refused as a whole and logged by update_settings
         except StoreError as exc:  # e.g. arriving while the store closes: never fatal
             log.error("node %s: settings applied but not saved: %s", runner.name, exc)
+        except Exception as exc:  # noqa: BLE001 - an attribute update must never stop the daemon
+            self.faults.failed(
+                "attributes",
+                f"node {runner.name}: applying shared attributes failed",
+                exc,
+                extra=fields(node=runner.name),
+            )
 
     async def on_rpc(self, device: str, method: str, params: Any) -> dict[str, Any]:
         """A server-side RPC to one node's device; the reply's `data`."""
@@ -311,7 +329,12 @@ class Gateway:
 
     def health_extra(self) -> Mapping[str, Any]:
         """Per-node figures added to the gateway's own health telemetry."""
-        extra: dict[str, Any] = {"nodes_up": sum(r.link_up for r in self.runners.values())}
+        extra: dict[str, Any] = {
+            "nodes_up": sum(r.link_up for r in self.runners.values()),
+            # Outside input refused by validation / exceptions caught at the edge.
+            "input_refused": self.faults.malformed,
+            "input_faults": self.faults.failures,
+        }
         for name, runner in self.runners.items():
             extra[f"{name}_link_errors"] = runner.stats.total_errors()
             extra[f"{name}_link"] = "up" if runner.link_up else "down"

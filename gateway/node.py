@@ -4,12 +4,19 @@ A `NodeRunner` owns everything about one NodeLink node: the link (reconnected
 with backoff), the latest values, the counters, and (when the node has a
 `control:` section) its `NodeControl`. A slow or dead node only ever delays
 its own task.
+
+A node counts as up only while it serves readings: from its first reading
+after a (re)connect until a read goes unanswered. A node that accepts the
+connection, or even answers ``hello``, but sends no reading is down, with
+the reason. Nothing a node sends can end the daemon: a bad value or key
+costs only itself (dropped and counted), and any exception raised while
+handling a reading or a session is counted and logged once per kind
+(`gateway.faults`), after which the node task reconnects.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 from collections.abc import Mapping
@@ -24,8 +31,10 @@ from gateway.clock import Clock
 from gateway.config import NodeConfig
 from gateway.control import NodeControl
 from gateway.errors import CommandError
+from gateway.faults import FaultLog
 from gateway.service import fields
 from gateway.store import InvalidMessage, Store
+from gateway.tbmsg import drop_unsendable
 from rules.calibration import Calibrator
 from rules.severity import Severity, assess
 
@@ -47,12 +56,14 @@ class NodeRunner:
         store: Store,
         clock: Clock,
         backoff: Backoff | None = None,
+        faults: FaultLog | None = None,
     ) -> None:
         self.config = config
         self.name = config.name
         self._store = store
         self._clock = clock
         self._backoff = backoff or Backoff()
+        self.faults = faults if faults is not None else FaultLog(log)
         self.stats = LinkStats()
         self.link_up = False
         self.link_reason = "not connected yet"
@@ -84,6 +95,15 @@ class NodeRunner:
                     self._set_down(str(exc) or type(exc).__name__)
                 except OSError as exc:
                     self._set_down(f"{type(exc).__name__}: {exc}")
+                except Exception as exc:  # noqa: BLE001 - a bug must cost a reconnect, not the daemon
+                    self.stats.count("handler_error")
+                    self.faults.failed(
+                        f"node {self.name} session",
+                        f"node {self.name}: session failed",
+                        exc,
+                        extra=fields(node=self.name),
+                    )
+                    self._set_down(f"internal error: {type(exc).__name__}")
                 await asyncio.sleep(self._backoff.next())
         finally:
             self._link = None
@@ -106,8 +126,9 @@ class NodeRunner:
             await link.request("stop")
             self.running = {}
             self._link = link
-            self._set_up()
-            self._backoff.reset()
+            # Up (and the backoff reset) only once it serves a reading: a node
+            # that answers hello but never a read must not look healthy.
+            self.link_reason = "connected, no reading yet"
             try:
                 async with asyncio.TaskGroup() as tg:
                     tg.create_task(self._poll_loop(link), name=f"poll:{self.name}")
@@ -134,8 +155,9 @@ class NodeRunner:
         while True:
             try:
                 reply = await link.request("read")
-            except RequestTimeout:
+            except RequestTimeout as exc:
                 failures += 1
+                self._set_down(f"no answer to read ({exc})")  # down now, not after the retries
                 if failures >= MAX_FAILED_READS:
                     raise
             except NodeRefused as exc:  # the node is there but cannot read its sensors
@@ -143,7 +165,7 @@ class NodeRunner:
                 log.debug("node %s refused read: %s", self.name, exc.error)
             else:
                 failures = 0
-                self._on_reading(reply.body)
+                self.take_reading(reply.body)
             next_at += interval
             now = self._clock.monotonic()
             if next_at < now:  # fell behind: skip missed polls rather than burst
@@ -170,6 +192,7 @@ class NodeRunner:
             )
 
     def _set_up(self) -> None:
+        self._backoff.reset()
         if not self.link_up:
             log.info(
                 "node %s link up (%s, fw %s, actuators %s)",
@@ -189,13 +212,14 @@ class NodeRunner:
             )
         self.link_up = False
         self.link_reason = reason
-        self.running = {}
+        if self._link is None:  # still connected (no reading yet): what runs is still known
+            self.running = {}
 
     # -------------------------------------------------------------- readings
     def _on_event(self, event: Event) -> None:
         body = event.body
         if event.event == "report":
-            self._on_reading(body)
+            self.take_reading(body)
         elif event.event == "actuator":
             actuator = body.get("actuator")
             if isinstance(actuator, str):
@@ -209,6 +233,24 @@ class NodeRunner:
             )
             self.running = {}
             self.control.node_rebooted()
+
+    def take_reading(self, body: Mapping[str, Any]) -> None:
+        """One reading from a ``read`` reply or a ``report``; never raises.
+
+        An exception here is a bug of ours met on some node input: it costs
+        that reading (counted as ``handler_error``, logged once per kind),
+        never the poll loop or the daemon.
+        """
+        try:
+            self._on_reading(body)
+        except Exception as exc:  # noqa: BLE001 - node input must never stop the node task
+            self.stats.count("handler_error")
+            self.faults.failed(
+                f"node {self.name} reading",
+                f"node {self.name}: a reading could not be handled",
+                exc,
+                extra=fields(node=self.name),
+            )
 
     def _on_reading(self, body: Mapping[str, Any]) -> None:
         """Calibrate, stamp with our clock and commit one reading."""
@@ -231,10 +273,26 @@ class NodeRunner:
             return
         try:
             self._store.append(self.name, ts, entry)
-        except InvalidMessage as exc:
-            self.stats.count("invalid_reading")
-            log.warning("node %s: reading refused: %s", self.name, exc)
-            return
+        except InvalidMessage:
+            # One bad entry (a calibration gone non-finite, ...) must not cost the
+            # others: keep what can be sent, count what cannot.
+            entry, bad = drop_unsendable(entry)
+            self.stats.count("bad_value", len(bad))
+            values = {k: v for k, v in values.items() if k not in bad}
+            try:
+                if not entry:
+                    raise InvalidMessage("no value left to send") from None
+                self._store.append(self.name, ts, entry)
+            except InvalidMessage as exc:
+                self.stats.count("invalid_reading")
+                self.faults.refused(
+                    f"node {self.name}:invalid_reading",
+                    f"node {self.name}: reading refused: {exc}",
+                    extra=fields(node=self.name),
+                )
+                return
+        if self._link is not None:  # a report may arrive before the session is set up
+            self._set_up()
         self.readings += 1
         self.latest_ts = ts
         for key, value in values.items():
@@ -281,10 +339,17 @@ class NodeRunner:
 
     # ---------------------------------------------------------------- commands
     def link(self) -> Link:
-        """The open link, or CommandError when the node is unreachable."""
+        """The open link of a node serving readings, or CommandError with the reason."""
         if self._link is None or not self.link_up:
             raise CommandError(f"node {self.name} link is down ({self.link_reason})")
         return self._link
+
+    def connected(self) -> bool:
+        """Whether a session is open (the node answered hello), readings or not.
+
+        Enough to send ``stop``: stopping is never refused for want of readings.
+        """
+        return self._link is not None
 
     async def stop_actuators(self, *, within: float = 3.0) -> bool:
         """Send NodeLink `stop`; True if the node confirmed it."""
@@ -306,8 +371,7 @@ class NodeRunner:
     async def shutdown(self) -> None:
         """Clean stop: abort any cycle and command every actuator off."""
         self.control.abort("gateway stopping")
-        with contextlib.suppress(CommandError):
-            self.link()
+        if self.connected():
             await self.stop_actuators()
 
     def state(self) -> dict[str, Any]:
@@ -317,6 +381,7 @@ class NodeRunner:
             "ts": self.latest_ts,
             "actuators": {a: self.running.get(a, 0) for a in self.actuators},
             "link": "up" if self.link_up else "down",
+            "link_reason": self.link_reason or None,
             "link_errors": self.stats.total_errors(),
             "fw": self.fw,
         }
@@ -333,7 +398,8 @@ class NodeRunner:
         if method == "get_state":
             return self.state()
         if method == "stop":
-            self.link()
+            if not self.connected():
+                raise CommandError(f"node {self.name} link is down ({self.link_reason})")
             if not await self.stop_actuators():
                 raise CommandError("node did not confirm stop")
             return {}

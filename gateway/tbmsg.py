@@ -7,7 +7,9 @@ any payload it cannot parse, and a store that resends until acknowledged would
 then resend that payload forever. So every outgoing entry is validated before
 it is stored (`telemetry_entry`), every payload is kept under the size limit
 (`build_telemetry`), and every incoming message is parsed into a small frozen
-dataclass or refused with `MalformedMessage`, never with anything else.
+dataclass or refused with `MalformedMessage`, never with anything else:
+incoming messages are bounded in size and nesting before anything walks
+them, and device names and RPC ids are checked to be ones a reply can carry.
 """
 
 from __future__ import annotations
@@ -39,6 +41,20 @@ MAX_DEVICE_NAME = 255
 #: Nesting allowed inside a value (ThingsBoard stores objects as JSON text).
 MAX_DEPTH = 8
 _INT64 = 2**63
+#: Largest message accepted from the server. ThingsBoard's own limit is 64 KiB by
+#: default; anything far beyond it is not the server talking.
+MAX_INCOMING_BYTES = 1 << 20
+#: Nesting accepted in a message from the server. Nothing the gateway reads is
+#: nested more than a few levels; a deeper message is refused before any code
+#: walks it recursively (json, repr, copy, logging all recurse).
+MAX_INCOMING_DEPTH = 32
+#: Server-side RPC ids are Java ints on the server: a reply carrying any other
+#: id could not be parsed there and would end the session.
+_RPC_ID_RANGE = range(-(2**31), 2**31)
+#: Longest method name taken from an RPC (ours are a few characters).
+MAX_METHOD_CHARS = 64
+#: Longest ``error`` text in an RPC reply (it may quote outside input).
+MAX_ERROR_CHARS = 500
 
 _json_dumps = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
 
@@ -69,7 +85,15 @@ class InvalidMessage(TbMessageError):
 
 
 class MalformedMessage(TbMessageError):
-    """A message from the server that is not what the Gateway API documents."""
+    """A message from the server that is not what the Gateway API documents.
+
+    ``reason`` is a short fixed word (``not_json``, ``bad_device``, ``bad_id``,
+    ``too_deep``, ``too_large``, ...) used to count and log faults by kind.
+    """
+
+    def __init__(self, message: str, *, reason: str = "malformed") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class MalformedRpc(MalformedMessage):
@@ -79,8 +103,8 @@ class MalformedRpc(MalformedMessage):
     ``{"success": false, "error": ...}`` instead of leaving the caller to time out.
     """
 
-    def __init__(self, message: str, *, device: str, id: int) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, *, device: str, id: int, reason: str = "bad_body") -> None:
+        super().__init__(message, reason=reason)
         self.device = device
         self.id = id
 
@@ -194,6 +218,28 @@ def clean_entry_values(values: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def drop_unsendable(values: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """The entries of ``values`` that `clean_entry_values` accepts one by one, and the others' keys.
+
+    For a reading refused as a whole: its good values can still be sent
+    while the bad ones (an empty key, an integer beyond 64 bits, a
+    non-finite number) are dropped and counted by the caller.
+    """
+    good: dict[str, Any] = {}
+    bad: list[str] = []
+    for key, value in values.items():
+        try:
+            if type(key) is not str or not key:
+                raise InvalidMessage("bad key")
+            if value is not None:
+                _check_value(key, value, 0)
+        except InvalidMessage:
+            bad.append(str(key))
+            continue
+        good[key] = value
+    return good, bad
+
+
 def check_ts(ts_ms: object) -> int:
     """Return ``ts_ms`` if it is a usable timestamp (integer ms since the epoch), else raise."""
     if type(ts_ms) is not int or not 0 <= ts_ms < _INT64:
@@ -298,7 +344,8 @@ def rpc_reply(device: str, request_id: int, data: Mapping[str, Any]) -> bytes:
     """Reply to the server-side RPC ``request_id`` of ``device``.
 
     Raises InvalidMessage when ``data`` is not JSON (e.g. holds NaN); the
-    caller then replies with an error instead.
+    caller then replies with an error instead. The size is not checked here:
+    `fit_rpc_reply` keeps a reply within the payload limit.
     """
     if not isinstance(data, Mapping):
         raise InvalidMessage(f"RPC reply data must be a mapping, got {type(data).__name__}")
@@ -310,8 +357,84 @@ def rpc_reply(device: str, request_id: int, data: Mapping[str, Any]) -> bytes:
 
 
 def rpc_error(device: str, request_id: int, error: str) -> bytes:
-    """Reply ``{"success": false, "error": ...}`` to an RPC that cannot be carried out."""
-    return rpc_reply(device, request_id, {"success": False, "error": str(error)})
+    """Reply ``{"success": false, "error": ...}`` to an RPC that cannot be carried out.
+
+    The text is cut to `MAX_ERROR_CHARS`: it may quote what the caller sent.
+    """
+    text = str(error)
+    if len(text) > MAX_ERROR_CHARS:
+        text = text[: MAX_ERROR_CHARS - 3] + "..."
+    return rpc_reply(device, request_id, {"success": False, "error": text})
+
+
+def fit_rpc_reply(
+    device: str, request_id: int, data: Mapping[str, Any], max_payload: int
+) -> tuple[bytes, str | None]:
+    """The reply to send, at most ``max_payload`` bytes, and what had to be done to it.
+
+    Returns ``(payload, None)`` when ``data`` fits as it is. A reply too large
+    (a `get_state` of a node that sent thousands of keys) has entries of its
+    largest objects left out, last ones first, and says so in ``trimmed``
+    (``"trimmed"``); a reply that cannot be trimmed enough, or that is not
+    JSON at all, becomes ``{"success": false, "error": ...}`` with the reason
+    (``"refused"``). Raises InvalidMessage only when even that error reply
+    cannot be sent (an invalid device name, a limit of a few bytes).
+    """
+    try:
+        payload = rpc_reply(device, request_id, data)
+    except InvalidMessage as exc:
+        return rpc_error(device, request_id, f"reply cannot be encoded: {exc}"), "refused"
+    if len(payload) <= max_payload:
+        return payload, None
+    size = len(payload)
+    excess = size - max_payload
+    for _ in range(3):  # the estimate is exact but for the note; retry with more room
+        trimmed = _trim(data, excess + 256, max_payload)
+        if trimmed is None:
+            break
+        payload = rpc_reply(device, request_id, trimmed)
+        if len(payload) <= max_payload:
+            return payload, "trimmed"
+        excess += len(payload) - max_payload
+    error = rpc_error(
+        device,
+        request_id,
+        f"reply of {size} bytes exceeds the largest message ThingsBoard takes "
+        f"({max_payload} bytes) and cannot be trimmed",
+    )
+    if len(error) > max_payload:
+        raise InvalidMessage(f"even an error reply exceeds {max_payload} bytes")
+    return error, "refused"
+
+
+def _trim(data: Mapping[str, Any], need: int, max_payload: int) -> dict[str, Any] | None:
+    """``data`` with at least ``need`` bytes of entries of its objects left out, or None.
+
+    The largest objects are cut first; within one, the entries that came
+    first are kept (a node's standard keys come before the ones it added).
+    """
+    out = dict(data)
+    objects = [k for k, v in out.items() if isinstance(v, Mapping) and v]
+    objects.sort(key=lambda k: len(_dumps(out[k])), reverse=True)
+    notes: list[str] = []
+    for name in objects:
+        if need <= 0:
+            break
+        items = list(out[name].items())
+        keep = len(items)
+        while keep and need > 0:
+            keep -= 1
+            key, value = items[keep]
+            need -= len(_dumps(key)) + len(_dumps(value)) + 2
+        out[name] = dict(items[:keep])
+        notes.append(f"{name}: {len(items) - keep} of {len(items)} entries left out")
+    if need > 0 or not notes:
+        return None
+    out["trimmed"] = (
+        "; ".join(notes) + f": the reply must fit in max_payload_bytes ({max_payload} bytes "
+        "of payload)"
+    )
+    return out
 
 
 def gateway_telemetry(values: Mapping[str, Any]) -> bytes:
@@ -368,47 +491,101 @@ class RpcRequest:
 
 def _load_object(payload: object) -> dict[str, Any]:
     if isinstance(payload, bytes | bytearray):
+        if len(payload) > MAX_INCOMING_BYTES:
+            raise MalformedMessage(
+                f"payload of {len(payload)} bytes exceeds {MAX_INCOMING_BYTES}", reason="too_large"
+            )
         try:
             payload = payload.decode()
         except UnicodeDecodeError as exc:
-            raise MalformedMessage("payload is not UTF-8") from exc
+            raise MalformedMessage("payload is not UTF-8", reason="not_utf8") from exc
     if not isinstance(payload, str):
-        raise MalformedMessage(f"payload of type {type(payload).__name__}")
+        raise MalformedMessage(f"payload of type {type(payload).__name__}", reason="not_json")
+    if len(payload) > MAX_INCOMING_BYTES:
+        raise MalformedMessage(
+            f"payload of {len(payload)} characters exceeds {MAX_INCOMING_BYTES}",
+            reason="too_large",
+        )
     try:
         obj = json.loads(payload)
-    except (ValueError, RecursionError) as exc:
-        raise MalformedMessage(f"payload is not JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise MalformedMessage("payload is nested too deeply", reason="too_deep") from exc
+    except ValueError as exc:
+        raise MalformedMessage(f"payload is not JSON: {exc}", reason="not_json") from exc
     if not isinstance(obj, dict):
-        raise MalformedMessage(f"payload is a JSON {type(obj).__name__}, not an object")
+        raise MalformedMessage(
+            f"payload is a JSON {type(obj).__name__}, not an object", reason="not_object"
+        )
     return obj
 
 
+def depth(value: object, limit: int = MAX_INCOMING_DEPTH) -> int:
+    """How deeply ``value`` nests lists and objects (a scalar is 0), counted up to ``limit + 1``.
+
+    Iterative, so a value nested thousands of levels deep cannot raise
+    RecursionError here; it stops looking once ``limit`` is exceeded.
+    """
+    deepest = 0
+    stack: list[tuple[object, int]] = [(value, 0)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict):
+            children: Iterable[object] = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        level += 1
+        if level > deepest:
+            deepest = level
+            if deepest > limit:
+                return deepest
+        stack.extend((child, level) for child in children)
+    return deepest
+
+
+def _check_depth(obj: object, what: str) -> None:
+    if depth(obj) > MAX_INCOMING_DEPTH:
+        raise MalformedMessage(
+            f"{what} is nested deeper than {MAX_INCOMING_DEPTH} levels", reason="too_deep"
+        )
+
+
 def _device(obj: Mapping[str, Any]) -> str:
+    """The message's device: a name ThingsBoard could have sent and we can answer to."""
     device = obj.get("device")
-    if not isinstance(device, str) or not device:
-        raise MalformedMessage(f"missing or invalid 'device': {device!r}")
-    return device
+    try:
+        return check_device(device)
+    except InvalidMessage as exc:
+        raise MalformedMessage(f"invalid 'device': {exc}", reason="bad_device") from None
 
 
 def _id(obj: Mapping[str, Any]) -> int:
     rid = obj.get("id")
     if type(rid) is not int:
-        raise MalformedMessage(f"missing or invalid 'id': {rid!r}")
+        raise MalformedMessage(
+            f"missing or invalid 'id' ({type(rid).__name__})", reason="bad_id"
+        )
     return rid
 
 
 def parse_attribute_update(payload: object) -> AttributeUpdate:
     """Parse ``{"device":..,"data":{..}}`` from ``v1/gateway/attributes``."""
     obj = _load_object(payload)
+    _check_depth(obj, "attribute update")
     device = _device(obj)
     data = obj.get("data")
     if not isinstance(data, dict):
-        raise MalformedMessage(f"attribute update for {device}: 'data' is not an object")
+        raise MalformedMessage(
+            f"attribute update for {device}: 'data' is not an object", reason="bad_data"
+        )
     deleted: tuple[str, ...] = ()
     if "deleted" in data:
         raw = data["deleted"]
         if not isinstance(raw, list) or not all(isinstance(k, str) for k in raw):
-            raise MalformedMessage(f"attribute update for {device}: 'deleted' is not a key list")
+            raise MalformedMessage(
+                f"attribute update for {device}: 'deleted' is not a key list", reason="bad_data"
+            )
         deleted = tuple(raw)
     return AttributeUpdate(device, data, deleted)
 
@@ -416,12 +593,15 @@ def parse_attribute_update(payload: object) -> AttributeUpdate:
 def parse_attribute_response(payload: object) -> AttributeResponse:
     """Parse a response from ``v1/gateway/attributes/response`` (one, several or no keys)."""
     obj = _load_object(payload)
+    _check_depth(obj, "attribute response")
     rid = _id(obj)
     device = _device(obj)
     if "values" in obj:
         values = obj["values"]
         if not isinstance(values, dict):
-            raise MalformedMessage(f"attribute response {rid}: 'values' is not an object")
+            raise MalformedMessage(
+                f"attribute response {rid}: 'values' is not an object", reason="bad_data"
+            )
         return AttributeResponse(rid, device, values=values)
     if "value" in obj:
         return AttributeResponse(rid, device, value=obj["value"])
@@ -434,8 +614,8 @@ def parse_rpc(payload: object) -> RpcRequest | None:
     Returns None for a reply (``{"device":..,"id":..,"data":..}``): the topic
     is shared by both directions, and a plain MQTT broker (the demo's, the
     tests') hands our own replies back to us. Raises MalformedRpc (answerable)
-    when device and id are readable but the method is not, MalformedMessage
-    (not answerable) otherwise.
+    when device and id are ones a reply can carry but the rest is not
+    usable, MalformedMessage (not answerable: dropped) otherwise.
     """
     obj = _load_object(payload)
     device = _device(obj)
@@ -443,9 +623,24 @@ def parse_rpc(payload: object) -> RpcRequest | None:
         return None
     data = obj.get("data")
     if not isinstance(data, dict):
-        raise MalformedMessage(f"RPC for {device}: 'data' is not an object")
+        raise MalformedMessage(f"RPC for {device}: 'data' is not an object", reason="bad_data")
     rid = _id(data)
+    if rid not in _RPC_ID_RANGE:
+        raise MalformedMessage(f"RPC for {device}: id {rid} is not a 32-bit integer",
+                               reason="bad_id")
     method = data.get("method")
-    if not isinstance(method, str) or not method:
-        raise MalformedRpc(f"RPC {rid} for {device}: missing method", device=device, id=rid)
-    return RpcRequest(device, rid, method, data.get("params"))
+    if not isinstance(method, str) or not method.strip():
+        raise MalformedRpc(f"RPC {rid} for {device}: missing method", device=device, id=rid,
+                           reason="no_method")
+    if len(method) > MAX_METHOD_CHARS:
+        raise MalformedRpc(
+            f"RPC {rid} for {device}: method name longer than {MAX_METHOD_CHARS} characters",
+            device=device, id=rid, reason="bad_method",
+        )
+    params = data.get("params")
+    if depth(params) > MAX_INCOMING_DEPTH:
+        raise MalformedRpc(
+            f"RPC {rid} for {device}: params nested deeper than {MAX_INCOMING_DEPTH} levels",
+            device=device, id=rid, reason="too_deep",
+        )
+    return RpcRequest(device, rid, method, params)

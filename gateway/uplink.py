@@ -15,6 +15,13 @@ their shared attributes, and then runs three tasks in one TaskGroup:
   answered; anything malformed is logged and counted, never raised;
 - health: the gateway's own telemetry every ``health_interval`` seconds.
 
+Nothing the server sends can end the uplink, let alone the daemon: every
+message is handled on its own, a message that cannot be understood is
+dropped and counted, an RPC that can be addressed (a valid device name and
+id) is always answered, and any exception a handler raises is caught,
+counted and logged once per kind (`gateway.faults`). Replies are kept within
+``max_payload_bytes`` (`tbmsg.fit_rpc_reply`).
+
 When the broker goes away the session ends and the uplink reconnects with
 `drivers.backoff.Backoff`: retries stay at most one second apart for the
 first minute after a healthy session (so delivery resumes within about a
@@ -38,6 +45,7 @@ from aiomqtt.exceptions import MqttConnectError
 from drivers.backoff import Backoff
 from gateway import tbmsg
 from gateway.config import ThingsBoardConfig
+from gateway.faults import FaultLog, clip, quote
 from gateway.service import fields
 from gateway.store import Store
 from gateway.tbmsg import InvalidMessage, MalformedMessage, MalformedRpc, OutboxRow
@@ -91,8 +99,10 @@ class UplinkStats:
     published: int = 0  # messages acknowledged by the broker
     reconnects: int = 0  # sessions established after the first
     malformed: int = 0  # incoming messages that could not be understood
-    handler_errors: int = 0  # exceptions raised by the handler
+    handler_errors: int = 0  # exceptions raised while handling an incoming message
     rpc: int = 0  # RPCs answered
+    rpc_trimmed: int = 0  # replies trimmed to fit max_payload_bytes
+    rpc_refused: int = 0  # replies replaced by an error (too large, not JSON)
     last_error: str | None = None
     last_outage_s: float | None = None  # how long the last outage lasted
 
@@ -123,6 +133,7 @@ class Uplink:
         health_extra: Callable[[], Mapping[str, Any]] | None = None,
         window: int = WINDOW,
         clock: Callable[[], float] = time.monotonic,
+        faults: FaultLog | None = None,
     ) -> None:
         if window < 1:
             raise ValueError(f"window must be at least 1, got {window}")
@@ -137,6 +148,9 @@ class Uplink:
         self._window = window
         self._clock = clock
         self._limit = tbmsg.payload_limit(config.max_payload_bytes)
+        self._rpc_limit = tbmsg.payload_limit(config.max_payload_bytes, tbmsg.RPC)
+        #: Faults of server input, by kind; shared with the daemon's when it passes one.
+        self.faults = faults if faults is not None else FaultLog(log)
         self._started = clock()
         self._session: _Session | None = None
         self._sessions = 0
@@ -214,6 +228,10 @@ class Uplink:
                 await self._serve(client)
         except* (aiomqtt.MqttError, OSError) as group:
             error = _first_leaf(group)
+        except* Exception as group:  # noqa: BLE001 - a bug of ours ends the session, not the daemon
+            error = _first_leaf(group)
+            if isinstance(error, Exception):
+                self._failed("session", "the ThingsBoard session failed", error)
         return error if error is not None else ConnectionError("session ended")
 
     async def _serve(self, client: aiomqtt.Client) -> None:
@@ -405,27 +423,40 @@ class Uplink:
 
     # --------------------------------------------------------------- receive
     async def _receive(self, session: _Session, tg: asyncio.TaskGroup) -> None:
+        """Hand every incoming message to its handler; nothing in one can end the session."""
         async for message in session.client.messages:
             topic = message.topic.value
             try:
                 self._dispatch(session, tg, topic, message.payload)
             except MalformedRpc as exc:
                 self._malformed(topic, exc)
-                reply = tbmsg.rpc_error(exc.device, exc.id, str(exc))
-                tg.create_task(self._reply(session, reply), name="uplink-rpc-reply")
+                self._send_reply(session, tg, exc.device, exc.id, {
+                    "success": False, "error": str(exc),
+                })
             except MalformedMessage as exc:
                 self._malformed(topic, exc)
+            except Exception as exc:  # noqa: BLE001 - outside input must never end the session
+                self._failed(f"receive {topic}", f"handling a message on {topic} failed", exc)
 
-    def _malformed(self, topic: str, exc: Exception) -> None:
+    def _malformed(self, topic: str, exc: MalformedMessage) -> None:
         self.stats.malformed += 1
-        log.warning("malformed message on %s: %s", topic, exc, extra=fields(topic=topic))
+        self.faults.refused(
+            f"{topic}:{exc.reason}",
+            f"malformed message on {topic} dropped: {clip(str(exc))}",
+            extra=fields(topic=topic),
+        )
+
+    def _failed(self, kind: str, message: str, exc: Exception, device: str | None = None) -> None:
+        self.stats.handler_errors += 1
+        extra = fields(topic=kind) if device is None else fields(topic=kind, node=device)
+        self.faults.failed(kind, message, exc, extra=extra)
 
     def _dispatch(self, session: _Session, tg: asyncio.TaskGroup, topic: str, payload: Any) -> None:
         if topic == tbmsg.RPC:
             request = tbmsg.parse_rpc(payload)
             if request is None:  # a reply, echoed by a plain broker
                 return
-            tg.create_task(self._answer(session, request), name=f"uplink-rpc-{request.id}")
+            tg.create_task(self._answer(session, tg, request), name="uplink-rpc")
         elif topic == tbmsg.ATTRIBUTES:
             update = tbmsg.parse_attribute_update(payload)
             self._give_attributes(update.device, update.data)
@@ -433,35 +464,65 @@ class Uplink:
             response = tbmsg.parse_attribute_response(payload)
             asked = session.requests.pop(response.id, None)
             if asked is None or asked[0] != response.device:
-                raise MalformedMessage(f"response to unknown attribute request {response.id}")
+                raise MalformedMessage(
+                    f"response to unknown attribute request {response.id}", reason="unknown_id"
+                )
             values = response.resolve(asked[1])
             if values:
                 self._give_attributes(response.device, values)
         else:
-            raise MalformedMessage(f"message on unexpected topic {topic}")
+            raise MalformedMessage(f"message on unexpected topic {topic}", reason="topic")
 
     def _give_attributes(self, device: str, data: Mapping[str, Any]) -> None:
         try:
             self._handler.on_attributes(device, data)
-        except Exception:  # a handler bug must not end the session
-            self.stats.handler_errors += 1
-            log.exception("attribute handler failed for %s", device, extra=fields(node=device))
+        except Exception as exc:  # noqa: BLE001 - a handler bug must not end the session
+            self._failed("attributes", f"attribute handler failed for {device}", exc, device)
 
-    async def _answer(self, session: _Session, request: tbmsg.RpcRequest) -> None:
-        """Run the handler for one RPC and publish its reply (an error reply if it raised)."""
+    async def _answer(
+        self, session: _Session, tg: asyncio.TaskGroup, request: tbmsg.RpcRequest
+    ) -> None:
+        """Run the handler for one RPC and reply (an error reply if it raised)."""
         try:
             data = await self._handler.on_rpc(request.device, request.method, request.params)
-            reply = tbmsg.rpc_reply(request.device, request.id, data)
-        except Exception as exc:  # the caller gets the error instead of a timeout
-            self.stats.handler_errors += 1
-            log.exception(
-                "RPC %s to %s failed",
-                request.method,
+        except Exception as exc:  # noqa: BLE001 - the caller gets the error instead of a timeout
+            self._failed(
+                f"rpc {quote(request.method, 40)}",
+                f"RPC {quote(request.method, 40)} to {request.device} failed",
+                exc,
                 request.device,
-                extra=fields(node=request.device),
             )
-            reply = tbmsg.rpc_error(request.device, request.id, f"{type(exc).__name__}: {exc}")
-        await self._reply(session, reply)
+            data = {"success": False, "error": f"internal error: {type(exc).__name__}: {exc}"}
+        self._send_reply(session, tg, request.device, request.id, data)
+
+    def _send_reply(
+        self,
+        session: _Session,
+        tg: asyncio.TaskGroup,
+        device: str,
+        request_id: int,
+        data: Mapping[str, Any],
+    ) -> None:
+        """Publish the reply to one RPC, within max_payload_bytes; never raises."""
+        try:
+            payload, change = tbmsg.fit_rpc_reply(device, request_id, data, self._rpc_limit)
+        except Exception as exc:  # noqa: BLE001 - an unanswerable RPC is dropped, not fatal
+            self._failed("rpc reply", f"cannot reply to RPC {request_id} of {device}", exc, device)
+            return
+        if change == "trimmed":
+            self.stats.rpc_trimmed += 1
+            self.faults.refused(
+                "rpc reply:trimmed",
+                f"reply to RPC {request_id} of {device} trimmed to fit {self._rpc_limit} bytes",
+            )
+        elif change == "refused":
+            self.stats.rpc_refused += 1
+            self.faults.refused(
+                "rpc reply:refused",
+                f"reply to RPC {request_id} of {device} replaced by an error (too large or not "
+                "JSON)",
+            )
+        tg.create_task(self._reply(session, payload), name="uplink-rpc-reply")
 
     async def _reply(self, session: _Session, payload: bytes) -> None:
         await self._publish(session.client, tbmsg.RPC, payload)

@@ -170,6 +170,16 @@ def type_name(value: Any) -> str:
     return type(value).__name__
 
 
+def shown(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` for an error message, cut to ``limit`` characters.
+
+    Run-time updates come from outside (ThingsBoard attributes, RPC params):
+    a 60 kB string must not become a 60 kB error message and log line.
+    """
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def fmt_number(x: float) -> str:
     """3.0 -> "3", 0.15 -> "0.15", 2000000 -> "2000000" (no exponent for whole numbers)."""
     if isinstance(x, int) or (math.isfinite(x) and x.is_integer() and abs(x) < 1e15):
@@ -238,7 +248,9 @@ def key_name(value: Any) -> str:
     """A telemetry or NodeLink key such as ``tds_v``: a letter, then letters, digits, ``_``."""
     key = string(value)
     if not _KEY.fullmatch(key) or len(key) > 64:
-        raise Invalid(f"must be a key of letters, digits and '_' starting with a letter: {key!r}")
+        raise Invalid(
+            f"must be a key of letters, digits and '_' starting with a letter: {shown(key)}"
+        )
     return key
 
 
@@ -247,8 +259,8 @@ def one_of(*choices: str) -> Validator[str]:
 
     def validate(value: Any) -> str:
         if not isinstance(value, str) or value not in choices:
-            shown = repr(value) if isinstance(value, str) else type_name(value)
-            raise Invalid(f"must be one of {', '.join(choices)}; not {shown}")
+            what = shown(value) if isinstance(value, str) else type_name(value)
+            raise Invalid(f"must be one of {', '.join(choices)}; not {what}")
         return value
 
     return validate
@@ -332,7 +344,9 @@ def duration(value: Any) -> float:
     if isinstance(value, str):
         match = _DURATION.fullmatch(value)
         if match is None:
-            raise Invalid(f"must be a duration such as 5, 500ms, 5s, 2min or 1h; not {value!r}")
+            raise Invalid(
+                f"must be a duration such as 5, 500ms, 5s, 2min or 1h; not {shown(value)}"
+            )
         return float(match[1]) * _DURATION_UNITS[match[2]]
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise Invalid(f"must be a duration in seconds (or 500ms, 2min), not {type_name(value)}")
@@ -358,7 +372,7 @@ def milliseconds(lo: int, hi: int) -> Validator[int]:
         if isinstance(value, str):
             ms = duration(value) * 1000.0
             if not ms.is_integer():
-                raise Invalid(f"must be a whole number of milliseconds, not {value!r}")
+                raise Invalid(f"must be a whole number of milliseconds, not {shown(value)}")
             result = int(ms)
         else:
             result = integer(value)
@@ -390,10 +404,10 @@ def size_bytes(value: Any) -> int:
     if isinstance(value, str):
         match = _SIZE.fullmatch(value)
         if match is None or match[2] not in _SIZE_UNITS:
-            raise Invalid(f"must be a size such as 65536, 500MB or 2GiB; not {value!r}")
+            raise Invalid(f"must be a size such as 65536, 500MB or 2GiB; not {shown(value)}")
         amount = float(match[1]) * _SIZE_UNITS[match[2]]
         if not amount.is_integer():
-            raise Invalid(f"must be a whole number of bytes, not {value!r}")
+            raise Invalid(f"must be a whole number of bytes, not {shown(value)}")
         return int(amount)
     return integer(value)
 
@@ -421,7 +435,7 @@ def time_of_day(value: Any) -> datetime.time:
         raise Invalid(f'must be a time of day "HH:MM", not {type_name(value)}')
     match = _TIME.fullmatch(value.strip())
     if match is None:
-        raise Invalid(f'must be a time of day "HH:MM" (00:00 to 23:59), not {value!r}')
+        raise Invalid(f'must be a time of day "HH:MM" (00:00 to 23:59), not {shown(value)}')
     return datetime.time(int(match[1]), int(match[2]))
 
 
@@ -439,6 +453,8 @@ def schedule(value: Any) -> tuple[datetime.time, ...]:
                 value = json.loads(text)
             except ValueError as err:
                 raise Invalid(f"must be a list of times; this JSON is broken: {err}") from err
+            except RecursionError:  # "[[[[..." a thousand deep: not a schedule either
+                raise Invalid("must be a list of times; this JSON is nested too deeply") from None
         else:
             value = [part.strip() for part in text.split(",")] if text else []
     if not isinstance(value, list | tuple):

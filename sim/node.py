@@ -33,7 +33,7 @@ import time
 import tty
 from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Final, Protocol, TypeGuard
 
@@ -88,6 +88,11 @@ class Faults:
     ``bad_value``: put this value (e.g. ``"NaN"``, ``math.inf``, ``math.nan``,
     ``True``) in place of one reading value (``bad_value_key``, default the
     first key); non-finite floats are written as JSON's ``NaN``/``Infinity``.
+    ``extra_values``: entries added to every reading as they are (an empty
+    key, an integer beyond 64 bits, ...). ``fresh_keys``: that many more
+    entries in every reading, under keys never sent before (a node that
+    floods the gateway with keys). ``unanswered``: ops the node receives and
+    ignores, as a firmware hung in its sensor code would ignore ``read``.
     """
 
     corrupt_crc_every: int = 0
@@ -98,6 +103,9 @@ class Faults:
     delay_reply_s: float = 0.0
     bad_value: object = None
     bad_value_key: str | None = None
+    extra_values: dict[str, Any] = field(default_factory=dict)
+    fresh_keys: int = 0
+    unanswered: frozenset[str] = frozenset()
 
 
 def parse_request(line: bytes) -> dict[str, Any]:
@@ -273,6 +281,7 @@ class SimNode:
         self._last_valid = self._start
         self._running: dict[str, tuple[int, float]] = {}  # actuator -> (duty, deadline)
         self._seq = 0
+        self._fresh = 0
         self._frames_sent = 0
         self._booted = False
         self._closed = False
@@ -521,6 +530,10 @@ class SimNode:
         if self.seq:
             self._seq += 1
             values["seq"] = self._seq
+        values.update(self.faults.extra_values)
+        for _ in range(self.faults.fresh_keys):
+            self._fresh += 1
+            values[f"k{self._fresh}"] = 1.0
         bad = self.faults.bad_value
         if bad is not None and values:
             key = self.faults.bad_value_key or next(iter(values))
@@ -597,6 +610,8 @@ class SimNode:
         rid = msg.get("id")
         if not _is_int(rid) or not 1 <= rid <= _ID_MAX:
             self.bad_frames["field"] += 1
+            return
+        if type(op) is str and op in self.faults.unanswered:
             return
         self.tick()
         reply, lenient = self._execute(op, msg)
