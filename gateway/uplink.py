@@ -22,10 +22,13 @@ id) is always answered, and any exception a handler raises is caught,
 counted and logged once per kind (`gateway.faults`). Replies are kept within
 ``max_payload_bytes`` (`tbmsg.fit_rpc_reply`).
 
-When the broker goes away the session ends and the uplink reconnects with
-`drivers.backoff.Backoff`: retries stay at most one second apart for the
-first minute after a healthy session (so delivery resumes within about a
-second of the broker's return), then back off to 30 s.
+When the broker goes away the session ends and the uplink reconnects
+(`RetryPolicy`): as long as what fails is the network or the broker (refused,
+reset, timed out), attempts stay at most about a second apart, however long
+the outage and however often the link flaps, so delivery resumes within
+about a second of every return; only failures a retry cannot fix (the
+broker refusing our credentials, a host name that does not resolve) back off
+to a minute.
 """
 
 from __future__ import annotations
@@ -40,12 +43,11 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import aiomqtt
-from aiomqtt.exceptions import MqttConnectError
 
-from drivers.backoff import Backoff
 from gateway import tbmsg
 from gateway.config import ThingsBoardConfig
 from gateway.faults import FaultLog, clip, quote
+from gateway.reconnect import PATIENT_MAX_S, RetryPolicy, patience_reason
 from gateway.service import fields
 from gateway.store import Store
 from gateway.tbmsg import InvalidMessage, MalformedMessage, MalformedRpc, OutboxRow
@@ -63,10 +65,9 @@ ACK_TIMEOUT_S = 30.0
 #: Longest wait for CONNACK and SUBACK. aiomqtt ignores a connection closed
 #: before CONNACK and waits this long, so it must be short.
 CONNECT_TIMEOUT_S = 3.0
-#: A session that lasted this long was healthy: its loss earns fast retries.
+#: A session that lasted this long was healthy: its loss starts retries from the shortest delay
+#: (a broker that closes every session at once is not retried more than once a second).
 HEALTHY_S = 5.0
-#: For this long after losing a healthy session, retries stay at most 1 s apart.
-FAST_RETRY_S = 60.0
 #: Longest the uplink spends sending disconnects when it is stopped.
 GOODBYE_S = 2.0
 #: Attribute request ids wrap here (the server reads them as a 32-bit int).
@@ -98,6 +99,7 @@ class UplinkStats:
 
     published: int = 0  # messages acknowledged by the broker
     reconnects: int = 0  # sessions established after the first
+    attempts: int = 0  # connection attempts (successful or not)
     malformed: int = 0  # incoming messages that could not be understood
     handler_errors: int = 0  # exceptions raised while handling an incoming message
     rpc: int = 0  # RPCs answered
@@ -157,6 +159,7 @@ class Uplink:
         self._connected_at: float | None = None  # when the current attempt got its session
         self._down_since: float | None = None  # start of the current outage
         self._stopping = False
+        self._patience: str | None = None  # why the last failed attempt is not retried soon
         self._request_ids = itertools.cycle(range(1, MAX_REQUEST_ID + 1))
 
     @property
@@ -167,14 +170,14 @@ class Uplink:
     # ------------------------------------------------------------- reconnects
     async def run(self) -> None:
         """Keep a session up until cancelled (then say goodbye to every device)."""
-        slow = Backoff(initial=0.5, maximum=30.0)
-        fast = Backoff(initial=0.2, maximum=1.0)
-        fast_until = self._clock() + FAST_RETRY_S  # start-up counts as a fresh outage
+        retry = RetryPolicy()
         while True:
             attempt_start = self._clock()
+            self.stats.attempts += 1
             error = await self._attempt()
             now = self._clock()
             self.stats.last_error = f"{type(error).__name__}: {error}"
+            patience = patience_reason(error)
             if self._connected_at is not None:  # this attempt had a session: it is gone now
                 lasted = now - self._connected_at
                 self._down_since = now
@@ -182,22 +185,23 @@ class Uplink:
                     "ThingsBoard session lost after %.1f s: %s", lasted, error, extra=self._fields
                 )
                 if lasted >= HEALTHY_S:
-                    slow.reset()
-                    fast.reset()
-                    fast_until = now + FAST_RETRY_S
-            elif self._down_since is None:
-                self._down_since = attempt_start
+                    retry.connected()
+            elif self._down_since is None or patience != self._patience:
+                self._down_since = self._down_since or attempt_start
                 log.warning(
-                    "cannot reach ThingsBoard at %s:%s: %s (retrying)",
+                    "cannot reach ThingsBoard at %s:%s: %s (%s)",
                     self.config.host,
                     self.config.port,
                     error,
+                    f"{patience}: retrying up to every {PATIENT_MAX_S:g} s"
+                    if patience
+                    else "retrying every second",
                     extra=self._fields,
                 )
             else:
                 log.debug("ThingsBoard still unreachable: %s", error)
-            refused = isinstance(error, MqttConnectError)  # bad token etc.: no hurry
-            await asyncio.sleep(fast.next() if now < fast_until and not refused else slow.next())
+            self._patience = patience
+            await asyncio.sleep(retry.delay(error))
 
     @property
     def _fields(self) -> dict[str, Any]:
