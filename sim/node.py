@@ -426,6 +426,11 @@ class SimNode:
         return {name: duty for name, (duty, _) in self._running.items()}
 
     @property
+    def last_seq(self) -> int:
+        """The ``seq`` of the last reading sent (0 before the first; with ``seq=True``)."""
+        return self._seq
+
+    @property
     def uptime_ms(self) -> int:
         return round((self._clock() - self._start) * 1000)
 
