@@ -8,6 +8,8 @@
   thousands of levels, 60 kB strings), plus raw bytes.
 - `FrameFuzzer`: mutated NodeLink frames (replies to the gateway's real
   requests, reports, events, garbage, bad CRCs, overlong and broken lines).
+- `FakeServer`: a paho client standing in for ThingsBoard, to publish those
+  and wait for the gateway's replies.
 - `HostileNode`: a NodeLink node on TCP that answers every request with a
   reply that is sometimes mutated and floods the link with fuzzed frames.
 
@@ -24,10 +26,13 @@ import contextlib
 import json
 import math
 import random
+import threading
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+import paho.mqtt.client as mqtt
 from hypothesis import strategies as st
 
 from drivers.nodelink import LineSplitter
@@ -122,14 +127,14 @@ class Rpc:
 @st.composite
 def rpc_payloads(draw: st.DrawFn, ids: Callable[[], int] | None = None) -> Rpc:
     """An RPC as a server might publish it; ``ids`` hands out unique good ids."""
-    good_device = draw(st.booleans())
+    good_device = draw(st.integers(0, 9)) < 7
     device = draw(_good_devices if good_device else _bad_devices)
     good_id = draw(st.integers(0, 3)) > 0
     rid = (ids() if ids is not None else draw(_good_ids)) if good_id else draw(_bad_ids)
     method = draw(st.one_of(st.sampled_from(METHODS), _scalars))
     params = draw(_params())
-    shape = draw(st.sampled_from(["normal", "normal", "normal", "no_data", "data_list",
-                                  "reply_shape", "raw"]))
+    shape = draw(st.sampled_from(["normal"] * 7 + ["no_data", "data_list", "reply_shape",
+                                                   "raw"]))
     body = f'{{"id":{dumps(rid)},"method":{dumps(method)},"params":{params}}}'
     if shape == "no_data":
         text = f'{{"device":{dumps(device)}}}'
@@ -280,6 +285,55 @@ class FrameFuzzer:
         if kind < 0.9:
             return frame(rng.choice([b"[]", b"1", b'"s"', b"null", b"{}", b'{"id":}']))
         return b"*ABCD\n"
+
+
+@dataclass
+class FakeServer:
+    """A paho client standing in for ThingsBoard (publishes, records), on its own thread."""
+
+    port: int
+    messages: list[tuple[str, bytes]] = field(default_factory=list)
+    cond: threading.Condition = field(default_factory=threading.Condition)
+
+    def __post_init__(self) -> None:
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="fuzz-server")
+        self.client.on_message = self._on_message
+        self.client.connect("127.0.0.1", self.port)
+        self.client.subscribe([("v1/gateway/#", 1), ("v1/devices/me/#", 1)])
+        self.client.loop_start()
+
+    def _on_message(self, client: Any, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        with self.cond:
+            self.messages.append((msg.topic, bytes(msg.payload)))
+            self.cond.notify_all()
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def publish(self, topic: str, payload: bytes) -> None:
+        self.client.publish(topic, payload, qos=1).wait_for_publish(10)
+
+    def wait(self, predicate: Any, timeout: float = 10.0) -> Any:
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while (found := predicate()) is None:
+                left = deadline - time.monotonic()
+                assert left > 0, "timed out"
+                self.cond.wait(left)
+        return found
+
+    def reply(self, device: Any, rid: Any, timeout: float = 10.0) -> dict[str, Any]:
+        def find() -> dict[str, Any] | None:
+            for topic, raw in self.messages:
+                if topic != "v1/gateway/rpc" or b'"success"' not in raw:
+                    continue
+                msg = json.loads(raw)
+                if msg.get("device") == device and msg.get("id") == rid and "data" in msg:
+                    return dict(msg)
+            return None
+
+        return dict(self.wait(find, timeout))
 
 
 class HostileNode:

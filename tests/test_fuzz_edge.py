@@ -14,72 +14,20 @@ import itertools
 import json
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import paho.mqtt.client as mqtt
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from bench.hostile import HostileNode, Rpc, attribute_payloads, rpc_payloads
+from bench.hostile import FakeServer, HostileNode, Rpc, attribute_payloads, rpc_payloads
 from gateway import tbmsg
 from tests.conftest import Broker
 from tests.gateway_harness import config_dict, node_entry, write_config
 
 pytestmark = pytest.mark.slow
-
-
-@dataclass
-class Server:
-    """A paho client standing in for ThingsBoard, on its own network thread."""
-
-    port: int
-    messages: list[tuple[str, bytes]] = field(default_factory=list)
-    cond: threading.Condition = field(default_factory=threading.Condition)
-
-    def __post_init__(self) -> None:
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="fuzz-server")
-        self.client.on_message = self._on_message
-        self.client.connect("127.0.0.1", self.port)
-        self.client.subscribe([("v1/gateway/#", 1), ("v1/devices/me/#", 1)])
-        self.client.loop_start()
-
-    def _on_message(self, client: Any, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        with self.cond:
-            self.messages.append((msg.topic, bytes(msg.payload)))
-            self.cond.notify_all()
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-
-    def publish(self, topic: str, payload: bytes) -> None:
-        self.client.publish(topic, payload, qos=1).wait_for_publish(10)
-
-    def wait(self, predicate: Any, timeout: float = 10.0) -> Any:
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            while (found := predicate()) is None:
-                left = deadline - time.monotonic()
-                assert left > 0, "timed out"
-                self.cond.wait(left)
-        return found
-
-    def reply(self, device: Any, rid: Any, timeout: float = 10.0) -> dict[str, Any]:
-        def find() -> dict[str, Any] | None:
-            for topic, raw in self.messages:
-                if topic != tbmsg.RPC or b'"success"' not in raw:
-                    continue
-                msg = json.loads(raw)
-                if msg.get("device") == device and msg.get("id") == rid and "data" in msg:
-                    return dict(msg)
-            return None
-
-        return dict(self.wait(find, timeout))
 
 
 @dataclass
@@ -131,7 +79,7 @@ def sim_node() -> Iterator[str]:
         proc.wait(timeout=10)
 
 
-def check_sent(server: Server) -> None:
+def check_sent(server: FakeServer) -> None:
     """Everything the gateway published is something ThingsBoard accepts."""
     limit = tbmsg.payload_limit(65536, tbmsg.RPC)
     for topic, raw in server.messages:
@@ -149,7 +97,7 @@ def check_sent(server: Server) -> None:
 def test_fuzzed_rpcs_and_attributes_never_stop_the_daemon(
     broker: Broker, tmp_path: Path, sim_node: str
 ) -> None:
-    server = Server(broker.port)
+    server = FakeServer(broker.port)
     daemon = start_daemon(tmp_path, broker.port, sim_node)
     counter = itertools.count(1)
     stats = {"rpc": 0, "answered": 0, "attributes": 0}
