@@ -30,7 +30,7 @@ ID_MAX: Final = 2**31 - 1
 """Request ids are integers in ``ID_MIN..ID_MAX``."""
 
 MAX_KEY: Final = 255
-"""Longest key of ``values`` kept (ThingsBoard stores keys in a varchar(255))."""
+"""Longest key of ``values`` kept: as long as a ThingsBoard device name; real keys are short."""
 
 _CRC_LEN: Final = 4
 _INT64_MIN: Final = -(2**63)
@@ -247,7 +247,7 @@ def clean_values(values: Mapping[str, Any]) -> tuple[dict[str, float | None], in
     A value is usable when it is ``None`` or a finite number: a bool is not
     a number, and an integer beyond 64 bits is not one any consumer can
     store. A key is usable when it is a printable, non-blank text of at most
-    ``MAX_KEY`` characters (ThingsBoard keeps keys in a varchar(255)). One
+    ``MAX_KEY`` characters (a longer one is a corrupted frame, not a sensor). One
     bad entry never costs the reading its good ones. Returns ``(kept,
     dropped)``; the caller counts ``dropped`` as ``bad_value``.
     """
