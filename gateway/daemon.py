@@ -18,7 +18,7 @@ import contextvars
 import logging
 import signal
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -280,7 +280,8 @@ class Gateway:
             return
         if ACKNOWLEDGE in data and self._tg is not None:
             self._tg.create_task(
-                runner.control.acknowledge("shared attribute acknowledge"),
+                self._isolated(device, "acknowledge",
+                               runner.control.acknowledge("shared attribute acknowledge")),
                 name=f"acknowledge:{device}",
             )
         update = {k: v for k, v in data.items() if k in SHARED_KEYS}
@@ -310,8 +311,15 @@ class Gateway:
                 "attributes",
                 f"node {runner.name}: applying shared attributes failed",
                 exc,
-                extra=fields(node=runner.name),
+                extra={"NODE": runner.name},
             )
+
+    async def _isolated(self, device: str, what: str, work: Awaitable[Any]) -> None:
+        """Await work that server input started in the daemon's TaskGroup, never ending it."""
+        try:
+            await work
+        except Exception as exc:  # noqa: BLE001 - outside input must never stop the daemon
+            self.faults.failed(what, f"node {device}: {what} failed", exc, extra={"NODE": device})
 
     async def on_rpc(self, device: str, method: str, params: Any) -> dict[str, Any]:
         """A server-side RPC to one node's device; the reply's `data`."""
