@@ -11,10 +11,10 @@ limit in place:
 2. dose a small known amount, sized by the steepest titration curve that is
    still plausible (the pH safety envelope's bound, rules/envelope.py) to
    move the pH by ``move`` (0.1 by default) at most;
-3. wait ``mixing_wait_s`` and until the pH is steady again; when the
-   response was visible, also until the fitted response (dead time and
-   first-order lag, :func:`fit_response`) is :data:`COMPLETE` done, so a slow
-   tank is not mistaken for a steady one;
+3. wait ``mixing_wait_s`` and until the pH is steady again; once the doses'
+   effect is visible, also until the fitted response of every dose so far
+   (dead time and first-order lag, :func:`fit_response`) is :data:`COMPLETE`
+   done, so a slow tank is not mistaken for a steady one;
 4. if the total change is too small to measure well (below
    :data:`MIN_CHANGE`, or below :data:`NOISE_FACTOR` standard errors), dose
    again, larger — at most :data:`GROWTH` times the last dose, and never more
@@ -71,11 +71,16 @@ NOISE_FACTOR = 5.0  # ... and so is one below this many standard errors
 GROWTH = 10.0  # a dose after one that did too little is at most this much larger
 MAX_DOSES = 8  # from the steepest plausible curve, 10^7 in dose: every real tank
 MAX_SETTLE_WINDOWS = 30  # windows after the mixing wait before "the pH does not settle"
+# (or 10 windows more than ``min_watch_s``, if that is longer)
 COMPLETE = 0.95  # of a visible response, before its level counts as steady
 SIGMA_FLOOR = 0.002  # pH: the least standard deviation a probe's readings are taken to have
-SIGMA_UNKNOWN = 0.01  # pH: assumed when a window holds a single reading
+SIGMA_UNKNOWN = 0.01  # pH: assumed until windows of several readings show the probe's noise
+MIN_WATCH_S = 60.0  # after a dose, before one that may be ten times larger (the longest dead time)
+MIN_LEVEL_READINGS = 24  # the start and the final level average at least this many readings...
+MAX_LEVEL_WINDOWS = 4  # ... or this many agreeing windows
 _STEPS = 24  # midpoint-rule steps of an integral over the bound
-_FIT_POINTS = 300  # readings the response fit works on, at most (binned by time)
+_FIT_POINTS = 150  # readings the response fit works on, at most (binned by time)
+_FIT_FROM = 0.05  # doses before the last that make up less than this share are settled history
 _WAIT_ROUND_S = 5.0  # the recommended mixing wait is a multiple of this
 _REGION = 6.0  # Δ(sum of squares)/σ² of the 95 % region of two fitted parameters
 
@@ -93,7 +98,10 @@ class TitrationSettings:
     ``window_s`` and ``mixing_wait_s`` are the node's ``ph_average_s`` and
     ``mixing_wait_s``; ``stale_s`` how long without a pH reading ends the
     titration (``safety.stale_after_s``); ``ph_range`` the plausible pH
-    (``safety.ph_range``): a reading outside it ends it too.
+    (``safety.ph_range``): a reading outside it ends it too. ``min_watch_s``:
+    a dose with no visible effect is watched at least this long before the
+    next, larger one (a short ``mixing_wait_s`` must not make a late effect
+    look like none: real tanks have dead times of 5-60 s).
     """
 
     pump: str
@@ -102,6 +110,7 @@ class TitrationSettings:
     mixing_wait_s: float = 60.0
     stale_s: float = 60.0
     ph_range: tuple[float, float] = (2.0, 12.0)
+    min_watch_s: float = MIN_WATCH_S
 
     def __post_init__(self) -> None:
         if self.pump not in PH_PUMPS:
@@ -116,11 +125,13 @@ class TitrationSettings:
 
 @dataclass(frozen=True)
 class Level:
-    """A steady pH: the mean of two agreeing windows, its standard error, when it was reached."""
+    """A steady pH: the mean of agreeing windows, its standard error, when it was reached."""
 
     ph: float
     sigma: float
     at: float
+    readings: int = 0
+    windows: int = 0
 
 
 @dataclass
@@ -134,31 +145,34 @@ class Step:
     after: float | None = None  # steady pH after it, once measured
 
 
+#: A dose as the response fit sees it: (start, run seconds, ml/L).
+DoseRun = tuple[float, float, float]
+
+
 @dataclass(frozen=True)
 class Fit:
-    """A dose's response fitted as dead time + first-order lag (see :func:`fit_response`).
+    """The doses' response fitted as dead time + first-order lag (see :func:`fit_response`).
 
-    ``change`` is the pH change the response tends to, ``complete`` the share
-    of it reached at the last reading.
+    ``change`` is the pH change all the doses tend to, ``plausible`` every
+    (dead time, lag) the readings cannot rule out.
     """
 
     dead_time_s: float
     lag_s: float
     change: float
-    complete: float
+    doses: tuple[DoseRun, ...]
     plausible: tuple[tuple[float, float], ...] = ()
 
-    def settle_s(self) -> float:
-        """After a dose's end, how long 95 % of its effect may take (the slowest plausible fit)."""
+    def least_share(self, at: float) -> float:
+        """The least share of the doses' whole effect seen at time ``at``, over every
+        (dead time, lag) the readings cannot rule out."""
         pairs = np.asarray([(self.dead_time_s, self.lag_s), *self.plausible])
-        return float(np.max(pairs[:, 0] + 3.0 * pairs[:, 1]))
-
-    def least_share(self, since_start: float, run_s: float) -> float:
-        """The least share of the response seen ``since_start`` s after the dose started,
-        over every (dead time, lag) the readings cannot rule out."""
-        pairs = np.asarray([(self.dead_time_s, self.lag_s), *self.plausible])
-        shares = _ramp(since_start - pairs[:, 0], run_s, pairs[:, 1])
-        return float(np.min(shares))
+        seen = np.zeros(len(pairs))
+        total = 0.0
+        for start, run_s, per_l in self.doses:
+            seen += per_l * _ramp(at - start - pairs[:, 0], run_s, pairs[:, 1])
+            total += per_l
+        return float(np.min(seen)) / total if total > 0 else 1.0
 
 
 @dataclass(frozen=True)
@@ -209,6 +223,7 @@ class TitrationResult:
 
 @dataclass
 class _Window:
+    begin: float
     mean: float
     samples: list[float] = field(default_factory=list)
 
@@ -237,12 +252,13 @@ class Titration:
         self._anchors: list[Anchor] = []
         self._last_sample = now
         self._samples: list[tuple[float, float]] = []  # since the windows' start
-        self._response: list[tuple[float, float]] = []  # since the last dose's start
+        self._response: list[tuple[float, float]] = []  # since the first dose
         self._windows: list[_Window] = []
         self._begin_windows(now)
         self._fit: Fit | None = None  # of the latest visible response
-        self._settle_s = 0.0  # after a dose's end, the slowest response seen took this long
-        self._blind_s = math.inf  # the shortest a dose with no visible response was watched
+        self._blind_s = math.inf  # the shortest a dose with no visible effect yet was watched
+        self._noise_ss = 0.0  # squared deviations of readings from their window's mean...
+        self._noise_df = 0  # ... and their degrees of freedom: the probe's noise, pooled
         self._level_from = now
 
     # ------------------------------------------------------------- inputs
@@ -256,7 +272,7 @@ class Titration:
             return
         self._last_sample = now
         self._samples.append((now, ph))
-        if self.steps and self.steps[-1].after is None:
+        if self.steps:
             self._response.append((now, ph))
 
     def dosed(self, start: float, per_l: float, run_s: float) -> None:
@@ -267,7 +283,6 @@ class Titration:
             raise TitrationError(f"a dose must be > 0 ml/L, got {per_l!r}")
         assert self.level is not None
         self.steps.append(Step(per_l, run_s, start, self.level.ph))
-        self._response = []
         self.phase = "mixing"
         self.detail = f"dose {len(self.steps)} mixing in"
         self._begin_windows(start + run_s + self.settings.mixing_wait_s)
@@ -302,81 +317,106 @@ class Titration:
         self._accept_from = accept_from
         self._next_close = accept_from + self.settings.window_s
         self._windows = []
-        self._closed = 0
+        window, watch = self.settings.window_s, self.settings.min_watch_s
+        self._give_up = accept_from + max(MAX_SETTLE_WINDOWS * window, watch + 10 * window)
         self._samples = [s for s in self._samples if s[0] >= accept_from]
 
     def _close_window(self) -> float | None:
         end = self._next_close
         begin = end - self.settings.window_s
         self._next_close = end + self.settings.window_s
-        self._closed += 1
         inside = [ph for t, ph in self._samples if begin <= t < end]
         self._samples = [s for s in self._samples if s[0] >= end]
         if inside:
-            self._windows.append(_Window(math.fsum(inside) / len(inside), inside))
-            del self._windows[:-2]
-        if self._closed > MAX_SETTLE_WINDOWS:
+            mean = math.fsum(inside) / len(inside)
+            self._windows.append(_Window(begin, mean, inside))
+            del self._windows[:-MAX_LEVEL_WINDOWS]
+            self._noise_ss += math.fsum((v - mean) ** 2 for v in inside)
+            self._noise_df += len(inside) - 1
+        if end > self._give_up:
             drift = self._windows[-1].mean - self._windows[0].mean if self._windows else math.nan
             self.fail(
                 f"the pH did not settle within {MAX_SETTLE_WINDOWS} windows of "
                 f"{self.settings.window_s:g} s (last change {drift:+.3f})"
             )
             return None
-        if len(self._windows) < 2 or abs(self._windows[1].mean - self._windows[0].mean) > STEADY_PH:
+        w = self._windows
+        if len(w) < 2 or abs(w[-1].mean - w[-2].mean) > STEADY_PH:
             self.detail = (
                 "waiting for a steady pH" if self.phase == "settling"
                 else f"dose {len(self.steps)}: waiting for a steady pH"
             )
             return None
-        self._level_from = end - 2 * self.settings.window_s
         level = self._level(end)
         if self.phase == "mixing" and not self._response_complete(level):
+            return None
+        enough = level.readings >= MIN_LEVEL_READINGS or level.windows >= MAX_LEVEL_WINDOWS
+        if not enough and (self.start is None or self._would_finish(level)):
+            # The start and the end of the measurement: average longer.
+            self.detail = "averaging the steady pH"
             return None
         return self._steady(level)
 
     def _level(self, at: float) -> Level:
-        values = [v for w in self._windows for v in w.samples]
+        """The steady pH of the trailing windows that agree with the last one."""
+        last = self._windows[-1]
+        used = [last]
+        for window in reversed(self._windows[:-1]):
+            if abs(window.mean - last.mean) > STEADY_PH:
+                break
+            used.insert(0, window)
+        self._level_from = used[0].begin
+        values = [v for w in used for v in w.samples]
         n = len(values)
         mean = math.fsum(values) / n
-        if n >= 2:
-            sd = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1))
-        else:
-            sd = SIGMA_UNKNOWN
-        return Level(mean, max(sd, SIGMA_FLOOR) / math.sqrt(n), at)
+        sd = math.sqrt(self._noise_ss / self._noise_df) if self._noise_df >= 5 else SIGMA_UNKNOWN
+        return Level(mean, max(sd, SIGMA_FLOOR) / math.sqrt(n), at, n, len(used))
+
+    def _would_finish(self, level: Level) -> bool:
+        start = self.start
+        return start is not None and (level.ph - start.ph) * self._sign >= MIN_CHANGE
 
     def _response_complete(self, level: Level) -> bool:
-        """Whether the last dose's response has run its course before the level's windows.
+        """Whether the doses' effect has run its course before the level's windows began.
 
-        A visible response is fitted (:func:`fit_response`) and must be
-        :data:`COMPLETE` for every dead time and lag the readings allow. One
-        too small to fit must have had as long as the slowest response the
-        earlier doses showed (the same tank mixes the same way).
+        Once their effect is visible, the readings since the first dose are
+        fitted (:func:`fit_response`: every dose's response superposed, so
+        the tail of an earlier one counts too) and the level counts only if
+        the effect is :data:`COMPLETE` for every dead time and lag the
+        readings allow. Before, the mixing wait is all there is to go by.
         """
-        step = self.steps[-1]
-        assert self.level is not None
-        since = self._level_from - step.start
-        change = (level.ph - step.before) * self._sign
-        noise = math.hypot(self.level.sigma, level.sigma)
+        start, step = self.start, self.steps[-1]
+        assert start is not None
+        change = (level.ph - start.ph) * self._sign
+        noise = math.hypot(start.sigma, level.sigma)
         if abs(change) < max(DETECT_PH, 3.0 * noise) or len(self._response) < 4:
-            if since - step.run_s >= self._settle_s:
-                self._blind_s = min(self._blind_s, since - step.run_s)
-                return True
-            self.detail = (
-                f"dose {len(self.steps)}: still mixing in (the tank took ~{self._settle_s:.0f} s "
-                "before)"
-            )
-            return False
-        times = [t for t, _ in self._response]
-        values = [v for _, v in self._response]
-        fit = fit_response(times, values, step.before, step.start, step.run_s)
-        if fit is None or fit.least_share(since, step.run_s) >= COMPLETE:
-            if fit is not None:
-                self._fit = fit
-                self._settle_s = max(self._settle_s, fit.settle_s())
+            watched = level.at - step.start - step.run_s
+            if watched < self.settings.min_watch_s:
+                self.detail = (
+                    f"dose {len(self.steps)}: no effect seen yet; watching "
+                    f"{self.settings.min_watch_s:g} s before a larger dose"
+                )
+                return False
+            self._blind_s = min(self._blind_s, watched)
+            return True
+        # The first doses from the steepest curve are tiny and long settled: the fit starts
+        # from the steady level before the first dose that matters.
+        total = math.fsum(s.per_l for s in self.steps)
+        first, before = 0, 0.0
+        while first < len(self.steps) - 1 and before + self.steps[first].per_l < _FIT_FROM * total:
+            before += self.steps[first].per_l
+            first += 1
+        since = self.steps[first].start
+        times = [t for t, _ in self._response if t >= since]
+        values = [v for t, v in self._response if t >= since]
+        doses = tuple((s.start, s.run_s, s.per_l) for s in self.steps[first:])
+        fit = fit_response(times, values, self.steps[first].before, doses)
+        if fit is None or fit.least_share(self._level_from) >= COMPLETE:
+            self._fit = fit
             return True
         self.detail = (
-            f"dose {len(self.steps)}: still mixing in (lag ~{fit.lag_s:.0f} s, dead time "
-            f"~{fit.dead_time_s:.0f} s)"
+            f"dose {len(self.steps)}: still mixing in (lag ~{_secs(fit.lag_s)} s, dead time "
+            f"~{_secs(fit.dead_time_s)} s)"
         )
         return False
 
@@ -508,6 +548,8 @@ class Titration:
             "detail": self.detail,
             "actuator": self.settings.pump,
             "move": self.settings.move,
+            "window_s": self.settings.window_s,
+            "mixing_wait_s": self.settings.mixing_wait_s,
             "ph_start": None if start is None else round(start.ph, 3),
             "ph": None if level is None else round(level.ph, 3),
             "doses": [
@@ -535,24 +577,26 @@ def _ramp(s: np.ndarray, run_s: float, lag_s: np.ndarray | float) -> np.ndarray:
 
 
 def fit_response(
-    times: Sequence[float], values: Sequence[float], before: float, start: float, run_s: float
+    times: Sequence[float], values: Sequence[float], before: float, doses: Sequence[DoseRun]
 ) -> Fit | None:
-    """Fit a dose's pH response as a dead time and a first-order lag (least squares, on a grid).
+    """Fit the doses' pH response as a dead time and a first-order lag (least squares, on a grid).
 
-    ``times``/``values`` are the readings since the dose started at
-    ``start`` (running ``run_s`` seconds), ``before`` the steady pH before
-    it. The probe sits behind a transport delay and a mixing lag (as in the
-    simulated plant, sim/plant.py), so the response is ``before + change ·
-    r(t − start − dead time)`` with ``r`` the lag's response to the dose.
-    Besides the best fit, it keeps every (dead time, lag) pair the readings
-    cannot rule out (within the 95 % region of the least squares), so that
-    "the response is complete" can be asked of all of them: early in a slow
-    response a noisy best fit may well be a short lag. ``None`` when there
-    are too few readings.
+    ``times``/``values`` are the readings since the first dose, ``before``
+    the steady pH before it, ``doses`` each dose's (start, run seconds,
+    ml/L). The probe sits behind a transport delay and a mixing lag (as in
+    the simulated plant, sim/plant.py), and over a few tenths of a pH the
+    titration curve is nearly straight, so the response is ``before + gain ·
+    Σ per_l · r(t − start − dead time)``, ``r`` the lag's response to a dose
+    spread over its run. Besides the best fit it keeps every (dead time,
+    lag) the readings cannot rule out (the 95 % region of the least
+    squares), so that "the response is complete" can be asked of all of
+    them: early in a slow response a noisy best fit may well be a short lag.
+    ``None`` when there are too few readings.
     """
-    if len(times) < 4:
+    if len(times) < 4 or not doses:
         return None
-    t = np.asarray(times, dtype=float) - start
+    first = min(d[0] for d in doses)
+    t = np.asarray(times, dtype=float) - first
     y = np.asarray(values, dtype=float) - before
     span = float(t[-1])
     if span <= 0.0:
@@ -564,32 +608,37 @@ def fit_response(
         keep = counts > 0
         t = (np.bincount(index, t, _FIT_POINTS)[keep]) / counts[keep]
         y = (np.bincount(index, y, _FIT_POINTS)[keep]) / counts[keep]
-    dead = np.linspace(0.0, 0.8 * span, 49)
-    lags = np.geomspace(max(span / 500.0, 0.05), 2.0 * span, 40)
+    dead = np.linspace(0.0, 0.8 * span, 41)
+    lags = np.geomspace(max(span / 500.0, 0.05), 2.0 * span, 32)
     sse = np.empty((lags.size, dead.size))
-    change = np.empty_like(sse)
+    gain = np.empty_like(sse)
     yy = float(y @ y)
     for j, lag in enumerate(lags):
-        r = _ramp(t[None, :] - dead[:, None], run_s, float(lag))
+        r = np.zeros((dead.size, t.size))
+        for start, run_s, per_l in doses:
+            r += per_l * _ramp(t[None, :] - (start - first) - dead[:, None], run_s, float(lag))
         rr = np.einsum("ij,ij->i", r, r)
         ry = r @ y
-        change[j] = np.divide(ry, rr, out=np.zeros_like(ry), where=rr > 0)
-        sse[j] = yy - change[j] * ry
+        gain[j] = np.divide(ry, rr, out=np.zeros_like(ry), where=rr > 0)
+        sse[j] = yy - gain[j] * ry
     flat = int(np.argmin(sse))
     j, i = divmod(flat, dead.size)
     best = float(sse[j, i])
     variance = max(best, 0.0) / max(t.size - 3, 1)
     inside = np.argwhere(sse <= best + _REGION * variance)
     plausible = tuple((float(dead[b]), float(lags[a])) for a, b in inside)
-    dead_s, lag_s = float(dead[i]), float(lags[j])
-    complete = float(_ramp(np.asarray([span - dead_s]), run_s, lag_s)[0])
-    return Fit(dead_s, lag_s, float(change[j, i]), complete, plausible)
+    total = math.fsum(d[2] for d in doses)
+    return Fit(float(dead[i]), float(lags[j]), float(gain[j, i]) * total, tuple(doses), plausible)
 
 
 def recommended_wait(fit: Fit) -> float:
     """The mixing wait after which 95 % of a dose's effect is seen: dead time + 3 lags, rounded."""
     return max(_WAIT_ROUND_S, math.ceil((fit.dead_time_s + 3.0 * fit.lag_s) / _WAIT_ROUND_S)
                * _WAIT_ROUND_S)
+
+
+def _secs(x: float) -> str:
+    return f"{x:.0f}" if x >= 10 else f"{x:.1f}"
 
 
 def _sig(x: float, digits: int = 3) -> float:

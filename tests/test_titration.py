@@ -58,6 +58,7 @@ def simulate(
     dosed_pump: str | None = None,
     flow_factor: float = 1.0,
     limit_s: float = 30000.0,
+    min_watch_s: float = 60.0,
 ) -> Run:
     """Titrate ``pump`` on a tank of ``params``; the gateway is told ``strength`` (or nothing).
 
@@ -71,7 +72,7 @@ def simulate(
     )
     envelope = PhEnvelope(told)
     proc = Titration(
-        TitrationSettings(pump, window_s=window, mixing_wait_s=mixing),
+        TitrationSettings(pump, window_s=window, mixing_wait_s=mixing, min_watch_s=min_watch_s),
         lambda x: envelope.gain_bound(pump, x, ph),
         0.0,
     )
@@ -146,7 +147,7 @@ def test_a_told_strength_makes_it_quick_and_it_still_measures() -> None:
 
 
 def test_the_first_dose_is_the_envelopes_bound_and_each_next_at_most_ten_times_larger() -> None:
-    run = simulate(BASE, "ph_up", poll=0.1, window=1.0, mixing=3.0)
+    run = simulate(FAST, "ph_up", poll=0.1, window=1.0, mixing=3.0)
     assert run.proc.result is not None
     envelope = PhEnvelope(PlantConstants(tank_volume_l=BASE.volume_l))
     start = run.proc.start
@@ -199,20 +200,23 @@ def test_the_wrong_bottle_is_refused_not_measured() -> None:
     assert run.extreme <= 0.2, "a move the wrong way keeps the doses small"
 
 
-def test_a_mixing_wait_shorter_than_the_dead_time_is_reported() -> None:
-    """The procedure trusts mixing_wait_s (+ two windows) to cover the dead time; if not, it says so.
-
-    Doses whose effect is not seen yet look like no effect, so the next grows
-    tenfold; the total is still measured right (after everything settled),
-    and the result tells the grower to lengthen the mixing wait.
-    """
-    for dead in (3.0, 8.0):
+def test_a_short_mixing_wait_does_not_hide_a_late_effect() -> None:
+    """A dose whose effect has not arrived looks like one that did nothing, and the next is
+    ten times larger: so a dose with no visible effect is watched a minute at least, whatever
+    the mixing wait. With a shorter watch than the dead time it would overshoot, and say so."""
+    for dead in (8.0, 40.0):
         run = simulate(replace(BASE, dead_time_s=dead, lag_s=2.0), "ph_up", poll=0.1,
                        window=1.0, mixing=1.0)
         result = run.proc.result
-        assert result is not None and result.mixing is not None
-        assert "mixing" in (result.warning or ""), result.warning
-        assert abs(result.strength / truth(run) - 1.0) <= 0.15, "measured all the same"
+        assert result is not None and result.warning is None
+        assert run.extreme <= CAP_PH
+        assert abs(result.strength / truth(run) - 1.0) <= 0.15
+    run = simulate(replace(BASE, dead_time_s=8.0, lag_s=2.0), "ph_up", poll=0.1, window=1.0,
+                   mixing=1.0, min_watch_s=1.0)
+    result = run.proc.result
+    assert result is not None and "mixing" in (result.warning or ""), result.warning
+    assert run.extreme > CAP_PH, "what the minute of watching prevents"
+    assert abs(result.strength / truth(run) - 1.0) <= 0.15, "measured all the same"
     result = simulate(FAST, "ph_up", poll=0.1, window=1.0, mixing=3.0).proc.result
     assert result is not None and result.warning is None
 
@@ -252,19 +256,38 @@ def test_settings_are_checked() -> None:
             TitrationSettings(**bad)  # type: ignore[arg-type]
 
 
+def _unit_response(t: np.ndarray, dead: float, lag: float, run_s: float) -> np.ndarray:
+    s = np.maximum(t - dead, 0.0)
+    return np.where(
+        s <= run_s,
+        (s - lag * -np.expm1(-s / lag)) / run_s,
+        1.0 - lag / run_s * np.exp(-(np.maximum(s, run_s) - run_s) / lag) * -np.expm1(-run_s / lag),
+    )
+
+
 def test_fit_recovers_dead_time_and_lag() -> None:
     t = np.arange(0.0, 400.0, 5.0)
     for dead, lag, run_s in ((25.0, 50.0, 2.0), (10.0, 120.0, 30.0)):
-        s = np.maximum(t - dead, 0.0)
-        y = np.where(
-            s <= run_s,
-            (s - lag * -np.expm1(-s / lag)) / run_s,
-            1.0 - lag / run_s * np.exp(-(np.maximum(s, run_s) - run_s) / lag)
-            * -np.expm1(-run_s / lag),
-        )
-        fit = fit_response(list(t), list(6.0 - 0.1 * y), 6.0, 0.0, run_s)
+        y = _unit_response(t, dead, lag, run_s)
+        fit = fit_response(list(t), list(6.0 - 0.1 * y), 6.0, [(0.0, run_s, 1.0)])
         assert fit is not None
         assert fit.dead_time_s == pytest.approx(dead, abs=6.0)
         assert fit.lag_s == pytest.approx(lag, rel=0.15)
         assert fit.change == pytest.approx(-0.1, rel=0.05)
         assert recommended_wait(fit) >= dead + 3 * lag * 0.85
+        assert fit.least_share(dead + 3 * lag + run_s) >= 0.9
+        assert fit.least_share(dead + lag) < 0.7
+
+
+def test_fit_sees_the_tail_of_every_dose() -> None:
+    """Two doses superposed: the first's tail still counts when the second is measured."""
+    t = np.arange(0.0, 600.0, 5.0)
+    dead, lag = 20.0, 60.0
+    y = 0.02 * _unit_response(t, dead, lag, 1.0) + 0.06 * _unit_response(t - 100, dead, lag, 3.0)
+    doses = [(0.0, 1.0, 0.1), (100.0, 3.0, 0.3)]
+    fit = fit_response(list(t), list(6.0 + y), 6.0, doses)
+    assert fit is not None
+    assert fit.lag_s == pytest.approx(lag, rel=0.15)
+    assert fit.change == pytest.approx(0.08, rel=0.05)
+    assert fit.least_share(100 + dead + lag) < 0.8
+    assert fit.least_share(100 + dead + 4 * lag) >= 0.95
