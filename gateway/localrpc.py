@@ -221,9 +221,10 @@ class LocalServer:
         tg = self._tg
         if tg is None or len(self._clients) >= self._max_clients:
             self.refused += 1
-            writer.write(encode(_error(
+            why = "the gateway is stopping" if tg is None else (
                 f"too many connections to the local socket (at most {self._max_clients})"
-            )))
+            )
+            writer.write(encode(_error(why)))
             writer.close()  # the transport sends what it holds, then closes
             return
         self._count += 1

@@ -166,6 +166,8 @@ class NodeTitration:
             control.abort("a titration was forced")
             if not await node.stop_actuators():
                 raise CommandError(f"{busy}, and the node did not confirm stop")
+            if self.running:  # another request started one meanwhile
+                raise CommandError("a titration is already running (stop or force_stop cancels it)")
         settings = control.settings
         timings = TitrationSettings(
             pump,
@@ -176,8 +178,9 @@ class NodeTitration:
             ph_range=limits.ph_range,
             min_watch_s=MIN_WATCH_S,
         )
-        ph_now = control.watch.fresh("ph", now, limits.stale_after_s)
-        assert ph_now is not None
+        ph_now = control.watch.fresh("ph", self._clock.monotonic(), limits.stale_after_s)
+        if ph_now is None:
+            raise CommandError("a titration needs a fresh pH reading: none since the stop")
         # The envelope's configured strength is a claim near the setpoint; without one, near here.
         centre = settings.ph_setpoint if settings else ph_now
         envelope = control.envelope

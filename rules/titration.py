@@ -7,14 +7,16 @@ a chemist titrates a sample, but on the running tank and with every safety
 limit in place:
 
 1. wait for a steady pH: two consecutive window averages (the node's
-   ``ph_average_s``) agree within :data:`STEADY_PH`;
+   ``ph_average_s``) agree within :data:`STEADY_PH`; the starting pH (and the
+   final one) average at least :data:`MIN_LEVEL_READINGS` readings;
 2. dose a small known amount, sized by the steepest titration curve that is
    still plausible (the pH safety envelope's bound, rules/envelope.py) to
    move the pH by ``move`` (0.1 by default) at most;
 3. wait ``mixing_wait_s`` and until the pH is steady again; once the doses'
    effect is visible, also until the fitted response of every dose so far
    (dead time and first-order lag, :func:`fit_response`) is :data:`COMPLETE`
-   done, so a slow tank is not mistaken for a steady one;
+   done, so a slow tank is not mistaken for a steady one; a dose with no
+   visible effect yet is watched at least ``min_watch_s`` before a larger one;
 4. if the total change is too small to measure well (below
    :data:`MIN_CHANGE`, or below :data:`NOISE_FACTOR` standard errors), dose
    again, larger — at most :data:`GROWTH` times the last dose, and never more
@@ -50,6 +52,8 @@ __all__ = [
     "GROWTH",
     "MAX_DOSES",
     "MIN_CHANGE",
+    "MIN_LEVEL_READINGS",
+    "MIN_WATCH_S",
     "MIN_MOVE",
     "NOISE_FACTOR",
     "Fit",
