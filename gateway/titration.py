@@ -334,7 +334,8 @@ class NodeTitration:
         far = _distance(result, settings.ph_setpoint) if settings is not None else 0.0
         applied = far <= NEAR_SETPOINT_PH
         sign = direction(result.pump)
-        # The envelope takes the change less two standard errors: a secant it may trust.
+        # The envelope takes the change plus two standard errors: a steeper secant, one it may
+        # trust as a bound.
         change = abs(result.ph_to - result.ph_from) * (1.0 + result.uncertainty)
         control.envelope.measured(
             result.pump, result.ph_from, result.ph_from + sign * change, result.per_l
