@@ -1,4 +1,4 @@
-"""The `hydrogate` command: run, check-config, demo, calibrate, evaluate, node."""
+"""The `hydrogate` command: run, check-config, demo, calibrate, evaluate, node, titrate."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ DEFAULT_CONFIG = "/etc/hydrogate/config.yaml"
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2
+EXIT_NO_DAEMON = 3  # a command for the running daemon found none (gateway/localclient.py)
+EXIT_REFUSED = 4  # the daemon refused the command (the reason is printed)
 
 
 def _add_config_option(parser: argparse.ArgumentParser) -> None:
@@ -26,6 +28,11 @@ def _add_config_option(parser: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help=f"YAML configuration file (default {DEFAULT_CONFIG})",
     )
+
+
+def add_config_option(parser: argparse.ArgumentParser) -> None:
+    """``-c/--config FILE``, for commands in other modules that read the config file."""
+    _add_config_option(parser)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -115,6 +122,7 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "calibrate": ("rules.calibration", "calibrate"),
     "evaluate": ("sim.evaluate", "evaluate"),
     "node": ("gateway.nodetool.cli", "node"),
+    "titrate": ("gateway.cli_titrate", "titrate"),
 }
 
 
@@ -153,6 +161,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         "calibrate": "fit a calibration map from reference points and print it",
         "evaluate": "run every controller on the simulated plant and compare them",
         "node": "tools for NodeLink nodes: probe URL, deploy firmware, write node.json",
+        "titrate": "measure a pH solution's strength on the running tank (guided titration)",
     }
     for name, (module, _) in LAZY_COMMANDS.items():
         lazy = sub.add_parser(name, help=helps[name])

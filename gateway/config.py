@@ -134,10 +134,12 @@ class FrozenMap(Mapping[K, V]):
 
 @dataclass(frozen=True, slots=True)
 class GatewayConfig:
-    """The gateway itself: its device name in ThingsBoard and how often it reports health."""
+    """The gateway itself: its device name in ThingsBoard, how often it reports health,
+    and where its local control socket is (``None``: the default, gateway/localrpc.py)."""
 
     name: str
     health_interval: float = 60.0
+    socket: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -354,11 +356,31 @@ def node_url(value: Any) -> str:
 # --- sections ----------------------------------------------------------------------------------
 
 
-def _gateway(sec: Section) -> GatewayConfig | None:
+#: Linux's limit on a Unix socket's path (108 bytes with the final NUL).
+UNIX_PATH_MAX = 107
+
+
+def _socket_path(base_dir: Path | None) -> Validator[Path]:
+    as_path = file_path(base_dir, must_exist=False)
+
+    def validate(value: Any) -> Path:
+        path = as_path(value)
+        if len(bytes(path)) > UNIX_PATH_MAX:
+            raise Invalid(f"is {len(bytes(path))} bytes long; a Unix socket's path has at most "
+                          f"{UNIX_PATH_MAX}")
+        return path
+
+    return validate
+
+
+def _gateway(sec: Section, base_dir: Path | None) -> GatewayConfig | None:
     name = sec.require("name", device_name)
     health = sec.get("health_interval", duration_range(1, 86400), 60.0)
+    socket = sec.optional("socket", _socket_path(base_dir))
     sec.finish()
-    return None if name is None else GatewayConfig(name=name, health_interval=health)
+    if name is None:
+        return None
+    return GatewayConfig(name=name, health_interval=health, socket=socket)
 
 
 def _storage(sec: Section, base_dir: Path | None) -> StorageConfig | None:
@@ -714,7 +736,7 @@ def parse_config(
     base = None if base_dir is None else Path(base_dir)
     errors = ErrorList()
     root = Section(errors, "", data)
-    gateway = _gateway(root.section("gateway"))
+    gateway = _gateway(root.section("gateway"), base)
     storage = _storage(root.section("storage"), base)
     thingsboard = (
         _thingsboard(root.section("thingsboard"), base) if "thingsboard" in root.data else None

@@ -16,6 +16,10 @@ together with the plant constants it was learned under, and handed back to
 the next controller of that name on this node: after a restart, a reload or a
 switch of controller and back. Knowledge learned under other plant constants
 (another tank volume, stock or pump) is discarded.
+
+A guided titration (`titrate`, gateway/titration.py) measures a pH solution's
+strength on the running node; while it runs, automatic cycles wait and manual
+doses are refused, and its result becomes the node's plant constant.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from gateway.config import control_settings as settings_of
 from gateway.errors import CommandError
 from gateway.service import fields
 from gateway.store import Store, StoreClosed, StoreError
+from gateway.titration import NodeTitration
 from rules.controller import (
     Controller,
     ControllerError,
@@ -155,6 +160,7 @@ class NodeControl:
         self._learned_lock = asyncio.Lock()
         self._learned_saved: dict[str, Any] = {}
         self._learned_save_failed = False
+        self.titration = NodeTitration(self, node, store=store, clock=clock)
         self._rebuild()
 
     # -------------------------------------------------------------- settings
@@ -221,6 +227,7 @@ class NodeControl:
     async def load_settings(self) -> None:
         """Restore run-time settings, the rolling-hour actuation ledger and what was learned."""
         await self._load_settings()
+        await self.titration.restore()  # measured strengths first: the plant they change
         await self._restore_envelope()
         await self._restore_learned()
 
@@ -296,6 +303,28 @@ class NodeControl:
             extra=fields(node=self._node.name),
         )
         return current
+
+    # ------------------------------------------------------------ plant constants
+    def config_plant(self) -> dict[str, Any]:
+        """The config file's own plant constants (as a fingerprint), before any measurement."""
+        return plant_fingerprint(_plant_constants(self._config))
+
+    def set_plant(self, plant: PlantConstants) -> None:
+        """New plant constants (a measured strength): the envelope and the next cycle use them.
+
+        What the controller and the envelope learned stays (the tank is the
+        same): it is saved again under the new constants (:meth:`save_knowledge`).
+        """
+        self.plant = plant
+        self.envelope.plant = plant
+        self._learned_saved = {}
+        if self.settings is not None:
+            self._rebuild(controller_changed=False)
+
+    async def save_knowledge(self) -> None:
+        """Save what the envelope and the controller know, under the current plant constants."""
+        await self._save_envelope()
+        await self._save_learned()
 
     # ------------------------------------------------------------ pH envelope
     async def _restore_envelope(self) -> None:
@@ -467,8 +496,10 @@ class NodeControl:
 
     # -------------------------------------------------------------- the loop
     def observe(self, values: Mapping[str, float | None]) -> None:
-        """Feed the safety watch with a calibrated reading."""
-        self.watch.update(self._clock.monotonic(), values)
+        """Feed the safety watch (and a running titration) with a calibrated reading."""
+        now = self._clock.monotonic()
+        self.watch.update(now, values)
+        self.titration.observe(now, values)
 
     async def run(self, reading: asyncio.Event) -> None:
         """While the link is up: start cycles when due and carry out their doses."""
@@ -499,8 +530,8 @@ class NodeControl:
         """One control step: triggers, then the cycle's doses through the guard."""
         await self._restore_learned()
         cycle, settings, triggers = self._cycle, self.settings, self._triggers
-        if cycle is None or settings is None or triggers is None:
-            return
+        if cycle is None or settings is None or triggers is None or self.titration.running:
+            return  # (automatic cycles wait while a titration runs)
         now = self._clock.monotonic()
         if settings.mode == "auto" and cycle.state == "idle" and triggers.due(self._clock.now()):
             self._start(now, "schedule" if settings.schedule else "interval")
@@ -539,6 +570,15 @@ class NodeControl:
                 "node %s: control cycle aborted (%s)", self._node.name, why,
                 extra=fields(node=self._node.name),
             )
+
+    def busy(self) -> str | None:
+        """What a titration must not run alongside: a control cycle or a running pump."""
+        if self._cycle is not None and self._cycle.state != "idle":
+            return f"a control cycle is running (its {self._cycle.state} loop)"
+        running = sorted(self.guard.running(self._clock.monotonic()))
+        if running:
+            return f"{', '.join(running)} running"
+        return None
 
     @property
     def automatic(self) -> bool:
@@ -660,6 +700,9 @@ class NodeControl:
         state: dict[str, Any] = {
             "cycle": self._cycle.state if self._cycle else "idle",
             "ph_lock": self.envelope.locked,
+            "titration": self.titration.state(),
+            "ph_ml_per_l_per_unit": dict(self.plant.ph_ml_per_l_per_unit),
+            "ph_titrated": self.titration.measured(),
         }
         if self.settings is not None:
             state.update(settings_of(self.settings))
@@ -670,10 +713,18 @@ class NodeControl:
 
     async def rpc(self, method: str, params: Any) -> dict[str, Any]:
         """The control RPCs of CONTRACT.md; raises CommandError with the reason."""
+        if method == "titrate":
+            return await self.titration.start(params)
+        busy = "a titration is running (stop or force_stop cancels it)"
+        if method == "force_on" and self.titration.running:
+            raise CommandError(busy)
         if method == "actuate":
             dose = _parse_dose(params)
             if dose.duty == 0:  # duty 0 is "off": a stop, never a run of ms milliseconds
+                await self.titration.cancel("actuate with duty 0 (a stop)")
                 return await self._stop_for(dose.actuator)
+            if self.titration.running:  # a manual dose would spoil the measurement
+                raise CommandError(busy)
             try:
                 granted = await self.actuate(dose, controller="manual", strict=True)
             except SafetyRefusal as exc:
@@ -689,6 +740,7 @@ class NodeControl:
                 self._start(self._clock.monotonic(), "force_on")
             return {"cycle": self._cycle.state if self._cycle else "idle"}
         if method == "force_stop":
+            await self.titration.cancel("force_stop")
             self.abort("force_stop")
             if not await self._node.stop_actuators():
                 raise CommandError("cycle aborted, but the node did not confirm stop")

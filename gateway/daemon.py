@@ -22,10 +22,12 @@ from collections.abc import Awaitable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from gateway import __version__
 from gateway.clock import Clock, SystemClock, TimeKeeper, describe_seconds
 from gateway.config import Config, ConfigError, NodeConfig, load_config
 from gateway.errors import CommandError
 from gateway.faults import FaultLog, quote
+from gateway.localrpc import LocalServer, socket_path
 from gateway.node import NodeRunner
 from gateway.service import NODE, monotonic_usec, notify, run_watchdog, watchdog_interval
 from gateway.store import Store, StoreError
@@ -71,6 +73,7 @@ class Gateway:
         self.runners: dict[str, NodeRunner] = {}
         self.store: Store | None = None
         self.uplink: Uplink | None = None
+        self.local: LocalServer | None = None
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._tg: asyncio.TaskGroup | None = None
         self._stop = asyncio.Event()
@@ -118,6 +121,7 @@ class Gateway:
                 for node in cfg.nodes:
                     self._start_node(node)
                 self._start_uplink()
+                self._start_local()
                 interval = watchdog_interval()
                 if interval is not None:
                     self._tasks["watchdog"] = tg.create_task(
@@ -263,6 +267,12 @@ class Gateway:
         )
         self._tasks["uplink"] = self._tg.create_task(self.uplink.run(), name="uplink")
 
+    def _start_local(self) -> None:
+        """The local control socket (gateway/localrpc.py), for `hydrogate` commands."""
+        assert self._tg is not None
+        self.local = LocalServer(socket_path(self.config), self)
+        self._tasks["local"] = self._tg.create_task(self.local.run(), name="local-socket")
+
     async def _stop_task(self, name: str) -> None:
         task = self._tasks.pop(name, None)
         if task is not None:
@@ -397,6 +407,18 @@ class Gateway:
         finally:
             NODE.reset(token)
         return {"success": True, **result}
+
+    async def on_gateway_rpc(self, method: str, params: Any) -> dict[str, Any]:
+        """A request to the gateway itself (local socket, no device); the reply's data."""
+        if method == "ping":
+            return {
+                "success": True,
+                "gateway": self.config.gateway.name,
+                "version": __version__,
+                "uptime_s": round(time.monotonic() - self.started, 1),
+                "nodes": list(self.runners),
+            }
+        return {"success": False, "error": f"unknown gateway method {method!r} (known: ping)"}
 
     def health_extra(self) -> Mapping[str, Any]:
         """Per-node figures added to the gateway's own health telemetry."""

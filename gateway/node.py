@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -80,6 +80,7 @@ class NodeRunner:
         self._severity_at = -math.inf
         self._calibrator = Calibrator(config.calibration) if config.calibration else None
         self._link: Link | None = None
+        self._session_tg: asyncio.TaskGroup | None = None
         self._reading_event = asyncio.Event()
         self.control = NodeControl(self, config, store=store, clock=clock)
 
@@ -131,6 +132,7 @@ class NodeRunner:
             self.link_reason = "connected, no reading yet"
             try:
                 async with asyncio.TaskGroup() as tg:
+                    self._session_tg = tg
                     tg.create_task(self._poll_loop(link), name=f"poll:{self.name}")
                     tg.create_task(self._watch(link), name=f"watch:{self.name}")
                     if self.control.automatic:
@@ -141,6 +143,7 @@ class NodeRunner:
                 raise group.exceptions[0] from None
             finally:
                 self._link = None
+                self._session_tg = None
                 self.control.link_lost()
 
     async def _watch(self, link: Link) -> None:
@@ -351,6 +354,17 @@ class NodeRunner:
         """
         return self._link is not None
 
+    def spawn(self, coro: Coroutine[Any, Any, None], *, name: str) -> asyncio.Task[None]:
+        """Run ``coro`` as a task of the link session: a lost link or a stop cancels it."""
+        tg = self._session_tg
+        try:
+            if tg is None or not self.link_up:
+                raise RuntimeError("no link session")
+            return tg.create_task(coro, name=name)
+        except RuntimeError as exc:
+            coro.close()
+            raise CommandError(f"node {self.name} link is down ({self.link_reason})") from exc
+
     async def stop_actuators(self, *, within: float = 3.0) -> bool:
         """Send NodeLink `stop`; True if the node confirmed it."""
         link = self._link
@@ -371,6 +385,7 @@ class NodeRunner:
     async def shutdown(self) -> None:
         """Clean stop: abort any cycle and command every actuator off."""
         self.control.abort("gateway stopping")
+        await self.control.titration.cancel("gateway stopping")
         if self.connected():
             await self.stop_actuators()
 
@@ -400,6 +415,7 @@ class NodeRunner:
         if method == "stop":
             if not self.connected():
                 raise CommandError(f"node {self.name} link is down ({self.link_reason})")
+            await self.control.titration.cancel("stop")
             if not await self.stop_actuators():
                 raise CommandError("node did not confirm stop")
             return {}

@@ -10,13 +10,13 @@ Everything the runtime needs to know about a model file is in
 - the SHA-256 of every ``.tflite`` file: :meth:`Model.load` refuses a file
   whose bytes differ, and hands the interpreter the very bytes it hashed;
 - the feature order and the *training range* of each feature:
-  :meth:`Model.predict` refuses a reading outside it (the model was never
+  :meth:`Model.predict` refuses a feature outside it (the model was never
   taught what to do there, so the caller must fall back to RB);
 - the input scaling (each model input is one feature mapped linearly from
   ``[low, high]`` to ``[0, 1]`` and clipped; a feature may appear twice, once
-  over its whole range and once "zoomed" on the region where the doses
-  change, to give int8 inputs enough resolution there);
-- the output scaling (model output × ``scale_s`` = seconds).
+  over its whole range and once "zoomed" on the region where the answers
+  change most, to give int8 inputs enough resolution there);
+- the output scaling (model output × ``scale`` = the target, in its units).
 
 A quantised file has int8 input and output tensors: the runtime quantises
 and dequantises with the tensors' own scale and zero point. The float file
@@ -42,8 +42,6 @@ from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
-
-from rules.controller import PlantConstants
 
 __all__ = [
     "DEFAULT_METADATA",
@@ -149,12 +147,7 @@ class InputScale:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """What ``metadata.json`` says about the model files (see the module docstring).
-
-    ``bands`` are the RB bands the labels were made with (``"tds"`` and
-    ``"ph"``), ``plant`` the plant constants; the ``ml`` controller needs both
-    to use the model for another setpoint or refuse it for another plant.
-    """
+    """What ``metadata.json`` says about the model files (see the module docstring)."""
 
     features: tuple[str, ...]
     targets: tuple[str, ...]
@@ -162,8 +155,6 @@ class ModelSpec:
     inputs: tuple[InputScale, ...]
     output_scale: Mapping[str, float]
     sha256: Mapping[str, str]
-    bands: Mapping[str, tuple[float, float]]
-    plant: PlantConstants
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> ModelSpec:
@@ -181,16 +172,10 @@ class ModelSpec:
                     for i in data["inputs"]
                 ),
                 output_scale=MappingProxyType(
-                    {str(t): float(o["scale_s"]) for t, o in data["outputs"].items()}
+                    {str(t): float(o["scale"]) for t, o in data["outputs"].items()}
                 ),
                 sha256=MappingProxyType(
                     {str(name): str(f["sha256"]) for name, f in data["files"].items()}
-                ),
-                bands=MappingProxyType({k: _pair(v) for k, v in data["bands"].items()}),
-                plant=PlantConstants(
-                    tank_volume_l=float(data["plant"]["tank_volume_l"]),
-                    stock_ppm=float(data["plant"]["stock_ppm"]),
-                    flow_ml_s={str(a): float(q) for a, q in data["plant"]["flow_ml_s"].items()},
                 ),
             )
         except (KeyError, TypeError, ValueError) as exc:
@@ -238,7 +223,7 @@ class InputScaler:
 
 
 class Model:
-    """A verified, allocated TFLite model with its scaling: readings in, seconds out."""
+    """A verified, allocated TFLite model with its scaling: features in, targets out."""
 
     def __init__(self, interpreter: Interpreter, spec: ModelSpec, name: str) -> None:
         self.spec = spec
@@ -326,18 +311,18 @@ class Model:
         return row
 
     def predict(self, features: Mapping[str, float]) -> dict[str, float]:
-        """Seconds per target for one reading (keys: ``spec.features``).
+        """Each target's value for one feature mapping (keys: ``spec.features``).
 
         Raises :class:`InputRangeError` for a missing, non-finite or
         out-of-range feature and :class:`OutputError` for a non-finite output.
         """
-        seconds = self.run(self.check(features))
-        if not np.isfinite(seconds).all():
-            raise OutputError(f"{self.name} returned non-finite outputs {seconds.tolist()}")
-        return {t: float(s) for t, s in zip(self.spec.targets, seconds, strict=True)}
+        values = self.run(self.check(features))
+        if not np.isfinite(values).all():
+            raise OutputError(f"{self.name} returned non-finite outputs {values.tolist()}")
+        return {t: float(v) for t, v in zip(self.spec.targets, values, strict=True)}
 
     def run(self, row: FloatArray) -> FloatArray:
-        """Seconds per target for one feature row in ``spec.features`` order (no guard).
+        """Each target's value for one feature row in ``spec.features`` order (no guard).
 
         Negative outputs are clipped to 0 (a pump cannot run for less than
         nothing); anything else is left to the caller and the safety layer.
@@ -360,8 +345,8 @@ class Model:
             out = (raw.astype(np.float64) - zero) * scale
         else:
             out = raw.astype(np.float64)
-        seconds: FloatArray = np.maximum(out * self._out_scale, 0.0)
-        return seconds
+        values: FloatArray = np.maximum(out * self._out_scale, 0.0)
+        return values
 
     def run_many(self, x: FloatArray) -> FloatArray:
         """:meth:`run` for every row of ``x`` (evaluation helper; one invoke per row)."""

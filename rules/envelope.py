@@ -325,6 +325,23 @@ class PhEnvelope:
             extra={"actuator": dose.pump},
         )
 
+    def measured(self, pump: str, ph_from: float, ph_to: float, per_l: float) -> None:
+        """A guided titration's secant: ``per_l`` ml/L of ``pump`` moved the pH ``ph_from → ph_to``.
+
+        Kept as a measured anchor like a dose's response (the caller gives the
+        change it can vouch for: the measured one plus its uncertainty).
+        """
+        span = (ph_to - ph_from) * direction(pump)
+        if pump not in PH_PUMPS or not (per_l > 0 and math.isfinite(per_l)) or not (
+            span > 0 and math.isfinite(span)
+        ):
+            raise EnvelopeError(f"not a titration of {pump}: {ph_from} -> {ph_to} by {per_l} ml/L")
+        anchors = self._anchors.setdefault(pump, [])
+        anchors.append(Anchor((ph_from + ph_to) / 2.0, span / per_l, span / 2.0))
+        del anchors[:-MAX_ANCHORS]
+        self._probe.pop(pump, None)
+        self._changed = True
+
     def acknowledge(self) -> bool:
         """The grower looked: unlock, and start measuring the tank again. True if locked."""
         was = self.locked is not None

@@ -1,34 +1,46 @@
-"""The ``ml`` controller: the int8 TFLite model first, RB whenever it cannot be trusted.
+"""The ``ml`` controller: the int8 TFLite model sizes each dose, RB whenever it cannot be trusted.
 
-The control documentation's ML controller is the primary one and RB its
-fallback "on any ML failure". Here "failure" is spelled out; RB decides,
-and the decision says so (``Decision.controller == "rb"`` and a ``note``
-naming the reason), whenever:
+The model (models/policy.py, trained by models/train.py on the closed-loop
+data of models/closedloop.py) answers one question per decision: *what
+fraction of the reference dose to run now*. TDS: of the need, the dose
+that brings the settled TDS to the setpoint by mass balance with the
+configured constants; pH: of the pH safety envelope's limit
+(``DecisionContext.max_ml``), which the cycle enforces anyway. The plant
+constants and what this controller measured of the tank are its features,
+so one model serves every tank in the ranges it was trained on.
+
+Around the model, this controller does what no model should guess:
+
+- **TDS: it looks again only once a dose has settled** (the windows after
+  a dose agree, and the change over the last third of the time since it
+  ended is small against its effect, whatever the mixing lag), and then
+  measures the pump's *effect ratio* — observed change over the change the
+  configured constants predicted — which is the model's ``factor`` feature
+  for that pump's later doses. A dose longer than :data:`MAX_DOSE_S` runs
+  in pieces, one per decision, sized at once.
+- **pH: nothing beyond the envelope.** While the envelope allows nothing
+  (the last dose is mixing in) no dose is asked for.
+
+RB decides, and the decision says so (``Decision.controller == "rb"`` and
+a ``note`` naming the reason), whenever:
 
 - the model could not be loaded: missing file, bytes that do not match the
   hash in ``metadata.json``, a file the interpreter refuses (logged once,
   at construction);
-- a reading the model needs is missing, not finite, or outside the range it
-  was trained on (:class:`models.runtime.InputRangeError`);
-- the plant differs from the one the labels were computed for (another tank
-  volume, stock concentration or pump flow changes every dose in seconds);
+- a feature is not finite or outside the range the model was trained on
+  (:class:`models.runtime.InputRangeError`): another kind of tank, stock or
+  pump than the training tanks;
 - inference does not finish within ``deadline_s`` (the worker thread is left
   to finish on its own; while it is still busy the next decisions go straight
   to RB rather than queueing behind it);
 - the model returns a non-finite value or no value for a target.
 
-Inference runs in one dedicated, named worker thread, so the event loop
-never blocks on the interpreter; :meth:`MlController.close` joins it.
-
-The model learned the documentation's bands (560–840 ppm, pH 5.5–6.5). For
-a node with another setpoint or tolerance the loop's own measurement is
-mapped into the model's coordinates: below the band the distance to the
-band edge is kept (a nutrient or pH-up dose is proportional to it), above
-it the ratio to the edge for ppm (dilution) and the distance for pH, and
-inside the band linearly. The other loop's reading is used as it is. Only
-the loop's own actuators are returned (``tds``: nutrient and refill; ``ph``:
-ph_up and ph_down), at PWM 255, for outputs of at least ``min_seconds`` and
-at most the output's cap; the safety layer below may still clamp or refuse.
+A dose RB makes in a TDS loop is waited for like the model's, but teaches
+no effect ratio. Inference runs in one dedicated, named worker thread, so
+the event loop never blocks on the interpreter; :meth:`MlController.close`
+joins it. The measured effect ratios are what this controller learns about
+the tank (:meth:`MlController.learned`); the gateway keeps them across
+restarts.
 """
 
 from __future__ import annotations
@@ -36,43 +48,49 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
-from models.runtime import (
-    DEFAULT_MODEL,
-    InputRangeError,
-    Model,
-    ModelError,
-    ModelSpec,
-    OutputError,
+from models.policy import (
+    OUTPUT_SCALE,
+    PhQuery,
+    TdsQuery,
+    ph_query,
+    tds_effect,
+    tds_query,
+    volume_l,
 )
+from models.runtime import DEFAULT_MODEL, Model, ModelError, ModelSpec, OutputError
 from rules.controller import (
     ControllerError,
     ControllerOptions,
     Decision,
     DecisionContext,
     Dose,
-    PlantConstants,
     register,
 )
+from rules.envelope import CAP_PH, HALF, PhEnvelope
 from rules.rb import RbController
 
-__all__ = ["LOOP_ACTUATORS", "MlController", "PlantMismatch", "Predictor", "to_model_units"]
+__all__ = ["MAX_DOSE_S", "MlController", "Observer", "Predictor"]
 
 _LOG = logging.getLogger(__name__)
 
-#: The actuators each loop may drive.
-LOOP_ACTUATORS: Mapping[str, tuple[str, ...]] = {
-    "tds": ("nutrient", "refill"),
-    "ph": ("ph_up", "ph_down"),
-}
-
-
-class PlantMismatch(ModelError):
-    """The node's plant differs from the model's: every decision falls back until it is fixed."""
+STATE_VERSION = 1  # of the learned-state snapshot
+MAX_DOSE_S = 60.0  # a longer TDS dose runs in pieces (the safety guard allows 120 s per dose)
+MIN_DOSE_MS = 20
+SETTLE_PCT = 0.3  # of the setpoint: consecutive window averages this close have settled
+SETTLE_MIN_PPM = 2.5
+SETTLE_SPAN = 3  # windows after a dose over which the change must be small too
+SETTLE_FRACTION = 0.05  # of a dose's change so far: what may still move in the last third
+QUIET_FACTOR = 3.0  # first window of a loop: the latest reading within this many thresholds
+LEARN_MIN_PCT = 3.0  # a dose measures its pump's effect only above this change (% of sp)
+FACTOR_RANGE = (0.4, 2.5)  # an effect ratio outside is a fault (a dry pump), not the tank
+FACTOR_MEMORY = 4  # measurements kept per pump (the latest), weighted by their change
+SEEN = 240  # window averages kept since the last dose
 
 
 class Predictor(Protocol):
@@ -84,45 +102,47 @@ class Predictor(Protocol):
     def predict(self, features: Mapping[str, float]) -> dict[str, float]: ...
 
 
-def to_model_units(
-    value: float, band: tuple[float, float], model_band: tuple[float, float], *, ratio: bool
-) -> float:
-    """Map ``value`` from a node's ``band`` into the band the model was trained on.
-
-    Below the band the distance to the lower edge is kept; above it the ratio
-    to the upper edge (``ratio=True``, ppm: dilution) or the distance (pH);
-    inside the band the mapping is linear, edges onto edges.
-    """
-    low, high = band
-    m_low, m_high = model_band
-    if value < low:
-        return m_low - (low - value)
-    if value > high:
-        return m_high * value / high if ratio else m_high + (value - high)
-    if high == low:
-        return (m_low + m_high) / 2.0
-    return m_low + (value - low) * (m_high - m_low) / (high - low)
+#: Called with every query before it goes to the model (the training-data generator).
+Observer = Callable[[TdsQuery | PhQuery], None]
 
 
-def _same_plant(a: PlantConstants, b: PlantConstants, actuators: tuple[str, ...]) -> bool:
-    if not (math.isclose(a.tank_volume_l, b.tank_volume_l)
-            and math.isclose(a.stock_ppm, b.stock_ppm)):
-        return False
-    return all(
-        (q := a.flow_ml_s.get(act)) is not None
-        and (r := b.flow_ml_s.get(act)) is not None
-        and math.isclose(q, r)
-        for act in actuators
-    )
+@dataclass
+class _InFlight:
+    """A TDS dose whose effect has not settled yet."""
+
+    actuator: str
+    before: float  # settled TDS when it was decided
+    volume: float  # litres, then
+    ml: float = 0.0  # configured ml of the pieces run so far
+    remaining_ms: int = 0  # pieces still to run
+    end_s: float | None = None  # when the last piece ran out, on the cycle's clock
+    learn: bool = True  # False: RB's dose, waited for but not measured
+
+
+@dataclass
+class _TdsMemory:
+    seen: list[float] = field(default_factory=list)  # window averages since the last dose
+    times: list[float] = field(default_factory=list)
+    in_flight: _InFlight | None = None
+    ratios: dict[str, list[tuple[float, float]]] = field(default_factory=dict)  # (ratio, weight)
+
+    def factors(self) -> dict[str, float]:
+        """The measured effect ratio of each pump: the weighted mean of its latest measurements."""
+        return {
+            pump: math.fsum(r * w for r, w in rows) / math.fsum(w for _, w in rows)
+            for pump, rows in self.ratios.items()
+            if rows
+        }
 
 
 @register("ml")
 class MlController:
-    """Registered controller ``"ml"``: model doses, RB on any doubt (see the module docstring).
+    """Registered controller ``"ml"``: model-sized doses, RB on any doubt (module docstring).
 
     ``options.model_path`` picks the ``.tflite`` file (default: the
     committed int8 model); its ``metadata.json`` is the file of that name
-    beside it. Tests inject ``model`` instead.
+    beside it. Tests and the data generator inject ``model`` instead, and
+    may pass an ``observer`` that sees every query.
     """
 
     name = "ml"
@@ -133,18 +153,19 @@ class MlController:
         *,
         model: Predictor | None = None,
         deadline_s: float = 0.05,
-        min_seconds: float = 0.5,
+        observer: Observer | None = None,
     ) -> None:
         options = options or ControllerOptions()
-        if not deadline_s > 0 or not min_seconds >= 0:
-            raise ControllerError("deadline_s must be > 0 and min_seconds >= 0")
+        if not deadline_s > 0:
+            raise ControllerError("deadline_s must be > 0")
         self._rb = RbController(options)
         self._deadline_s = deadline_s
-        self._min_seconds = min_seconds
+        self._observer = observer
         self._unavailable: str | None = None
         self._last_reason: str | None = None
         self._pending: Future[dict[str, float]] | None = None
         self._closed = False
+        self._tds = _TdsMemory()
         if model is None:
             path = Path(options.model_path) if options.model_path else DEFAULT_MODEL
             try:
@@ -163,21 +184,23 @@ class MlController:
             if model is not None else None
         )
 
+    # ------------------------------------------------------------- deciding
     async def decide(self, ctx: DecisionContext) -> Decision:
         """The model's doses for ``ctx.loop``, or RB's with the reason in ``note``."""
         if self._closed:
             raise ControllerError("ml controller is closed")
+        settled: float | None = None
         try:
-            decision = await self._decide_ml(ctx)
+            if self._unavailable is not None or self._model is None:
+                raise ModelError(self._unavailable or "no model")
+            if ctx.loop == "ph":
+                decision = await self._ph(ctx)
+            else:
+                settled, decision = await self._tds_decision(ctx)
         except TimeoutError:
             reason = f"inference slower than {self._deadline_s * 1000:.0f} ms"
-            level = logging.INFO
         except ModelError as exc:
             reason = str(exc)
-            # A plant the model was not made for lasts until someone fixes the
-            # config: the grower must act. A reading outside the trained range
-            # or a slow inference is expected operation: rb still decides.
-            level = logging.WARNING if isinstance(exc, PlantMismatch) else logging.INFO
         else:
             if self._last_reason is not None:
                 _LOG.info("ml controller decides again (was rb: %s)", self._last_reason,
@@ -185,44 +208,207 @@ class MlController:
             self._last_reason = None
             return decision
         if reason != self._last_reason and self._unavailable is None:
-            _LOG.log(level, "ml controller falls back to rb: %s", reason,
-                     extra={"CONTROLLER": "ml", "REASON": reason})
+            # A feature outside the trained range or a slow inference is expected
+            # operation (rb still decides, within the envelope): INFO, not a warning.
+            _LOG.info("ml controller falls back to rb: %s", reason,
+                      extra={"CONTROLLER": "ml", "REASON": reason})
         self._last_reason = reason
         rb = await self._rb.decide(ctx)
+        if ctx.loop == "tds" and rb.doses:
+            self._foreign(ctx, settled, rb.doses)
         note = f"ml fallback: {reason}" + (f"; rb: {rb.note}" if rb.note else "")
         return Decision(doses=rb.doses, controller=self._rb.name, note=note)
 
-    async def _decide_ml(self, ctx: DecisionContext) -> Decision:
-        if self._unavailable is not None or self._model is None or self._executor is None:
-            raise ModelError(self._unavailable or "no model")
-        spec = self._model.spec
-        actuators = LOOP_ACTUATORS[ctx.loop]
-        if not _same_plant(ctx.plant, spec.plant, actuators):
-            raise PlantMismatch("the node's plant constants differ from the model's")
-        features = dict(ctx.values)
-        features[ctx.loop] = to_model_units(
-            ctx.measured, ctx.band, spec.bands[ctx.loop], ratio=ctx.loop == "tds"
-        )
-        missing = [f for f in spec.features if f not in features]
-        if missing:
-            raise InputRangeError(f"missing input {', '.join(missing)}")
+    async def _ask(self, query: TdsQuery | PhQuery, target: str) -> float:
+        """The model's output for ``target``, clipped to its range; raises ``ModelError``."""
+        assert self._model is not None and self._executor is not None
+        if self._observer is not None:
+            self._observer(query)
         if self._pending is not None and not self._pending.done():
             raise ModelError("previous inference still running")
-        self._pending = self._executor.submit(
-            self._model.predict, {f: features[f] for f in spec.features}
-        )
+        features = {f: query.features[f] for f in self._model.spec.features}
+        self._pending = self._executor.submit(self._model.predict, features)
         async with asyncio.timeout(self._deadline_s):
-            seconds = await asyncio.wrap_future(self._pending)
-        bad = [t for t in spec.targets if not math.isfinite(seconds.get(t, math.nan))]
+            outputs = await asyncio.wrap_future(self._pending)
+        bad = [t for t in self._model.spec.targets if not math.isfinite(outputs.get(t, math.nan))]
         if bad:
             raise OutputError(f"non-finite output for {', '.join(bad)}")
-        doses = []
-        for actuator in actuators:
-            s = min(seconds[actuator], spec.output_scale[actuator])
-            if s >= self._min_seconds:
-                doses.append(Dose(actuator, 255, round(s * 1000.0)))
-        note = "" if doses else f"no output of {self._min_seconds:g} s or more"
-        return Decision(doses=tuple(doses), controller=self.name, note=note)
+        return min(max(outputs[target], 0.0), OUTPUT_SCALE[target])
+
+    # ------------------------------------------------------------------ pH
+    async def _ph(self, ctx: DecisionContext) -> Decision:
+        """A fraction of the envelope's limit, towards the setpoint."""
+        actuator = "ph_up" if ctx.error > 0 else "ph_down"
+        flow = ctx.plant.flow_ml_s.get(actuator)
+        if flow is None:
+            return self._none(f"cannot dose {actuator}: no flow configured")
+        if actuator in ctx.max_ml:
+            max_ml = ctx.max_ml[actuator]
+        else:  # no cycle (a direct call): the same bound from the configured plant alone
+            move = min(HALF * abs(ctx.error), CAP_PH)
+            bound = PhEnvelope(ctx.plant)
+            max_ml = bound.per_l_to_move(actuator, ctx.measured, move, ctx.setpoint)
+            max_ml *= volume_l(ctx)
+        query = ph_query(ctx, max_ml)
+        if query is None:
+            return self._none("waiting: the pH envelope allows no dose now")
+        fraction = min(await self._ask(query, "ph_fraction"), 1.0)
+        ms = min(math.floor(fraction * query.reference_ms), round(MAX_DOSE_S * 1000.0))
+        if ms < 1:
+            return self._none(f"the model asks for {fraction:.2f} of the envelope's limit: <1 ms")
+        note = (f"{actuator} {fraction:.2f} of the envelope's {max_ml:.3g} ml "
+                f"from pH {ctx.measured:.3f}")
+        return Decision(doses=(Dose(actuator, 255, ms),), controller=self.name, note=note)
+
+    # ----------------------------------------------------------------- TDS
+    async def _tds_decision(self, ctx: DecisionContext) -> tuple[float | None, Decision]:
+        """(the settled TDS if known, the decision) for a TDS loop decision."""
+        st = self._tds
+        if ctx.previous_error is None:  # a new loop: nothing of ours is in flight
+            st.seen.clear()
+            st.times.clear()
+            st.in_flight = None
+        st.seen.append(ctx.measured)
+        del st.seen[:-SEEN]
+        if ctx.now is not None:
+            st.times.append(ctx.now)
+            del st.times[:-SEEN]
+        dose = st.in_flight
+        if dose is not None and dose.remaining_ms > 0:
+            return None, self._piece(ctx, dose)
+        settled = self._settled(ctx)
+        if settled is None:
+            return None, self._none("waiting for the reading to settle")
+        if dose is not None:
+            self._learn(ctx, dose, settled)
+        st.in_flight = None
+        try:
+            query = tds_query(ctx, settled, st.factors())
+        except KeyError as exc:
+            return settled, self._none(f"cannot dose {exc.args[0]}: no flow configured")
+        if query is None:
+            return settled, self._none("the stock is not stronger than the setpoint")
+        fraction = await self._ask(query, "tds_fraction")
+        total_ms = round(fraction * query.reference_ms)
+        if total_ms < MIN_DOSE_MS:
+            return settled, self._none(f"the model asks for {fraction:.2f} of the need: too little")
+        st.in_flight = _InFlight(query.actuator, settled, volume_l(ctx), remaining_ms=total_ms)
+        decision = self._piece(ctx, st.in_flight)
+        note = f"{fraction:.2f} of the need ({total_ms / 1000:.1f} s) from {settled:.4g}; "
+        return settled, Decision(decision.doses, self.name, note + decision.note)
+
+    def _piece(self, ctx: DecisionContext, dose: _InFlight) -> Decision:
+        """The next piece (at most :data:`MAX_DOSE_S`) of the dose in flight."""
+        ms = min(dose.remaining_ms, round(MAX_DOSE_S * 1000.0))
+        dose.remaining_ms -= ms
+        dose.ml += ms / 1000.0 * ctx.plant.flow_ml_s[dose.actuator]
+        dose.end_s = None if ctx.now is None else ctx.now + ms / 1000.0
+        self._tds.seen.clear()
+        self._tds.times.clear()
+        left = f", {dose.remaining_ms / 1000:.1f} s to follow" if dose.remaining_ms else ""
+        note = f"{dose.actuator} {ms / 1000:.1f} s{left}"
+        return Decision(doses=(Dose(dose.actuator, 255, ms),), controller=self.name, note=note)
+
+    def _foreign(
+        self, ctx: DecisionContext, settled: float | None, doses: tuple[Dose, ...]
+    ) -> None:
+        """RB dosed in a TDS loop: wait for it to settle like our own, learn nothing from it."""
+        longest = max(d.ms for d in doses)
+        end = None if ctx.now is None else ctx.now + longest / 1000.0
+        before = ctx.measured if settled is None else settled
+        self._tds.in_flight = _InFlight(doses[0].actuator, before, volume_l(ctx), end_s=end,
+                                        learn=False)
+        self._tds.seen.clear()
+        self._tds.times.clear()
+
+    def _settled(self, ctx: DecisionContext) -> float | None:
+        """Where the TDS reading settles; ``None``: not known yet."""
+        st = self._tds
+        threshold = _settle_threshold(ctx)
+        seen = st.seen
+        dose = st.in_flight
+        if dose is None:
+            latest = ctx.values.get("tds")
+            quiet = latest is not None and abs(latest - ctx.measured) <= QUIET_FACTOR * threshold
+            if len(seen) == 1 and quiet:
+                return seen[-1]
+            if len(seen) >= 2 and abs(seen[-1] - seen[-2]) <= threshold:
+                return seen[-1]
+            return None
+        if len(seen) < SETTLE_SPAN + 1:
+            return None
+        steps = (seen[-1] - seen[-2], seen[-2] - seen[-3], seen[-1] - seen[-1 - SETTLE_SPAN])
+        if max(abs(s) for s in steps) > threshold:
+            return None
+        if ctx.now is None or dose.end_s is None:
+            return seen[-1]
+        # Time-scale free: the change over the last third of the time since the dose ended
+        # is small against its effect so far (~98 % of a first-order response has arrived).
+        back = ctx.now - (ctx.now - dose.end_s) / 3.0
+        if not st.times or st.times[0] > back:
+            return None
+        then = next(v for t, v in zip(reversed(st.times), reversed(seen), strict=False)
+                    if t <= back)
+        moved = abs(seen[-1] - dose.before)
+        if abs(seen[-1] - then) <= max(threshold, SETTLE_FRACTION * moved):
+            return seen[-1]
+        return None
+
+    def _learn(self, ctx: DecisionContext, dose: _InFlight, final: float) -> None:
+        """The pump's effect ratio from a settled dose, if it is large enough to tell."""
+        if not dose.learn:
+            return
+        inflow = ctx.plant.stock_ppm if dose.actuator == "nutrient" else 0.0
+        expected = tds_effect(dose.before, dose.volume, dose.ml, inflow)
+        observed = final - dose.before
+        big = max(2.0 * _settle_threshold(ctx), LEARN_MIN_PCT / 100.0 * ctx.setpoint)
+        if expected == 0.0 or abs(observed) < big:
+            return
+        ratio = observed / expected
+        low, high = FACTOR_RANGE
+        if not low <= ratio <= high:
+            _LOG.warning("ml: %s changed TDS by %.1f where %.1f was expected; not learned",
+                         dose.actuator, observed, expected, extra={"ACTUATOR": dose.actuator})
+            return
+        rows = self._tds.ratios.setdefault(dose.actuator, [])
+        rows.append((ratio, abs(observed)))
+        del rows[:-FACTOR_MEMORY]
+
+    def _none(self, note: str) -> Decision:
+        return Decision(doses=(), controller=self.name, note=note)
+
+    # ----------------------------------------------------------- knowledge
+    def learned(self) -> dict[str, Any]:
+        """The measured effect ratios of the TDS pumps (the Learner side); ``{}`` before any."""
+        ratios = self._tds.ratios
+        if not any(ratios.values()):
+            return {}
+        return {
+            "version": STATE_VERSION,
+            "tds_ratios": {p: [list(r) for r in rows] for p, rows in ratios.items() if rows},
+        }
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        """Take back a :meth:`learned` snapshot; :class:`ControllerError` if it is unusable."""
+        try:
+            if state.get("version") != STATE_VERSION:
+                raise ValueError(f"version {state.get('version')!r}, expected {STATE_VERSION}")
+            ratios = {
+                str(p): [(float(r), float(w)) for r, w in rows]
+                for p, rows in state["tds_ratios"].items()
+            }
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ControllerError(f"ml: unusable learned state: {exc}") from exc
+        low, high = FACTOR_RANGE
+        if any(
+            p not in ("nutrient", "refill")
+            or not 0 < len(rows) <= FACTOR_MEMORY
+            or not all(math.isfinite(r) and low <= r <= high and w > 0 and math.isfinite(w)
+                       for r, w in rows)
+            for p, rows in ratios.items()
+        ):
+            raise ControllerError("ml: unusable learned state: a value out of range")
+        self._tds.ratios = ratios
 
     def close(self) -> None:
         """Stop the worker thread (waiting for an inference still running) and the fallback."""
@@ -230,3 +416,7 @@ class MlController:
         if self._executor is not None:
             self._executor.shutdown(wait=True, cancel_futures=True)
         self._rb.close()
+
+
+def _settle_threshold(ctx: DecisionContext) -> float:
+    return max(SETTLE_MIN_PPM, SETTLE_PCT / 100.0 * ctx.setpoint)

@@ -1,11 +1,9 @@
-"""The TFLite runtime: verified loading, guards, and the issue's accuracy/size/speed targets.
+"""The TFLite runtime and the committed model: verified loading, guards, and the held-out fit.
 
-The accuracy check recomputes MAE and R² of the committed int8 and float
-models on 2,000 rows of the held-out split and compares them with a random
-forest trained here on the same training split. To keep the test fast the
-forest has 50 trees instead of the documentation's 100, so it is a slightly
-weaker baseline than the forest of docs/ml.md — against which
-``python -m models.evaluate`` checks the same thresholds.
+The fit is recomputed here on the committed held-out split (decisions on
+tanks no training row comes from) and compared with what
+``models/metadata.json`` recorded when the model was trained, and with the
+hand rule of ``adaptive`` that the model is meant to improve on.
 """
 
 from __future__ import annotations
@@ -15,13 +13,13 @@ import json
 import math
 import shutil
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 
-from models.dataset import FEATURES, RANGES, TARGETS, Dataset, generate
-from models.evaluate import latency_us, metrics, train_forest
+from models.closedloop import DEFAULT_DATA, Dataset, held_out
+from models.evaluate import FLOAT_MODEL, hand_rule, heldout, metrics, pick
+from models.policy import FEATURES, NEUTRAL, QUANTILE, RANGES, TARGETS
 from models.runtime import (
     DEFAULT_METADATA,
     DEFAULT_MODEL,
@@ -32,14 +30,12 @@ from models.runtime import (
     load_interpreter,
 )
 
-FLOAT_MODEL = DEFAULT_MODEL.with_name("hydro_float.tflite")
-SAMPLE = 2000
+META = json.loads(DEFAULT_METADATA.read_text())
 
 
 @pytest.fixture(scope="module")
-def dataset() -> Dataset:
-    info = json.loads(DEFAULT_METADATA.read_text())["dataset"]
-    return generate(n=info["n"], seed=info["seed"], test_fraction=info["test"] / info["n"])
+def data() -> Dataset:
+    return heldout()
 
 
 @pytest.fixture(scope="module")
@@ -48,20 +44,19 @@ def int8() -> Model:
 
 
 @pytest.fixture(scope="module")
-def results(dataset: Dataset, int8: Model) -> dict[str, Any]:
-    x, y = dataset.x_test[:SAMPLE], dataset.y_test[:SAMPLE]
-    forest = train_forest(dataset, trees=50)
+def fit(data: Dataset, int8: Model) -> dict[str, dict[str, dict[str, float]]]:
     return {
-        "forest": metrics(y, forest.predict(x)),
-        "float": metrics(y, Model.load(FLOAT_MODEL, DEFAULT_METADATA).run_many(x)),
-        "int8": metrics(y, int8.run_many(x)),
-        "forest_model": forest,
+        "int8": metrics(data, pick(data, int8.run_many(data.x))),
+        "float": metrics(data, pick(data, Model.load(FLOAT_MODEL).run_many(data.x))),
+        "rule": metrics(data, hand_rule(data)),
     }
 
 
-def calm() -> dict[str, float]:
-    return {"tds": 700.0, "ph": 6.0, "air_temp": 22.0, "humidity": 60.0,
-            "water_temp": 20.0, "water_level": 1.8}
+def tds_row(**values: float) -> dict[str, float]:
+    """A first TDS decision on a 20 L tank with a level sensor, changed by ``values``."""
+    return {**NEUTRAL, "loop": 0.0, "tds_error": 0.3, "log_volume": math.log10(20.0),
+            "level_ratio": 1.0, "level_known": 1.0, "log_stock_ratio": 1.1,
+            "log_turnover": math.log10(0.6), **values}
 
 
 def copy_model(tmp_path: Path, content: bytes | None = None, *, rehash: bool) -> Path:
@@ -75,74 +70,103 @@ def copy_model(tmp_path: Path, content: bytes | None = None, *, rehash: bool) ->
     return path
 
 
-# --- the issue's targets --------------------------------------------------
+# --- the committed files ---------------------------------------------------
 
 
-@pytest.mark.parametrize("target", TARGETS)
-def test_int8_beats_the_forest_on_every_target(results: dict[str, Any], target: str) -> None:
-    q8, forest = results["int8"][target], results["forest"][target]
-    assert q8["mae"] < forest["mae"]
-    assert q8["r2"] > forest["r2"]
-
-
-@pytest.mark.parametrize("target", TARGETS)
-def test_int8_within_two_percent_of_float(results: dict[str, Any], target: str) -> None:
-    assert results["int8"][target]["mae"] <= 1.02 * results["float"][target]["mae"]
-
-
-def test_int8_file_is_small_and_full_integer(int8: Model) -> None:
+def test_model_files_match_their_hashes_and_size() -> None:
+    for path in (DEFAULT_MODEL, FLOAT_MODEL):
+        content = path.read_bytes()
+        assert hashlib.sha256(content).hexdigest() == META["files"][path.name]["sha256"]
+        assert len(content) == META["files"][path.name]["bytes"]
     assert DEFAULT_MODEL.stat().st_size <= 50_000
+
+
+def test_int8_is_full_integer(int8: Model) -> None:
     assert int8.quantized
     assert not Model.load(FLOAT_MODEL, DEFAULT_METADATA).quantized
+    (inp,) = load_interpreter(DEFAULT_MODEL).get_input_details()
+    assert inp["dtype"] == np.int8
 
 
-def test_int8_p99_under_a_millisecond_and_20x_faster_than_the_forest(
-    dataset: Dataset, int8: Model, results: dict[str, Any]
+def test_heldout_split_is_the_recorded_one_from_held_out_tanks_only(data: Dataset) -> None:
+    info = META["dataset"]
+    assert data.sha256() == info["heldout_sha256"] and len(data) == info["heldout_rows"]
+    assert DEFAULT_DATA.name == info["heldout_file"]
+    assert all(held_out(int(e)) for e in set(data.episode.tolist()))
+    for i, name in enumerate(FEATURES):
+        low, high = RANGES[name]
+        assert data.x[:, i].min() >= low and data.x[:, i].max() <= high
+    assert set(data.target.tolist()) == {0, 1}
+
+
+# --- the fit on held-out decisions ------------------------------------------
+
+
+def test_recorded_metrics_match_a_recomputation(
+    fit: dict[str, dict[str, dict[str, float]]]
 ) -> None:
-    rows = [dict(zip(FEATURES, r.tolist(), strict=True)) for r in dataset.x_test[:500]]
-    p50, p99 = latency_us(lambda i: int8.predict(rows[i % 500]), 2000)
-    forest = results["forest_model"]
-    f50, f99 = latency_us(lambda i: forest.predict(dataset.x_test[i : i + 1]), 100)
-    assert p99 <= 1000.0
-    assert f50 >= 20 * p50 and f99 >= 20 * p99
+    for kind in ("int8", "float"):
+        recorded = META["metrics"][kind]
+        for target in TARGETS:  # the same kernels give the same numbers; allow for other CPUs
+            for key, value in recorded[target].items():
+                assert fit[kind][target][key] == pytest.approx(value, abs=0.005), (kind, key)
 
 
-def test_committed_metrics_match_a_recomputation(dataset: Dataset, int8: Model) -> None:
-    recorded = json.loads(DEFAULT_METADATA.read_text())["metrics"]["int8"]
-    again = metrics(dataset.y_test, int8.run_many(dataset.x_test))
-    for target in TARGETS:  # the same kernels give the same numbers; allow for other CPUs
-        assert again[target] == pytest.approx(recorded[target], abs=0.01)
+@pytest.mark.parametrize("target", TARGETS)
+def test_the_model_answers_at_its_quantile(
+    fit: dict[str, dict[str, dict[str, float]]], target: str
+) -> None:
+    """Trained for 2 % of answers past the landing dose; int8 rounding (an output step is
+    ~1 % of the need) pushes some answers that sit on a label just past it."""
+    assert fit["float"][target]["landing_share"] >= 1.0 - 2 * QUANTILE[target]
+    assert fit["int8"][target]["within_2pct"] >= 1.0 - 2 * QUANTILE[target]
+    assert fit["int8"][target]["landing_share"] >= 0.9
+
+
+def test_the_model_doses_like_the_hand_rule_but_rarely_past_the_aim(
+    fit: dict[str, dict[str, dict[str, float]]]
+) -> None:
+    """What the model adds to adaptive's fixed fractions: as much on average, placed where
+    it lands short of the setpoint."""
+    model, rule = fit["int8"]["tds_fraction"], fit["rule"]["tds_fraction"]
+    assert model["mean_answer"] >= 0.97 * rule["mean_answer"]
+    assert model["within_2pct"] >= rule["within_2pct"] + 0.1
+    assert model["pinball"] < rule["pinball"]
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_int8_close_to_float(fit: dict[str, dict[str, dict[str, float]]], target: str) -> None:
+    q8, flt = fit["int8"][target], fit["float"][target]
+    assert q8["pinball"] <= 1.1 * flt["pinball"] + 1e-4
+    assert q8["mean_answer"] == pytest.approx(flt["mean_answer"], abs=0.02)
 
 
 # --- predict: scaling and guards -----------------------------------------
 
 
-def test_predict_returns_seconds_per_target(int8: Model) -> None:
-    assert int8.predict(calm()) == pytest.approx(dict.fromkeys(TARGETS, 0.0), abs=1.0)
-    low_ph = int8.predict({**calm(), "ph": 4.9})  # RB: (5.5 - 4.9) * 50 = 30 s
-    assert low_ph["ph_up"] == pytest.approx(30.0, abs=3.0)
-    assert low_ph["ph_down"] < 1.0 and low_ph["nutrient"] < 1.0
-    hungry = int8.predict({**calm(), "tds": 500.0})  # RB: 60 ppm -> 37.97 s
-    assert hungry["nutrient"] == pytest.approx(37.97, abs=3.0)
+def test_predict_returns_each_target(int8: Model) -> None:
+    out = int8.predict(tds_row())
+    assert set(out) == set(TARGETS)
+    assert 0.4 <= out["tds_fraction"] <= 1.0  # a first dose: short of the need
 
 
 @pytest.mark.parametrize(
     ("key", "value"),
-    [("tds", -1.0), ("tds", 2000.5), ("ph", 9.5), ("humidity", 101.0),
-     ("water_level", 20.5), ("air_temp", math.nan), ("water_temp", math.inf)],
+    [("tds_error", -1.5), ("log_volume", 3.0), ("level_ratio", 5.0), ("factor", 0.1),
+     ("log_stock_ratio", math.nan), ("ph_error", math.inf)],
 )
-def test_inputs_outside_the_training_range_are_refused(int8: Model, key: str, value: float
-                                                       ) -> None:
+def test_features_outside_the_training_range_are_refused(int8: Model, key: str, value: float
+                                                         ) -> None:
     with pytest.raises(InputRangeError, match=key):
-        int8.predict({**calm(), key: value})
+        int8.predict(tds_row(**{key: value}))
 
 
-def test_range_edges_are_accepted_and_missing_inputs_refused(int8: Model) -> None:
+def test_range_edges_are_accepted_and_missing_features_refused(int8: Model) -> None:
     int8.predict({f: RANGES[f][0] for f in FEATURES})
     int8.predict({f: RANGES[f][1] for f in FEATURES})
-    values = calm()
-    del values["humidity"]
-    with pytest.raises(InputRangeError, match="humidity"):
+    values = tds_row()
+    del values["factor"]
+    with pytest.raises(InputRangeError, match="factor"):
         int8.predict(values)
 
 
@@ -184,15 +208,12 @@ def test_malformed_metadata(tmp_path: Path) -> None:
     with pytest.raises(ModelFileError):
         ModelSpec.load(bad)
     meta = json.loads(DEFAULT_METADATA.read_text())
-    del meta["ranges"]["ph"]
+    del meta["ranges"]["ph_error"]
     bad.write_text(json.dumps(meta))
     with pytest.raises(ModelFileError, match="malformed"):
         ModelSpec.load(bad)
 
 
-def test_interpreter_backend_loads_from_bytes_or_path() -> None:
-    interpreter = load_interpreter(DEFAULT_MODEL)
-    (inp,) = interpreter.get_input_details()
-    assert inp["dtype"] == np.int8
+def test_interpreter_refuses_junk() -> None:
     with pytest.raises(ModelFileError, match="interpreter refused"):
         load_interpreter("junk", b"not a flatbuffer at all")
