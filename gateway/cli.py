@@ -1,4 +1,5 @@
-"""The `hydrogate` command: run, check-config, demo, calibrate, evaluate, node, titrate."""
+"""The `hydrogate` command: run, check-config, demo, calibrate, evaluate, node, titrate,
+status, export, backup."""
 
 from __future__ import annotations
 
@@ -123,6 +124,9 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("sim.evaluate", "evaluate"),
     "node": ("gateway.nodetool.cli", "node"),
     "titrate": ("gateway.cli_titrate", "titrate"),
+    "status": ("gateway.cli_status", "status"),
+    "export": ("gateway.cli_export", "export"),
+    "backup": ("gateway.cli_backup", "backup"),
 }
 
 
@@ -162,6 +166,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         "evaluate": "run every controller on the simulated plant and compare them",
         "node": "tools for NodeLink nodes: probe URL, deploy firmware, write node.json",
         "titrate": "measure a pH solution's strength on the running tank (guided titration)",
+        "status": "the running daemon's state: nodes, values, control, uplink, buffer",
+        "export": "one node's readings from the buffer and the local history, as CSV or JSONL",
+        "backup": "a consistent copy of the database, while the daemon runs",
     }
     for name, (module, _) in LAZY_COMMANDS.items():
         lazy = sub.add_parser(name, help=helps[name])
