@@ -47,8 +47,9 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from gateway.config import ConfigError, load_config
-    from gateway.history import HistoryError, HistoryFile
+    from gateway.history import HistoryError, HistoryFile, step_aside
 
+    step_aside()
     try:
         config = load_config(args.config)
     except ConfigError as exc:

@@ -101,8 +101,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Export; the exit code."""
     from gateway.config import ConfigError, load_config
-    from gateway.history import HistoryError, HistoryFile
+    from gateway.history import HistoryError, HistoryFile, step_aside
 
+    step_aside()
     try:
         config = load_config(args.config)
     except ConfigError as exc:
@@ -164,10 +165,18 @@ def _flush_daemon(config: Any) -> None:
 
 @contextlib.contextmanager
 def _output(path: Path | None) -> Iterator[IO[str]]:
-    """Standard output, or ``path`` written through a temporary file renamed at the end."""
+    """Standard output, or ``path`` written through a temporary file renamed at the end.
+
+    A path that exists and is not a regular file (``/dev/null``, a pipe) is
+    written as it is.
+    """
     if path is None:
         yield sys.stdout
         sys.stdout.flush()
+        return
+    if path.exists() and not path.is_file():
+        with open(path, "w", encoding="utf-8", newline="") as out:
+            yield out
         return
     partial = path.with_name(path.name + ".partial")
     try:

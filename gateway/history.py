@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import heapq
 import json
+import os
 import sqlite3
 import zlib
 from collections.abc import Callable, Iterator
@@ -30,10 +31,18 @@ from typing import Any
 
 from gateway import storehistory
 
-__all__ = ["BACKUP_PAGES", "HistoryError", "HistoryFile"]
+__all__ = ["BACKUP_PAGES", "NICE", "HistoryError", "HistoryFile", "step_aside"]
 
 #: Pages copied per step of a backup (1 KiB pages: a progress step every 256 KiB).
 BACKUP_PAGES = 256
+#: How much lower than the daemon an export or a backup runs (``nice``).
+NICE = 10
+
+
+def step_aside() -> None:
+    """Lower this process's CPU priority (`NICE`): on a Pi's few cores the daemon goes first."""
+    with contextlib.suppress(OSError):
+        os.nice(NICE)
 
 
 class HistoryError(Exception):
