@@ -648,6 +648,7 @@ class Summary:
     controller: str
     tanks: int
     passed: int  # every target
+    passed_by_config: dict[str, tuple[int, int]]  # config -> (passed, tanks)
     completes: int
     settles: dict[str, int]
     overshoot_ok: dict[str, int]
@@ -679,6 +680,13 @@ def summarize(results: Iterable[Result]) -> list[Summary]:
                 controller=name,
                 tanks=len(rs),
                 passed=sum(1 for r in rs if not misses(r)),
+                passed_by_config={
+                    config: (
+                        sum(1 for r in rs if r.tank.config == config and not misses(r)),
+                        sum(1 for r in rs if r.tank.config == config),
+                    )
+                    for config in dict.fromkeys(r.tank.config for r in rs)
+                },
                 completes=sum(1 for r in rs if r.first_cycle_s is not None),
                 settles={lp: sum(1 for r in rs if r.metrics[lp].settled) for lp in ("tds", "ph")},
                 overshoot_ok={
@@ -756,15 +764,18 @@ def _sse(loop: str, m: Metrics) -> str:
 def matrix(summaries: Sequence[Summary]) -> str:
     """The sweep's pass matrix: per controller, tanks meeting each target."""
     lines = [
-        "| controller | tanks | all targets | cycle completes | TDS settles | pH settles "
+        "| controller | tanks | all targets | by config | cycle completes | TDS settles "
+        "| pH settles "
         f"| TDS overshoot ≤ {MAX_OVERSHOOT_PCT:g} % | pH overshoot ≤ {MAX_OVERSHOOT_PCT:g} % "
         f"| TDS error ≤ {MAX_SSE['tds']:g} % | pH error ≤ {MAX_SSE['ph']:g} "
         f"| pH safe (≤ {MAX_EXCURSION_PH:g} beyond band, no lock) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summaries:
+        by_config = ", ".join(f"{c} {p}/{n}" for c, (p, n) in s.passed_by_config.items())
         lines.append(
-            f"| {s.controller} | {s.tanks} | {s.passed} | {s.completes} | {s.settles['tds']} "
+            f"| {s.controller} | {s.tanks} | {s.passed} | {by_config} | {s.completes} "
+            f"| {s.settles['tds']} "
             f"| {s.settles['ph']} | {s.overshoot_ok['tds']} | {s.overshoot_ok['ph']} "
             f"| {s.sse_ok['tds']} | {s.sse_ok['ph']} | {s.safe} |"
         )
