@@ -1046,7 +1046,7 @@ def test_summary() -> None:
     text = summarize(parse_config(data))
     assert text.splitlines() == [
         "gateway      greenhouse-1 (health every 60 s)",
-        "storage      /var/lib/hydrogate/hydrogate.sqlite (at most 2000000 rows or 2 GiB)",
+        "storage      /var/lib/hydrogate/hydrogate.sqlite (at most 2000000 rows or 2 GiB, synced every 1 s)",
         "thingsboard  thingsboard.example.com:8883 tls, max payload 64 KiB",
         "nodes        2",
         "  tank-a: tcp://192.168.1.50:3333, poll 5 s, calibrated: ph, tds; "
