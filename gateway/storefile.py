@@ -280,14 +280,23 @@ def move_aside(path: Path, now: datetime.datetime | None = None) -> Path:
 
 
 def salvage(path: Path, *, chunk: int = 1000) -> Salvage:
-    """Read what still reads from the damaged file at ``path`` (read-only; never raises)."""
+    """Read what still reads from the damaged file at ``path`` (never raises, never writes it).
+
+    A file shorter than its header says is read up to its end; a file whose
+    header is garbage is read through a copy with a sound header put back.
+    """
     out = Salvage()
+    conn = _open_damaged(path)
+    if conn is None:
+        repaired = _with_sound_header(path)
+        conn = _open_damaged(repaired) if repaired is not None else None
+        if conn is None:
+            out.lost.append("everything (not readable as a database)")
+            return out
     try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
-    except sqlite3.Error as exc:
-        out.lost.append(f"everything ({exc})")
-        return out
-    try:
+        if not {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}:
+            out.lost.append("everything (no tables)")
+            return out
         _salvage_meta(conn, out)
         _salvage_outbox(conn, out, chunk)
         for name, sql, target in (
@@ -300,9 +309,67 @@ def salvage(path: Path, *, chunk: int = 1000) -> Salvage:
                 target.extend(conn.execute(sql))
             except sqlite3.Error as exc:
                 out.lost.append(f"{name} ({exc})")
+    except sqlite3.Error as exc:
+        out.lost.append(f"everything ({exc})")
     finally:
         conn.close()
+        _cleanup(path)
     return out
+
+
+def _open_damaged(path: Path) -> sqlite3.Connection | None:
+    """A read-only connection that reads a truncated file up to its end, or None."""
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+        # Trust the file's size over its header's page count (else every read fails).
+        conn.execute("PRAGMA writable_schema = ON")
+        conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+    except sqlite3.Error:
+        return None
+    return conn
+
+
+def _with_sound_header(path: Path) -> Path | None:
+    """A copy of ``path`` whose first 100 bytes (the header) are rebuilt, if one reads; else None.
+
+    The header holds the page size, which is guessed: 1 KiB (this gateway's)
+    first, then SQLite's other usual sizes.
+    """
+    try:
+        body = path.read_bytes()
+    except OSError:
+        return None
+    for page in (PAGE_SIZE, 4096, 512, 2048, 8192, 16384, 32768, 65536):
+        if len(body) < page or len(body) % page:
+            continue
+        header = bytearray(_template_header(page))
+        header[28:32] = b"\0\0\0\0"  # page count unknown: SQLite then uses the file size
+        header[32:40] = b"\0" * 8  # no freelist: its pages are not needed to read
+        copy = path.with_name(f"{path.name}.header-{page}")
+        copy.write_bytes(bytes(header) + body[100:])
+        conn = _open_damaged(copy)
+        if conn is not None:
+            conn.close()
+            return copy
+        copy.unlink(missing_ok=True)
+    return None
+
+
+def _cleanup(path: Path) -> None:
+    for copy in path.parent.glob(f"{path.name}.header-*"):
+        copy.unlink(missing_ok=True)
+
+
+def _template_header(page: int) -> bytes:
+    """The header of a new file of this schema with ``page``-byte pages."""
+    conn = sqlite3.connect(":memory:")
+    try:
+        conn.execute(f"PRAGMA page_size = {page}")
+        conn.executescript(_SCHEMA + f"PRAGMA user_version = {SCHEMA_VERSION};")
+        data: bytes = conn.serialize()
+        return data[:100]
+    finally:
+        conn.close()
 
 
 def _salvage_meta(conn: sqlite3.Connection, out: Salvage) -> None:
@@ -313,35 +380,53 @@ def _salvage_meta(conn: sqlite3.Connection, out: Salvage) -> None:
 
 
 def _salvage_outbox(conn: sqlite3.Connection, out: Salvage, chunk: int) -> None:
-    """Outbox rows in id ranges, so that one unreadable page costs only its range."""
+    """Outbox rows by id ranges, split finer around unreadable pages: one costs only its rows."""
     try:
         columns = {row[1] for row in conn.execute("PRAGMA table_info(outbox)")}
     except sqlite3.Error as exc:
         out.lost.append(f"the outbox ({exc})")
         return
     mono = "mono" if "mono" in columns else "NULL"
-    select = f"SELECT id, device, ts, entry, {mono} FROM outbox"
+    select = (
+        f"SELECT id, device, ts, entry, {mono} FROM outbox WHERE id >= ? AND id < ? ORDER BY id"
+    )
     try:
         top = conn.execute("SELECT MAX(id) FROM outbox").fetchone()[0]
     except sqlite3.Error:
         top = None
-    if top is None:  # the b-tree cannot be walked to its end: read in order until it breaks
+    if top is None:
         try:
-            for row in conn.execute(select + " ORDER BY id"):
-                out.rows.append(row)
+            top = int(out.meta.get("next_id", 0)) - 1
+        except (TypeError, ValueError):
+            top = 0
+    if top <= 0:  # no bound: read in order until it breaks
+        try:
+            out.rows.extend(conn.execute(select, (0, 1 << 62)))
         except sqlite3.Error as exc:
-            out.lost.append(f"outbox rows after id {out.rows[-1][0] if out.rows else 0} ({exc})")
+            last = out.rows[-1][0] if out.rows else 0
+            out.lost.append(f"outbox rows after id {last} ({exc})")
         return
-    start = 0
-    while start <= top:
+    bad: list[tuple[int, int]] = []
+
+    def read(lo: int, hi: int) -> None:
         try:
-            out.rows.extend(
-                conn.execute(select + " WHERE id >= ? AND id < ? ORDER BY id",
-                             (start, start + chunk))
-            )
-        except sqlite3.Error as exc:
-            out.lost.append(f"outbox rows {start}-{start + chunk - 1} ({exc})")
-        start += chunk
+            rows = conn.execute(select, (lo, hi)).fetchall()
+        except sqlite3.Error:
+            if hi - lo <= 1:
+                if bad and bad[-1][1] == lo:
+                    bad[-1] = (bad[-1][0], hi)
+                else:
+                    bad.append((lo, hi))
+                return
+            step = max(1, (hi - lo) // 10)
+            for start in range(lo, hi, step):
+                read(start, min(hi, start + step))
+        else:
+            out.rows.extend(rows)
+
+    for start in range(0, top + 1, chunk):
+        read(start, min(top + 1, start + chunk))
+    out.lost.extend(f"outbox ids {lo}-{hi - 1} (unreadable pages)" for lo, hi in bad)
 
 
 def check_entry(entry: str) -> bool:
