@@ -119,7 +119,7 @@ def boot_id() -> str:
 def describe_seconds(seconds: float) -> str:
     """A signed duration for people: ``+3 d 0 h 0 min 1.2 s``, ``-1 h 0 min 0.0 s``, ``+0.4 s``."""
     sign = "-" if seconds < 0 else "+"
-    rest = abs(seconds)
+    rest = round(abs(seconds), 1)
     days, rest = divmod(rest, 86400)
     hours, rest = divmod(rest, 3600)
     minutes, rest = divmod(rest, 60)

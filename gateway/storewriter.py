@@ -614,12 +614,12 @@ class Writer:
             results.append((d.future, d.gone, None))
         results.extend((op.future, value, None) for op, value in answers if op in writes)
         self._reads(ops, results)
-        # What the rows became first, so whoever the results wake up sees it.
-        if tx.evicted_upto:
-            self._post(self._on_evicted, tx.evicted_upto)
+        progress = None
         if restamped is not None:
-            self._restamp_done(*restamped)
-        self._post(self._on_results, results)
+            results.extend(self._restamp_done(*restamped))
+            progress = (restamped[0], restamped[2])
+        # One call on the loop: what the rows became first, so whoever the answers wake sees it.
+        self._post(self._to_loop, tx.evicted_upto, progress, results)
 
     def _committed(self, tx: _Tx, rows: list[Row], meta: bool, now: float) -> None:
         """Make a committed transaction visible: counters, waiting readings, deadlines."""
@@ -707,15 +707,25 @@ class Writer:
             conn.execute("DELETE FROM meta WHERE key = 'hold_boot'")
         return (rows[-1][0] if rows else -1), len(rows), done
 
-    def _restamp_done(self, upto: int, n: int, done: bool) -> None:
-        """After the commit of a re-stamp chunk: progress to the loop, answers when done."""
+    def _restamp_done(self, upto: int, n: int, done: bool) -> list[Result]:
+        """After the commit of a re-stamp chunk; the answers to the releases when all are done."""
         self._restamped += n
-        if done:
-            self._hold_saved = False
-            total, self._restamped = self._restamped, 0
-            releases, self._releases = self._releases, []
-            self._post(self._on_results, [(r.future, total, None) for r in releases])
-        self._post(self._on_restamped, upto, done)
+        if not done:
+            return []
+        self._hold_saved = False
+        total, self._restamped = self._restamped, 0
+        releases, self._releases = self._releases, []
+        return [(r.future, total, None) for r in releases]
+
+    def _to_loop(
+        self, evicted_upto: int, restamped: tuple[int, bool] | None, results: list[Result]
+    ) -> None:
+        """On the event loop: what rows became first, then the answers (one wake-up, in order)."""
+        if evicted_upto:
+            self._on_evicted(evicted_upto)
+        if restamped is not None:
+            self._on_restamped(*restamped)
+        self._on_results(results)
 
     def _evict(self, conn: sqlite3.Connection, tx: _Tx) -> None:
         """Delete the oldest rows while the outbox is over max_rows or max_bytes."""
