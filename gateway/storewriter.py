@@ -210,6 +210,7 @@ class Writer:
         self._ro: sqlite3.Connection | None = None
         self._wal: int | None = None
         self._meta: dict[str, Any] = {}
+        self._loaded = False  # counters read from a file at least once
         self._last_ts: dict[str, int] = {}  # newest stamp per device since meta was written
         self._max_id = 0
         self._pending: dict[int, Row] = {}
@@ -315,18 +316,21 @@ class Writer:
         """Counters, depth and ids from the file, and what to do with rows held by another boot."""
         meta = dict(conn.execute("SELECT key, value FROM meta"))
         self._meta = meta
-        for key in COUNTERS:
-            self.counts[key] = int(meta.get(key, 0) or 0)
-        count, size = conn.execute(f"SELECT COUNT(*), {_SIZE} FROM outbox").fetchone()
-        self.depth, self.bytes = int(count), int(size)
         marked = int(meta.get("next_id", 1) or 1)
         # Rows committed since the counters were last written (COUNTERS_S) were received too.
-        (newer, top) = conn.execute(
-            "SELECT COUNT(*), MAX(id) FROM outbox WHERE id >= ?", (marked,)
-        ).fetchone()
-        self.counts["received"] += int(newer)
-        (top_all,) = conn.execute("SELECT MAX(id) FROM outbox").fetchone()
-        self._max_id = max(marked - 1, top or 0, top_all or 0)
+        (newer,) = conn.execute("SELECT COUNT(*) FROM outbox WHERE id >= ?", (marked,)).fetchone()
+        on_file = {key: int(meta.get(key, 0) or 0) for key in COUNTERS}
+        on_file["received"] += int(newer)
+        for key in COUNTERS:
+            # Opened again after a fault: memory knows at least as much. First opened:
+            # what was counted before (a disk that refused the file at start) adds up.
+            mine = self.counts[key]
+            self.counts[key] = max(on_file[key], mine) if self._loaded else on_file[key] + mine
+        self._loaded = True
+        count, size = conn.execute(f"SELECT COUNT(*), {_SIZE} FROM outbox").fetchone()
+        self.depth, self.bytes = int(count), int(size)
+        (top,) = conn.execute("SELECT MAX(id) FROM outbox").fetchone()
+        self._max_id = max(self._max_id, marked - 1, top or 0)
         if meta.get("hold_boot") not in (None, self.boot):
             n = conn.execute("UPDATE outbox SET mono = NULL WHERE mono IS NOT NULL").rowcount
             conn.execute("DELETE FROM meta WHERE key = 'hold_boot'")
@@ -860,6 +864,9 @@ class Writer:
         self.state = kind
         self.problem = str(exc)
         self._meta_dirty = True  # something to write at the next attempt, to see it work
+        if kind != "full" and self._conn is not None:
+            # A connection opened on a read-only disk stays read-only: open it again later.
+            self._close()
         if kind == "full" and self._conn is not None:
             with contextlib.suppress(sqlite3.Error):  # a smaller WAL may be all it takes
                 self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
