@@ -421,6 +421,7 @@ class Store:
         come from memory, committed or not; older ones (after a restart, or
         an outage longer than TAIL_ROWS) from SQLite.
         """
+        self._hand_over()  # what was appended so far can be forwarded now
         upto = self._hold_from
 
         def read(conn: sqlite3.Connection) -> list[OutboxRow]:

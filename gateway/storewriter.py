@@ -463,6 +463,7 @@ class Writer:
             if row[4] is None:
                 last[row[1]] = row[2]
         self.taken += len(batch.rows)
+        self._max_id = max(self._max_id, batch.rows[-1][0])  # ids are never given twice
         if self._pending_since is None:
             self._pending_since = batch.arrived
         if len(pending) > MAX_PENDING and self.state != "ok":

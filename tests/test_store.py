@@ -493,3 +493,55 @@ async def test_a_new_file_has_the_current_schema(tmp_path: Path) -> None:
         assert {"outbox", "meta", "settings", "actuations", "learned"} <= tables
     finally:
         conn.close()
+
+
+async def test_readings_acknowledged_before_their_commit_are_never_written(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "s.db"
+    async with Store.open(path, max_rows=None, max_bytes=None, sync_interval=5.0) as store:
+        for i in range(10):
+            store.append("tank-a", 1000 + i, {"v": i})
+        rows = await store.peek(100)  # forwarded at once, not written yet
+        assert len(rows) == 10 and store.stats.depth == 0
+        assert await store.ack([r.id for r in rows]) == 10  # answered without a write
+        stats = store.stats
+        assert (stats.received, stats.forwarded, stats.depth, stats.pending) == (10, 10, 0, 0)
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("SELECT COUNT(*) FROM outbox").fetchone()[0] == 0
+        meta = dict(conn.execute("SELECT key, value FROM meta"))
+    finally:
+        conn.close()
+    assert (meta["received"], meta["forwarded"], meta["next_id"]) == (10, 10, 11)
+
+
+async def test_readings_are_committed_within_sync_interval_without_a_flush(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "s.db"
+    async with Store.open(path, max_rows=None, max_bytes=None, sync_interval=0.3) as store:
+        store.append("tank-a", 1000, {"v": 1})
+        await asyncio.sleep(0.05)
+        assert (store.stats.pending, store.stats.depth) == (1, 0)  # waits in memory...
+        async with asyncio.timeout(2):
+            while store.stats.depth == 0:
+                await asyncio.sleep(0.02)
+        # ...and is in the file (read by another connection) within sync_interval.
+        conn = sqlite3.connect(path)
+        try:
+            assert conn.execute("SELECT ts FROM outbox").fetchall() == [(1000,)]
+        finally:
+            conn.close()
+
+
+async def test_acks_of_written_rows_are_deleted_with_the_next_commit(tmp_path: Path) -> None:
+    async with Store.open(tmp_path / "s.db", max_rows=None, max_bytes=None,
+                          sync_interval=0.2) as store:
+        for i in range(5):
+            store.append("tank-a", 1000 + i, {"v": i})
+        await store.flush()
+        rows = await store.peek(10)
+        async with asyncio.timeout(2):  # at most sync_interval later
+            assert await store.ack([r.id for r in rows]) == 5
+        assert (store.stats.depth, store.stats.forwarded) == (0, 5)
