@@ -329,7 +329,9 @@ class Store:
         rows, self._rows = self._rows, []
         self._handed += len(rows)
         self._tail_add(rows)
-        self._writer.queue.put(Batch(self._rows_since, rows))
+        self._writer.queue.put(
+            Batch(self._rows_since, rows, held=rows[0][4] is not None, last=self._stamps.newest())
+        )
         self.committed.set()
 
     @property
@@ -358,6 +360,7 @@ class Store:
     def hold(self) -> None:
         """Hold new readings back from the uplink until `release` (the clock is not trusted)."""
         if not self._holding:
+            self._hand_over()  # a batch is held, or not, as a whole
             self._holding = True
             if self._hold_from is None:
                 self._hold_from = self._next_id

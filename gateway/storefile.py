@@ -33,6 +33,8 @@ SCHEMA_VERSION = 3
 PAGE_SIZE = 1024
 #: Files with another page size are converted (VACUUM) at start when no larger than this.
 CONVERT_MAX_BYTES = 16 << 20
+#: Files up to this size get a full ``PRAGMA quick_check`` at start.
+QUICK_CHECK_MAX_BYTES = 64 << 20
 #: The WAL file is cut back to this size whenever SQLite restarts it.
 WAL_KEEP_BYTES = 1 << 20
 #: Lifetime counters kept in ``meta``.
@@ -159,7 +161,7 @@ def connect(path: Path, *, check: bool = True) -> sqlite3.Connection:
         conn.execute("PRAGMA wal_autocheckpoint = 0")  # the store checkpoints
         conn.execute(f"PRAGMA journal_size_limit = {WAL_KEEP_BYTES}")
         if check:
-            _check(conn)
+            _check(conn, path)
         _upgrade(conn, path)
         _convert_pages(conn, path)
     except sqlite3.DatabaseError as exc:
@@ -185,8 +187,24 @@ def _first(conn: sqlite3.Connection, sql: str) -> Any:
     return None if row is None else row[0]
 
 
-def _check(conn: sqlite3.Connection) -> None:
-    """``PRAGMA quick_check``: every page reads back and every b-tree is well formed."""
+def _check(conn: sqlite3.Connection, path: Path) -> None:
+    """``PRAGMA quick_check`` (every page reads back, every b-tree is well formed).
+
+    A file over QUICK_CHECK_MAX_BYTES (seconds to read on an SD card, at every
+    start) gets the checks that catch a truncated file or a broken header:
+    its size against its page count, both ends of the outbox, the counters.
+    """
+    page, pages = _first(conn, "PRAGMA page_size"), _first(conn, "PRAGMA page_count")
+    size = path.stat().st_size
+    if size > QUICK_CHECK_MAX_BYTES:
+        wal = Path(f"{path}-wal")
+        if size < page * pages and not _nonempty(wal):
+            raise DamagedFile(f"truncated: {size} bytes, its header says {page * pages}")
+        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+        if tables >= _TABLES:
+            conn.execute("SELECT MIN(id), MAX(id) FROM outbox").fetchone()
+            conn.execute("SELECT COUNT(*) FROM meta").fetchone()
+        return
     problems = [row[0] for row in conn.execute("PRAGMA quick_check(5)")]
     if problems != ["ok"]:
         raise DamagedFile("; ".join(problems))

@@ -34,6 +34,7 @@ import contextlib
 import itertools
 import json
 import logging
+import operator
 import os
 import queue
 import sqlite3
@@ -99,10 +100,86 @@ def as_store_error(exc: BaseException) -> StoreError:
 
 @dataclass(frozen=True)
 class Batch:
-    """Readings appended during one ``commit_interval``, with when the first arrived."""
+    """Readings appended during one ``commit_interval``, with when the first arrived.
+
+    ``held``: the rows wait for the clock (they carry their monotonic time);
+    ``last``: each device's newest stamp so far (written with the counters).
+    """
 
     arrived: float
     rows: list[Row]
+    held: bool = False
+    last: dict[str, int] = field(default_factory=dict)
+
+
+_ENTRY = operator.itemgetter(3)
+_DEVICE = operator.itemgetter(1)
+
+
+class _Waiting:
+    """Readings in memory, not committed: whole batches (consecutive ids), and those of
+    them ThingsBoard acknowledged meanwhile (never to be written)."""
+
+    __slots__ = ("acked", "batches", "bytes", "count", "first", "held", "last", "since")
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        self.batches: list[list[Row]] = []
+        self.count = 0
+        self.bytes = 0  # entry text added (an upper bound: acknowledged rows stay counted)
+        self.since: float | None = None  # when the oldest waiting reading arrived
+        self.acked: set[int] = set()
+        self.first = 0
+        self.last = -1
+        self.held = False
+
+    def __len__(self) -> int:
+        return self.count - len(self.acked)
+
+    def add(self, batch: Batch) -> None:
+        rows = batch.rows
+        if not rows:
+            return
+        if not self.batches:
+            self.first = rows[0][0]
+            self.since = batch.arrived
+        self.batches.append(rows)
+        self.count += len(rows)
+        self.bytes += sum(map(len, map(_ENTRY, rows)))
+        self.last = rows[-1][0]
+        self.held = self.held or batch.held
+
+    def take(self, rid: int) -> bool:
+        """Mark ``rid`` acknowledged if it waits here (then it is never written)."""
+        if self.first <= rid <= self.last and rid not in self.acked:
+            self.acked.add(rid)
+            if not len(self):
+                self.clear()
+            return True
+        return False
+
+    def rows(self) -> list[Row]:
+        """The rows to write, in id order."""
+        if self.acked:
+            acked = self.acked
+            return [r for b in self.batches for r in b if r[0] not in acked]
+        return list(itertools.chain.from_iterable(self.batches))
+
+    def drop_oldest(self, n: int) -> list[int]:
+        """Drop the oldest whole batches holding at least ``n`` rows; their unacknowledged ids."""
+        dropped: list[int] = []
+        while self.batches and len(dropped) < n:
+            rows = self.batches.pop(0)
+            self.count -= len(rows)
+            dropped.extend(r[0] for r in rows if r[0] not in self.acked)
+            self.acked.difference_update(r[0] for r in rows)
+        if self.batches:
+            self.first = self.batches[0][0][0]
+        else:
+            self.clear()
+        return dropped
 
 
 @dataclass
@@ -213,9 +290,7 @@ class Writer:
         self._loaded = False  # counters read from a file at least once
         self._last_ts: dict[str, int] = {}  # newest stamp per device since meta was written
         self._max_id = 0
-        self._pending: dict[int, Row] = {}
-        self._pending_bytes = 0
-        self._pending_since: float | None = None
+        self._waiting = _Waiting()
         self._deletes: list[Delete] = []
         self._deletes_since: float | None = None
         self._deferred: list[Op] = []
@@ -394,8 +469,8 @@ class Writer:
             return 0.0
         hold = self._hold_time()
         due: list[float] = []
-        if self._pending_since is not None:
-            due.append(self._pending_since + hold)
+        if self._waiting.since is not None:
+            due.append(self._waiting.since + hold)
         if self._deletes_since is not None:
             due.append(self._deletes_since + self.sync_interval)
         if self._unsynced_since is not None:
@@ -447,7 +522,7 @@ class Writer:
                 assert isinstance(item, Op)
                 stop = stop or item.stop
                 urgent.append(item)
-        self.waiting = len(self._pending)
+        self.waiting = len(self._waiting)
         if results:
             self._post(self._on_results, results)
         if urgent:
@@ -455,26 +530,18 @@ class Writer:
         return stop
 
     def _add_rows(self, batch: Batch) -> None:
-        pending = self._pending
-        last = self._last_ts
-        for row in batch.rows:
-            pending[row[0]] = row
-            self._pending_bytes += len(row[3])
-            if row[4] is None:
-                last[row[1]] = row[2]
+        if not batch.rows:
+            return
+        self._waiting.add(batch)
+        self._last_ts.update(batch.last)
         self.taken += len(batch.rows)
         self._max_id = max(self._max_id, batch.rows[-1][0])  # ids are never given twice
-        if self._pending_since is None:
-            self._pending_since = batch.arrived
-        if len(pending) > MAX_PENDING and self.state != "ok":
-            self._drop_oldest(len(pending) - MAX_PENDING)
+        if len(self._waiting) > MAX_PENDING and self.state != "ok":
+            self._drop_oldest(len(self._waiting) - MAX_PENDING)
 
     def _drop_oldest(self, n: int) -> None:
         """Readings the disk would not take and memory cannot keep: dropped, counted."""
-        pending = self._pending
-        dropped = list(itertools.islice(pending, n))
-        for rid in dropped:
-            self._pending_bytes -= len(pending.pop(rid)[3])
+        dropped = self._waiting.drop_oldest(n)
         self.counts["unstored"] += len(dropped)
         self._episode_unstored += len(dropped)
         self._meta_dirty = True
@@ -486,22 +553,17 @@ class Writer:
             self.counts[item.counter] += item.gone
             self._meta_dirty = True
             return True
-        pending = self._pending
+        waiting = self._waiting
         later: list[int] = []
         for rid in item.ids:
-            row = pending.pop(rid, None)
-            if row is None:
-                later.append(rid)
-            else:
+            if waiting.take(rid):
                 item.gone += 1
-                self._pending_bytes -= len(row[3])
+            else:
+                later.append(rid)
         if item.gone:
             self.counts["received"] += item.gone
             self.counts[item.counter] += item.gone
             self._meta_dirty = True
-        if not pending:
-            self._pending_since = None
-            self._pending_bytes = 0
         if not later:
             return True
         item.ids = later
@@ -523,8 +585,8 @@ class Writer:
             final
             or bool(self._releases)
             or (
-                self._pending_since is not None
-                and (self._pending_since + hold <= now or self._pending_bytes >= COMMIT_BYTES)
+                self._waiting.since is not None
+                and (self._waiting.since + hold <= now or self._waiting.bytes >= COMMIT_BYTES)
             )
             or (self._deletes_since is not None and self._deletes_since + self.sync_interval <= now)
             or ((self._meta_dirty or bool(self._deferred)) and self._last_meta + COUNTERS_S <= now)
@@ -565,13 +627,14 @@ class Writer:
             self._post(self._on_results, results)
             return
         writes = [op for op in ops if op.write is not None]
-        rows = list(self._pending.values())
+        rows = self._waiting.rows()
+        held = self._waiting.held
         deletes = self._deletes
         meta = (
             final
             or self.state != "ok"
             or self._last_meta + COUNTERS_S <= now
-            or (not self._hold_saved and any(r[4] is not None for r in rows))
+            or (held and not self._hold_saved)
         )
         if not (rows or deletes or writes or self._deferred or self._releases or meta):
             self._reads(ops, results)  # nothing to write: no transaction
@@ -587,7 +650,7 @@ class Writer:
                 )
                 tx.counts["received"] = len(rows)
                 tx.depth = len(rows)
-                tx.bytes = sum(len(r[1]) + len(r[3]) for r in rows)
+                tx.bytes = sum(map(len, map(_ENTRY, rows))) + sum(map(len, map(_DEVICE, rows)))
             for d in deletes:
                 n, size = _delete_ids(conn, d.ids)
                 d.gone += n
@@ -598,7 +661,7 @@ class Writer:
             restamped = self._restamp(conn, tx) if self._releases else None
             self._evict(conn, tx)
             if meta or tx.counts["evicted"]:
-                self._save_meta(conn, tx, rows)
+                self._save_meta(conn, tx, rows, held)
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             if conn.in_transaction:
@@ -614,7 +677,7 @@ class Writer:
         self._costs.append(time.monotonic() - started)
         if self.state != "ok":
             self._recovered(now)
-        self._committed(tx, rows, meta or bool(tx.counts["evicted"]), now)
+        self._committed(tx, rows, held, meta or bool(tx.counts["evicted"]), now)
         for d in deletes:
             results.append((d.future, d.gone, None))
         results.extend((op.future, value, None) for op, value in answers if op in writes)
@@ -626,21 +689,19 @@ class Writer:
         # One call on the loop: what the rows became first, so whoever the answers wake sees it.
         self._post(self._to_loop, tx.evicted_upto, progress, results)
 
-    def _committed(self, tx: _Tx, rows: list[Row], meta: bool, now: float) -> None:
+    def _committed(self, tx: _Tx, rows: list[Row], held: bool, meta: bool, now: float) -> None:
         """Make a committed transaction visible: counters, waiting readings, deadlines."""
         self._apply(tx)
         if rows:
-            since = self._pending_since if self._pending_since is not None else now
+            since = self._waiting.since if self._waiting.since is not None else now
             self._unsynced_since = min(self._unsynced_since or since, since)
             self._max_id = max(self._max_id, rows[-1][0])
-            self._hold_saved = self._hold_saved or any(r[4] is not None for r in rows)
+            self._hold_saved = self._hold_saved or held
         if meta:
             self._last_meta = now
             self._meta_dirty = False
             self._last_ts = {}
-        self._pending.clear()
-        self._pending_bytes = 0
-        self._pending_since = None
+        self._waiting.clear()
         self.waiting = 0
         self._deletes = []
         self._deletes_since = None
@@ -760,7 +821,7 @@ class Writer:
         tx.depth -= rows
         tx.bytes -= freed_bytes
 
-    def _save_meta(self, conn: sqlite3.Connection, tx: _Tx, rows: list[Row]) -> None:
+    def _save_meta(self, conn: sqlite3.Connection, tx: _Tx, rows: list[Row], held: bool) -> None:
         """Counters, the next id, the newest stamp per device and the held rows' boot."""
         max_id = max(self._max_id, rows[-1][0] if rows else 0)
         updates: list[tuple[str, Any]] = [
@@ -768,7 +829,7 @@ class Writer:
         ]
         updates.append(("next_id", max_id + 1))
         updates.extend((f"last_ts:{device}", ts) for device, ts in self._last_ts.items())
-        if any(r[4] is not None for r in rows) and not self._hold_saved:
+        if held and not self._hold_saved:
             updates.append(("hold_boot", self.boot))
         conn.executemany(_UPSERT_META, updates)
 
@@ -823,7 +884,7 @@ class Writer:
         if size == 0:
             self._last_checkpoint = now
             return
-        idle = self.depth == 0 and not self._pending
+        idle = self.depth == 0 and not len(self._waiting)
         if size < WAL_CHECKPOINT_BYTES and not (
             idle and self._last_checkpoint + IDLE_CHECKPOINT_S <= now
         ):
@@ -871,8 +932,8 @@ class Writer:
         if kind == "full" and self._conn is not None:
             with contextlib.suppress(sqlite3.Error):  # a smaller WAL may be all it takes
                 self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        if len(self._pending) > MAX_PENDING:
-            self._drop_oldest(len(self._pending) - MAX_PENDING)
+        if len(self._waiting) > MAX_PENDING:
+            self._drop_oldest(len(self._waiting) - MAX_PENDING)
 
     def _recovered(self, now: float) -> None:
         log.warning(

@@ -281,3 +281,18 @@ def test_a_damaged_file_never_makes_the_daemon_exit(tmp_path: Path) -> None:
         sims.stop()
     text = gw.log_text()
     assert "was damaged" in text and "Traceback" not in text
+
+
+@pytest.mark.parametrize("kind", ["half-truncated", "last-page-cut", "garbage-header"])
+async def test_a_large_file_gets_the_cheap_checks_and_they_catch_truncation_and_headers(
+    tmp_path: Path, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gateway.storefile as storefile
+
+    path = tmp_path / "gw.sqlite"
+    await _make(path)
+    _damage(path, kind)
+    monkeypatch.setattr(storefile, "QUICK_CHECK_MAX_BYTES", 0)  # as if it were big
+    async with Store.open(path, max_rows=None, max_bytes=None) as store:
+        assert 1000 <= store.stats.depth <= 3000
+    assert list(tmp_path.glob("gw.sqlite.damaged-*"))
