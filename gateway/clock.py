@@ -229,6 +229,7 @@ class Stamps:
 
     def __init__(self, memory: int = STAMP_MEMORY) -> None:
         self._memory = memory
+        self._limit = 2 * memory
         self._devices: dict[str, _DeviceStamps] = {}
 
     def last(self, device: str) -> int | None:
@@ -262,14 +263,18 @@ class Stamps:
         if ts > d.last:  # the usual case: newer than anything before
             d.last = ts
             d.packed_from = -1
-            recent.append(ts)
-            if len(recent) > 2 * self._memory:
-                del recent[: len(recent) - self._memory]
-            return ts
-        if d.packed_from >= 0 and ts >= d.packed_from:  # still faster than 1/ms
-            t = d.last = d.last + 1
-            recent.append(t)
-            return t
+        elif d.packed_from >= 0 and ts >= d.packed_from:  # still faster than 1/ms
+            ts = d.last = d.last + 1
+        else:
+            return self._older(d, ts)
+        recent.append(ts)
+        if len(recent) > self._limit:
+            del recent[: len(recent) - self._memory]
+        return ts
+
+    def _older(self, d: _DeviceStamps, ts: int) -> int:
+        """A stamp at or below the newest one: the nearest free millisecond at or below."""
+        recent = d.recent
         if not recent or ts < recent[0]:  # older than anything remembered: cannot tell
             recent.insert(0, ts)
             return ts
