@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway import storefile
-from gateway.storefile import COUNTERS, DamagedFile, error_kind
+from gateway.storefile import COUNTERS, DamagedFile, NewerSchema, error_kind
 
 log = logging.getLogger("hydrogate.store")
 
@@ -603,7 +603,7 @@ class Writer:
     def _reopen(self, now: float) -> None:
         try:
             self._connect()
-        except (sqlite3.Error, OSError) as exc:
+        except (sqlite3.Error, OSError, NewerSchema) as exc:
             self._retry_at = now + RETRY_S
             if self.problem != str(exc):
                 log.warning("storage still unavailable: %s", exc)
