@@ -148,7 +148,8 @@ class Gateway:
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         """Send ``sig`` to the gateway itself (not strace) and wait for it to end."""
-        os.kill(self.pid if self.traced else self.proc.pid, sig)
+        if self.proc.poll() is None:
+            os.kill(self.pid if self.traced else self.proc.pid, sig)
         self.proc.wait(30)
 
     def stop(self, timeout: float = 15.0) -> int:

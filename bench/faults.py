@@ -163,8 +163,10 @@ def kill_loop(rounds: int, work: Path, rng: random.Random) -> dict[str, Any]:
                 broker.stop() if broker_up else broker.start()
                 broker_up = not broker_up
             gw = Gateway(config, level="WARNING")
-            time.sleep(rng.uniform(1.0, 3.0))
-            gw.kill()
+            try:
+                time.sleep(rng.uniform(1.0, 3.0))
+            finally:
+                gw.kill()
             at_kill = outbox(db)
             committed |= at_kill
             print(f"kill {i + 1:3}: broker {'up' if broker_up else 'down'},"

@@ -137,16 +137,20 @@ def test_a_read_only_disk_at_start_still_polls_recovers_and_stops_on_sigterm(
 ) -> None:
     sims = SimNodes(2)
     db = small_disk / "gw.sqlite"
+    logs = small_disk.parent
+    gateways: list[Gateway] = []
     try:
-        config = write_config(small_disk.parent / f"{small_disk.name}.yaml",
+        config = write_config(logs / f"{small_disk.name}.yaml",
                               config_data(db, sims.nodes, poll=0.1, clock_sync_wait=0))
-        first = Gateway(config, log=small_disk.parent / f"{small_disk.name}-1.log")
+        first = Gateway(config, log=logs / f"{small_disk.name}-1.log")
+        gateways.append(first)
         until(lambda: "running" in first.log_text(), 30, "a first run")
-        until(lambda: db.exists() and len(seqs(db)) > 0 if db.exists() else False, 15, "rows")
+        until(lambda: db.exists() and len(seqs(db)) > 0, 15, "rows")
         assert first.stop() == 0
         before = seqs(db)
         _mount("-o", "remount,ro", str(small_disk))
-        gw = Gateway(config, log=small_disk.parent / f"{small_disk.name}-2.log")
+        gw = Gateway(config, log=logs / f"{small_disk.name}-2.log")
+        gateways.append(gw)
         until(lambda: "running" in gw.log_text(), 30, "the gateway to start read-only")
         until(lambda: gw.log_text().count("link up") >= 2, 15, "the nodes to be polled")
         assert "storage " in gw.log_text() and "Traceback" not in gw.log_text()
@@ -157,10 +161,13 @@ def test_a_read_only_disk_at_start_still_polls_recovers_and_stops_on_sigterm(
         assert before <= seqs(db)
         # Read-only all along: SIGTERM still stops it, at once.
         _mount("-o", "remount,ro", str(small_disk))
-        third = Gateway(config, log=small_disk.parent / f"{small_disk.name}-3.log")
+        third = Gateway(config, log=logs / f"{small_disk.name}-3.log")
+        gateways.append(third)
         until(lambda: "running" in third.log_text(), 30, "the gateway to start read-only")
         assert third.stop(timeout=10) == 0
     finally:
+        for gw in gateways:
+            gw.stop()
         subprocess.run(["mount", "-o", "remount,rw", str(small_disk)], check=False)
         sims.stop()
 
@@ -270,6 +277,7 @@ def test_a_damaged_file_never_makes_the_daemon_exit(tmp_path: Path) -> None:
     asyncio.run(_make(path, rows=500))
     _damage(path, "half-truncated")
     sims = SimNodes(1)
+    gw = None
     try:
         config = write_config(tmp_path / "gw.yaml",
                               config_data(path, sims.nodes, poll=0.1, clock_sync_wait=0))
@@ -278,6 +286,8 @@ def test_a_damaged_file_never_makes_the_daemon_exit(tmp_path: Path) -> None:
         until(lambda: "link up" in gw.log_text(), 15, "the node to be polled")
         assert gw.stop() == 0
     finally:
+        if gw is not None:
+            gw.stop()
         sims.stop()
     text = gw.log_text()
     assert "was damaged" in text and "Traceback" not in text
