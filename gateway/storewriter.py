@@ -465,7 +465,7 @@ class Writer:
     # ------------------------------------------------------------ the loop
     def _timeout(self, now: float) -> float | None:
         """Seconds until something is due (None: only a new item can make work)."""
-        if self._releases:
+        if self._releases and self.state == "ok":
             return 0.0
         hold = self._hold_time()
         due: list[float] = []
@@ -592,10 +592,8 @@ class Writer:
             or ((self._meta_dirty or bool(self._deferred)) and self._last_meta + COUNTERS_S <= now)
             or self.state != "ok"
         )
-        if due:
+        if due:  # a re-stamp goes one chunk per turn: what is queued is answered between
             self._transaction([], now, final=final)
-            while self._releases and self.state == "ok":  # re-stamps go on chunk by chunk
-                self._transaction([], time.monotonic())
         if self._unsynced_since is not None and (final or self._unsynced_since + hold <= now):
             self._sync(now)
         self._maybe_checkpoint(now)
