@@ -43,6 +43,20 @@ STAMP_MEMORY = 16_384
 #: How far below the clock a stamp may be moved to find a free millisecond.
 STAMP_SEARCH_MS = 8
 
+#: Where the usual NTP clients (systemd-timesyncd, chrony, ntpd, ntpsec) leave a trace
+#: once they have run on this machine.
+TIME_CLIENT_TRACES = (
+    Path("/run/systemd/timesync"),
+    Path("/var/lib/systemd/timesync"),
+    Path("/run/chrony"),
+    Path("/var/lib/chrony"),
+    Path("/var/lib/ntp"),
+    Path("/var/lib/ntpsec"),
+    Path("/run/ntpd.pid"),
+)
+
+_STA_PLL = 0x0001
+_STA_FLL = 0x0008
 _STA_UNSYNC = 0x0040
 _TIME_ERROR = 5
 
@@ -85,27 +99,35 @@ class _Timex(ctypes.Structure):
 
 
 def kernel_synchronized() -> bool | None:
-    """Whether the kernel says the system clock is NTP-synchronised; None if it cannot tell.
+    """Whether the system clock is NTP-synchronised; None when nothing will ever sync it.
 
     ``adjtimex`` with no mode bits only reads: ``STA_UNSYNC`` is set at boot
     and cleared by timesyncd, chrony or ntpd once they have synchronised
     (what ``timedatectl`` shows as "System clock synchronized"). Looked up in
     the process's global namespace, so an LD_PRELOAD shim can stand in for it
-    in tests. Without adjtimex, systemd-timesyncd's flag file decides.
+    in tests. Without adjtimex, systemd-timesyncd's flag file decides. A clock
+    that is not synchronised on a machine where no NTP client has ever run
+    (no trace of one, no discipline mode set in the kernel) is None: waiting
+    for a sync that cannot come would only hold readings back.
     """
     try:
         adjtimex = ctypes.CDLL(None, use_errno=True).adjtimex
     except (OSError, AttributeError):
         adjtimex = None
+    status = 0
     if adjtimex is not None:
         tx = _Timex()
         state = adjtimex(ctypes.byref(tx))
-        if state >= 0:
-            return state != _TIME_ERROR and not tx.status & _STA_UNSYNC
+        if state >= 0 and state != _TIME_ERROR and not tx.status & _STA_UNSYNC:
+            return True
+        status = tx.status if state >= 0 else 0
     try:
-        return TIMESYNC_FLAG.exists() or None
+        if TIMESYNC_FLAG.exists():
+            return True
+        client = status & (_STA_PLL | _STA_FLL) or any(p.exists() for p in TIME_CLIENT_TRACES)
     except OSError:
         return None
+    return False if client else None
 
 
 def boot_id() -> str:
@@ -165,6 +187,8 @@ class TimeKeeper:
         state = probe()
         #: False until the clock is known to be synchronised (None from the probe: trusted).
         self.synchronized = state is None or state
+        #: True when nothing on this machine synchronises the clock (it is trusted as it is).
+        self.unattended = state is None
         self._seen_sync = False
         #: Steps noticed so far (each logged once).
         self.steps = 0

@@ -149,6 +149,11 @@ class Gateway:
         """Hold readings while the clock is not synchronised; release what an earlier run held."""
         keeper = self.timekeeper
         wait = self.config.storage.clock_sync_wait
+        if keeper.unattended:
+            log.warning(
+                "no NTP client synchronises the system clock here: readings are stamped by"
+                " the clock as it is"
+            )
         if not keeper.synchronized and wait > 0:
             store.hold()
             log.warning(

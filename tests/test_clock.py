@@ -210,3 +210,20 @@ async def test_held_readings_survive_a_restart_in_the_same_boot(tmp_path: Path) 
         assert await store.release(offset) == 1
         [row] = await store.peek(10)
         assert row.ts == int((1_732_200_000.0 - 3600 + 3600) * 1000)
+
+
+def test_an_unsynchronised_clock_nothing_will_ever_sync_is_trusted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gateway.clock as clock
+
+    monkeypatch.setattr(clock, "TIMESYNC_FLAG", tmp_path / "not-there")
+    monkeypatch.setattr(clock, "TIME_CLIENT_TRACES", ())
+    alone = clock.kernel_synchronized()
+    monkeypatch.setattr(clock, "TIME_CLIENT_TRACES", (tmp_path,))  # a client has run here
+    attended = clock.kernel_synchronized()
+    # A synchronised clock is synchronised either way; an unsynchronised one is waited
+    # for only where a client could synchronise it.
+    assert (alone, attended) in {(True, True), (None, False), (False, False)}
+    if alone is None:
+        assert TimeKeeper(FakeClock(), probe=lambda: alone).unattended

@@ -133,11 +133,11 @@ async def test_a_disk_that_refuses_writes_mid_run_stops_nothing_and_recovers(
 
 
 def test_a_read_only_disk_at_start_still_polls_recovers_and_stops_on_sigterm(
-    small_disk: Path,
+    small_disk: Path, tmp_path: Path
 ) -> None:
     sims = SimNodes(2)
     db = small_disk / "gw.sqlite"
-    logs = small_disk.parent
+    logs = tmp_path
     gateways: list[Gateway] = []
     try:
         config = write_config(logs / f"{small_disk.name}.yaml",

@@ -6,7 +6,8 @@
  * clock three days behind and not yet synchronised. The wall clock
  * (clock_gettime of CLOCK_REALTIME and its variants, gettimeofday, time) reads
  * the real time plus the offset; adjtimex/ntp_adjtime/clock_adjtime with no
- * mode bits (a read) report STA_UNSYNC and TIME_ERROR unless synchronised.
+ * mode bits (a read) report STA_UNSYNC and TIME_ERROR unless synchronised,
+ * with STA_PLL set as an NTP client that has not synchronised yet leaves it.
  * Monotonic clocks, sleeps and timeouts are untouched: unlike libfaketime
  * with DONT_FAKE_MONOTONIC=1, this leaves Python's time.sleep working. The
  * file is read again at most every 10 ms; write it with rename() to change
@@ -130,7 +131,7 @@ static int report(struct timex *tx, int rc) {
         tx->status &= ~STA_UNSYNC;
         return rc == TIME_ERROR ? TIME_OK : rc;
     }
-    tx->status |= STA_UNSYNC;
+    tx->status |= STA_UNSYNC | STA_PLL; /* an NTP client is at work, not synchronised yet */
     return TIME_ERROR;
 }
 
