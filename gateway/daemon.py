@@ -191,7 +191,11 @@ class Gateway:
 
     async def _release(self, store: Store, why: str) -> None:
         offset_ms = round(self.timekeeper.offset * 1000)
-        count = await store.release(offset_ms)
+        try:
+            count = await store.release(offset_ms)
+        except StoreError as exc:  # e.g. arriving while the store closes: never fatal
+            log.error("held readings not released (%s): %s", why, exc)
+            return
         if count:
             log.info("%s: %d readings taken before it re-stamped and released", why, count)
 
