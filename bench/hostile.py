@@ -329,6 +329,8 @@ class FakeServer:
                 if topic != "v1/gateway/rpc" or b'"success"' not in raw:
                     continue
                 msg = json.loads(raw)
+                if not isinstance(msg, dict):  # our own fuzzed payload, echoed back
+                    continue
                 if msg.get("device") == device and msg.get("id") == rid and "data" in msg:
                     return dict(msg)
             return None

@@ -169,7 +169,8 @@ def gateway_config(workdir: Path, broker_port: int | None, nodes: list[tuple[str
                    poll: float) -> Path:
     data: dict[str, Any] = {
         "gateway": {"name": "bench-gw"},
-        "storage": {"path": str(workdir / "gw.sqlite"), "max_rows": 20_000_000},
+        "storage": {"path": str(workdir / "gw.sqlite"), "max_rows": 20_000_000,
+                    "clock_sync_wait": 0},
         "nodes": [{"name": n, "url": u, "poll_interval": poll} for n, u in nodes],
     }
     if broker_port is not None:

@@ -150,6 +150,13 @@ class StorageConfig:
     max_rows: int = 2_000_000
     max_bytes: int | None = None
     commit_interval: float = 0.02
+    #: Readings are on stable storage (or acknowledged by ThingsBoard) at most this long
+    #: after they arrive (seconds); 0 syncs every commit.
+    sync_interval: float = 1.0
+    #: While the system clock is not synchronised, readings are held back and re-stamped
+    #: once it is; after this long with the uplink connected and still no sync, the
+    #: clock is trusted as it is (seconds; 0: never hold).
+    clock_sync_wait: float = 600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -381,10 +388,12 @@ def _storage(sec: Section, base_dir: Path | None) -> StorageConfig | None:
     max_rows = sec.get("max_rows", int_range(1, 1_000_000_000), 2_000_000)
     max_bytes = sec.optional("max_bytes", size_range(1 << 20))
     commit_interval = sec.get("commit_interval", duration_range(0, 10), 0.02)
+    sync_interval = sec.get("sync_interval", duration_range(0, 3600), 1.0)
+    clock_sync_wait = sec.get("clock_sync_wait", duration_range(0, 7 * 86400), 600.0)
     sec.finish()
     if path is None:
         return None
-    return StorageConfig(path, max_rows, max_bytes, commit_interval)
+    return StorageConfig(path, max_rows, max_bytes, commit_interval, sync_interval, clock_sync_wait)
 
 
 def _thingsboard(sec: Section, base_dir: Path | None) -> ThingsBoardConfig | None:
@@ -898,7 +907,8 @@ def summarize(config: Config) -> str:
     lines = [
         f"gateway      {config.gateway.name}"
         f" (health every {_seconds(config.gateway.health_interval)})",
-        f"storage      {storage.path} ({retention})",
+        f"storage      {storage.path} ({retention}, synced every"
+        f" {_seconds(storage.sync_interval)})",
         f"thingsboard  {uplink}",
         f"nodes        {len(config.nodes)}",
     ]

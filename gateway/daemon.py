@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway import __version__
-from gateway.clock import Clock, SystemClock
+from gateway.clock import Clock, SystemClock, TimeKeeper, describe_seconds
 from gateway.config import Config, ConfigError, NodeConfig, load_config
 from gateway.errors import CommandError
 from gateway.faults import FaultLog, quote
@@ -38,6 +38,8 @@ log = logging.getLogger("hydrogate")
 
 #: SIGTERM must finish within 10 s (CONTRACT.md); stopping actuators gets this much.
 STOP_ACTUATORS_S = 5.0
+#: Seconds between two looks at the system clock (steps, synchronisation).
+CLOCK_CHECK_S = 0.5
 #: Keys a node's shared attributes may set (CONTRACT.md).
 SHARED_KEYS = ("mode", "controller", "tds_setpoint", "ph_setpoint", "schedule", "interval")
 #: A shared attribute whose every update acknowledges a stop of automatic control (the pH
@@ -61,10 +63,12 @@ class Gateway:
         *,
         config_path: Path | None = None,
         clock: Clock | None = None,
+        timekeeper: TimeKeeper | None = None,
     ) -> None:
         self.config = config
         self.config_path = config_path
         self.clock = clock or SystemClock()
+        self.timekeeper = timekeeper or TimeKeeper(self.clock)
         self.started = time.monotonic()
         self.runners: dict[str, NodeRunner] = {}
         self.store: Store | None = None
@@ -106,10 +110,14 @@ class Gateway:
             max_bytes=cfg.storage.max_bytes,
             max_payload_bytes=cfg.thingsboard.max_payload_bytes if cfg.thingsboard else 65536,
             commit_interval=cfg.storage.commit_interval,
+            sync_interval=cfg.storage.sync_interval,
+            clock=self.clock,
         ) as store:
             self.store = store
+            await self._clock_at_start(store)
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
+                self._tasks["clock"] = tg.create_task(self._watch_clock(store), name="clock")
                 for node in cfg.nodes:
                     self._start_node(node)
                 self._start_uplink()
@@ -135,6 +143,61 @@ class Gateway:
                 await self._shutdown()
             self._tg = None
         log.info("hydrogate stopped; %d readings buffered", store.stats.depth)
+
+    # ---------------------------------------------------------------- clock
+    async def _clock_at_start(self, store: Store) -> None:
+        """Hold readings while the clock is not synchronised; release what an earlier run held."""
+        keeper = self.timekeeper
+        wait = self.config.storage.clock_sync_wait
+        if keeper.unattended:
+            log.warning(
+                "no NTP client synchronises the system clock here: readings are stamped by"
+                " the clock as it is"
+            )
+        if not keeper.synchronized and wait > 0:
+            store.hold()
+            log.warning(
+                "system clock not synchronised yet (no NTP sync): readings are kept back and"
+                " re-stamped once it is; after %s of uplink without a sync the clock is"
+                " trusted as it is (storage.clock_sync_wait)",
+                describe_seconds(wait).lstrip("+"),
+            )
+        elif store.holding:
+            await self._release(store, "held before a restart")
+
+    async def _watch_clock(self, store: Store) -> None:
+        """Notice clock steps and synchronisation; release held readings when it is time."""
+        keeper = self.timekeeper
+        wait = self.config.storage.clock_sync_wait
+        waited = 0.0
+        last = self.clock.monotonic()
+        while True:
+            await asyncio.sleep(CLOCK_CHECK_S)
+            now = self.clock.monotonic()
+            keeper.check()
+            if self.uplink is not None and self.uplink.connected:
+                waited += now - last
+            last = now
+            if not store.holding:
+                continue
+            if keeper.synchronized:
+                await self._release(store, "the clock is synchronised")
+            elif waited >= wait:
+                log.warning(
+                    "system clock still not synchronised after %s of uplink: trusting it as it is",
+                    describe_seconds(waited).lstrip("+"),
+                )
+                await self._release(store, "the clock is trusted as it is")
+
+    async def _release(self, store: Store, why: str) -> None:
+        offset_ms = round(self.timekeeper.offset * 1000)
+        try:
+            count = await store.release(offset_ms)
+        except StoreError as exc:  # e.g. arriving while the store closes: never fatal
+            log.error("held readings not released (%s): %s", why, exc)
+            return
+        if count:
+            log.info("%s: %d readings taken before it re-stamped and released", why, count)
 
     async def _supervise(self) -> None:
         while not self._stop.is_set():
@@ -365,6 +428,11 @@ class Gateway:
             "input_refused": self.faults.malformed,
             "input_faults": self.faults.failures,
         }
+        if self.store is not None:
+            stats = self.store.stats
+            extra["storage"] = stats.storage
+            extra["unstored"] = stats.unstored
+        extra["clock_synced"] = self.timekeeper.synchronized
         for name, runner in self.runners.items():
             extra[f"{name}_link_errors"] = runner.stats.total_errors()
             extra[f"{name}_link"] = "up" if runner.link_up else "down"

@@ -79,7 +79,8 @@ def demo_config(urls: dict[str, str], storage: Path, broker: str | None, poll: f
         nodes.append(node)
     data: dict[str, Any] = {
         "gateway": {"name": "hydrogate-demo"},
-        "storage": {"path": str(storage)},
+        # A demo forwards at once, whatever the machine's NTP says.
+        "storage": {"path": str(storage), "clock_sync_wait": 0},
         "nodes": nodes,
     }
     if broker:

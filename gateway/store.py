@@ -1,22 +1,30 @@
 """SQLite store-and-forward: the outbox of readings, counters, settings, actuation ledger,
 and what controllers learned about each tank.
 
-One dedicated writer thread ("hydrogate-store") owns the only sqlite3
-connection. The event loop never touches SQLite: `Store.append` validates and
-serializes a reading (cheap, synchronous) and puts it on a queue; everything
-else is an operation on the same queue whose result comes back as a future.
-The writer groups what it finds on the queue into one transaction per
-``commit_interval`` (sooner when someone waits for an answer), so 50,000
-appends per second cost about fifty commits.
+The event loop never touches SQLite. `Store.append` validates, stamps and
+serializes a reading (cheap, synchronous); once per ``commit_interval`` the
+readings appended so far are handed, as one list, both to the uplink (the
+in-memory tail it peeks from) and to the writer thread (gateway/storewriter.py),
+which owns the only connection. Everything else is an operation queued to
+the writer whose answer comes back as a future.
 
-A reading counts as received once its transaction commits. The database runs
-in WAL mode with ``synchronous=NORMAL``: a commit is a ``write()`` of the
-transaction's pages to the WAL file, without fsync. That write is in the
-kernel's page cache the moment COMMIT returns, so a crash or SIGKILL of this
-process loses nothing committed; only a power cut or kernel crash can lose the
-last transactions (never corrupt the file). ``synchronous=FULL`` would add one
-fsync per commit, tens of milliseconds on the SD cards gateways run from, for
-a guarantee (power loss) the requirement does not ask for.
+What is promised (docs/reliability.md has the proof):
+
+- every reading is, at most ``sync_interval`` after it arrived, either on
+  stable storage (committed and the WAL fdatasync'ed) or acknowledged by
+  ThingsBoard (PUBACK); a reading ThingsBoard acknowledged first is never
+  written at all;
+- a crash of the process (SIGKILL) loses nothing committed, and a power cut
+  nothing older than ``sync_interval``;
+- a full, read-only or unreadable disk never stops the gateway: readings
+  wait in memory and are still forwarded, what cannot be kept is counted
+  (``unstored``), and the store writes again by itself once it can; a
+  damaged file is moved aside and what still reads carried into a fresh one.
+
+Timestamps: each device's stamps are unique (gateway/clock.py, `Stamps`).
+While the system clock is not synchronised (`hold`), readings are kept back
+from the uplink with their monotonic time; `release` re-stamps them from it
+once the clock is right.
 """
 
 from __future__ import annotations
@@ -26,7 +34,6 @@ import contextlib
 import itertools
 import json
 import logging
-import queue
 import sqlite3
 import threading
 import time
@@ -36,9 +43,27 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from gateway import tbmsg
+from gateway.clock import Clock, Stamps, SystemClock, boot_id
+from gateway.storefile import COUNTERS, SCHEMA_VERSION
+from gateway.storewriter import (
+    ACTUATION_KEEP_S,
+    Batch,
+    Delete,
+    Op,
+    Opened,
+    Release,
+    Result,
+    Row,
+    StoreClosed,
+    StoreError,
+    Writer,
+    as_store_error,
+)
 from gateway.tbmsg import InvalidMessage, OutboxRow
 
 __all__ = [
+    "COUNTERS",
+    "SCHEMA_VERSION",
     "Actuation",
     "InvalidMessage",
     "OutboxRow",
@@ -50,81 +75,24 @@ __all__ = [
 
 log = logging.getLogger("hydrogate.store")
 
-SCHEMA_VERSION = 2
-# AUTOINCREMENT: without it SQLite reuses the ids of deleted rows once the
-# outbox is empty, and the uplink, which reads on "after the last id it sent",
-# would skip the new rows.
-_SCHEMA_V1 = """
-CREATE TABLE outbox (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    device TEXT NOT NULL,
-    ts INTEGER NOT NULL,
-    entry TEXT NOT NULL
-);
-CREATE TABLE meta (key TEXT PRIMARY KEY, value);
-CREATE TABLE settings (
-    node TEXT NOT NULL,
-    key TEXT NOT NULL,
-    value TEXT NOT NULL,
-    PRIMARY KEY (node, key)
-);
-CREATE TABLE actuations (node TEXT NOT NULL, actuator TEXT NOT NULL, ts REAL NOT NULL,
-                         ms INTEGER NOT NULL);
-CREATE INDEX actuations_node_ts ON actuations (node, ts);
-"""
-# What a controller learned about a node's tank (rules.controller.Learner), as JSON,
-# with the plant constants it was learned under (JSON too): knowledge learned
-# for another tank volume or other pumps would mislead, so the caller compares them.
-_LEARNED = """
-CREATE TABLE learned (
-    node TEXT NOT NULL,
-    controller TEXT NOT NULL,
-    state TEXT NOT NULL,
-    plant TEXT NOT NULL,
-    updated REAL NOT NULL,
-    PRIMARY KEY (node, controller)
-);
-"""
-#: The schema of a new file (version SCHEMA_VERSION).
-_SCHEMA = _SCHEMA_V1 + _LEARNED
-#: Each script brings a file from the version it is keyed by to the next one.
-_MIGRATIONS: Mapping[int, str] = {1: _LEARNED}
-
-#: Counters persisted in ``meta`` so that they survive restarts.
-COUNTERS = ("received", "forwarded", "evicted", "duplicates_resent")
-#: Most queue items the writer puts in one transaction.
+#: Most readings handed to the writer (and the uplink) in one list.
 MAX_BATCH = 10_000
-#: Committed rows kept in memory for the uplink (about 100 bytes each): the
-#: drain reads them from here instead of reading back what was just written.
+#: Rows kept in memory for the uplink (about 100 bytes each): the drain reads
+#: them from here instead of reading back what was just written.
 TAIL_ROWS = 50_000
-#: How long actuations stay in the ledger (the safety budget looks back one hour).
-ACTUATION_KEEP_S = 86_400.0
-#: An eviction episode ends once the outbox is back under this share of its limits.
-EVICTION_HYSTERESIS = 0.9
-
-_SIZE = "COALESCE(SUM(length(device) + length(entry)), 0)"
-_UPSERT_META = (
-    "INSERT INTO meta (key, value) VALUES (?, ?)"
-    " ON CONFLICT (key) DO UPDATE SET value = excluded.value"
-)
-
-
-class StoreError(Exception):
-    """The store cannot do what was asked (database error, closed, bad data)."""
-
-
-class StoreClosed(StoreError):
-    """The store was closed (or its writer stopped after an error)."""
 
 
 @dataclass(frozen=True)
 class StoreStats:
     """A snapshot of the store's counters.
 
-    ``received``, ``forwarded``, ``evicted`` and ``duplicates_resent`` are
-    lifetime totals persisted in the file; ``depth`` and ``bytes`` describe the
-    outbox now (``bytes`` counts the stored device and entry text, not SQLite's
-    own overhead); ``pending`` is what is queued but not committed yet.
+    ``received`` (committed, or acknowledged by ThingsBoard before it had to
+    be), ``forwarded``, ``evicted``, ``duplicates_resent`` and ``unstored``
+    (readings the disk refused and memory could not keep) are lifetime
+    totals, written to the file at least every 10 s; ``depth`` and
+    ``bytes`` describe the outbox on disk now (``bytes`` counts the stored
+    device and entry text); ``pending`` is what waits in memory; ``storage``
+    is ``ok`` or what the disk said (``full``, ``read-only``, ...).
     """
 
     received: int
@@ -134,6 +102,8 @@ class StoreStats:
     depth: int
     bytes: int
     pending: int
+    unstored: int = 0
+    storage: str = "ok"
 
 
 class Actuation(NamedTuple):
@@ -142,67 +112,6 @@ class Actuation(NamedTuple):
     actuator: str
     ts: float
     ms: int
-
-
-@dataclass
-class _Delta:
-    """What one transaction changes in the in-memory counters (applied after COMMIT)."""
-
-    received: int = 0
-    forwarded: int = 0
-    evicted: int = 0
-    duplicates_resent: int = 0
-    depth: int = 0
-    bytes: int = 0
-    evicted_upto: int = 0  # rows with ids up to this one were evicted
-
-
-_Write = Callable[[sqlite3.Connection, _Delta], Any]
-_Read = Callable[[sqlite3.Connection], Any]
-
-
-class _Op:
-    """A queued operation: a write inside the transaction or a read after COMMIT."""
-
-    __slots__ = ("future", "read", "stop", "write")
-
-    def __init__(
-        self,
-        future: asyncio.Future[Any] | None,
-        *,
-        write: _Write | None = None,
-        read: _Read | None = None,
-        stop: bool = False,
-    ) -> None:
-        self.future = future
-        self.write = write
-        self.read = read
-        self.stop = stop
-
-
-_Row = tuple[str, int, str]
-_Item = list[_Row] | _Op
-
-
-def _ranges(ids: Iterable[int]) -> list[tuple[int, int]]:
-    """Consecutive runs of ``ids`` as inclusive ``(first, last)`` pairs."""
-    out: list[tuple[int, int]] = []
-    for i in sorted(set(ids)):
-        if out and out[-1][1] == i - 1:
-            out[-1] = (out[-1][0], i)
-        else:
-            out.append((i, i))
-    return out
-
-
-def _delete_range(conn: sqlite3.Connection, first: int, last: int) -> tuple[int, int]:
-    """Delete outbox rows with ids in [first, last]; return (rows, bytes) deleted."""
-    count, size = conn.execute(
-        f"SELECT COUNT(*), {_SIZE} FROM outbox WHERE id BETWEEN ? AND ?", (first, last)
-    ).fetchone()
-    if count:
-        conn.execute("DELETE FROM outbox WHERE id BETWEEN ? AND ?", (first, last))
-    return int(count), int(size)
 
 
 class Store:
@@ -220,6 +129,8 @@ class Store:
         max_bytes: int | None,
         max_payload_bytes: int,
         commit_interval: float,
+        sync_interval: float,
+        clock: Clock | None = None,
     ) -> None:
         """Use `Store.open`; this only records the settings."""
         if max_rows is not None and max_rows < 1:
@@ -228,42 +139,52 @@ class Store:
             raise ValueError(f"max_bytes must be at least 1, got {max_bytes}")
         if commit_interval < 0:
             raise ValueError(f"commit_interval must be >= 0, got {commit_interval}")
+        if sync_interval < 0:
+            raise ValueError(f"sync_interval must be >= 0, got {sync_interval}")
         self.path = Path(path)
         self.max_rows = max_rows
         self.max_bytes = max_bytes
         self.max_payload_bytes = max_payload_bytes
+        self.sync_interval = sync_interval
         self._payload_limit = tbmsg.payload_limit(max_payload_bytes)
         self._commit_interval = commit_interval
+        self._clock = clock or SystemClock()
         self._loop = asyncio.get_running_loop()
-        self._queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
-        # Rows appended on the event loop, handed to the writer as one list per
-        # commit_interval: one wake-up of the writer thread per batch, not per row.
-        self._rows: list[_Row] = []
+        self._writer = Writer(
+            self.path,
+            max_rows=max_rows,
+            max_bytes=max_bytes,
+            sync_interval=sync_interval,
+            boot=boot_id(),
+            post=self._post,
+            on_results=self._deliver,
+            on_dropped=self._tail_forget,
+            on_restamped=self._restamped,
+            on_evicted=self._tail_forget_upto,
+        )
+        # Readings appended on the event loop, handed over as one list per commit_interval.
+        self._rows: list[Row] = []
+        self._rows_since = 0.0
         self._handover: asyncio.TimerHandle | None = None
-        self._handed = 0  # rows handed to the writer (loop side)
-        self._written = 0  # of those, rows committed (writer side)
-        # The committed rows not yet deleted, newest TAIL_ROWS of them, on the
-        # loop side: every row with an id >= _tail_from still in the outbox is
-        # here, so peeks beyond _tail_from need no trip to SQLite.
+        self._handed = 0  # readings handed to the writer so far
+        self._next_id = 1
+        self._stamps = Stamps()
+        # Readings held until the clock is synchronised: stamped in monotonic time.
+        self._holding = False
+        self._held_stamps = Stamps()
+        self._hold_from: int | None = None
+        # The newest rows (waiting in memory or committed, not yet deleted), at most
+        # TAIL_ROWS of them: every such row with an id >= _tail_from is here.
         self._tail: dict[int, OutboxRow] = {}
         self._tail_from: int | None = None
         self._thread = threading.Thread(target=self._run, name="hydrogate-store", daemon=True)
-        self._ready: asyncio.Future[None] = self._loop.create_future()
+        self._ready: asyncio.Future[Opened] = self._loop.create_future()
         self._done: asyncio.Future[None] = self._loop.create_future()
         self._closed = False
-        self._failure: BaseException | None = None
-        #: Set (from the writer, through the loop) after every commit that added rows.
+        #: Set whenever new readings can be peeked (they need not be committed yet).
         self.committed = asyncio.Event()
-        # Last timestamp given to each device: touched only on the event loop.
-        self._last_ts: dict[str, int] = {}
         # Device names already checked (a handful; checked once, not per reading).
         self._devices: set[str] = set()
-        # Counters: written only by the writer thread, read anywhere.
-        self._counts = dict.fromkeys(COUNTERS, 0)
-        self._depth = 0
-        self._bytes = 0
-        self._evicting = False
-        self._episode_evicted = 0
 
     # ------------------------------------------------------------ lifecycle
     @classmethod
@@ -276,14 +197,23 @@ class Store:
         max_bytes: int | None,
         max_payload_bytes: int = 65536,
         commit_interval: float = 0.02,
+        sync_interval: float = 1.0,
+        clock: Clock | None = None,
     ) -> AsyncIterator[Store]:
-        """Open (creating if needed) the store at ``path``; close it, committed, on exit."""
+        """Open (creating if needed) the store at ``path``; close it, committed, on exit.
+
+        Raises StoreError if the folder does not exist or the file belongs to
+        a newer gateway; a disk that refuses the file (read-only, full, ...)
+        leaves the store open and retrying.
+        """
         store = cls(
             path,
             max_rows=max_rows,
             max_bytes=max_bytes,
             max_payload_bytes=max_payload_bytes,
             commit_interval=commit_interval,
+            sync_interval=sync_interval,
+            clock=clock,
         )
         await store._start()
         try:
@@ -292,114 +222,228 @@ class Store:
             await store.close()
 
     async def _start(self) -> None:
+        if not self.path.parent.is_dir():
+            raise StoreError(f"{self.path}: the folder {self.path.parent} does not exist")
         self._thread.start()
         try:
-            await self._ready
+            opened = await self._ready
         except BaseException:
             self._closed = True
             await self._join()
             raise
+        self._next_id = opened.next_id
+        for device, ts in opened.last_ts.items():
+            self._stamps.seed(device, ts)
+        if opened.hold_from is not None:
+            self._holding = True
+            self._hold_from = opened.hold_from
+
+    def _run(self) -> None:
+        """The writer thread: open the file, then run the writer until the stop marker."""
+        writer = self._writer
+        try:
+            opened = writer.open()
+            if writer.state != "ok":
+                opened.next_id = _unused_id(self.path)
+        except BaseException as exc:  # noqa: BLE001 - handed to the opener as StoreError
+            self._post(self._opened, None, as_store_error(exc))
+            self._post(self._finished)
+            return
+        self._post(self._opened, opened, None)
+        try:
+            writer.run()
+        finally:
+            self._post(self._finished)
+
+    def _post(self, fn: Callable[..., None], *args: Any) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting
+            self._loop.call_soon_threadsafe(fn, *args)
+
+    def _opened(self, opened: Opened | None, error: BaseException | None) -> None:
+        if error is not None:
+            self._ready.set_exception(error)
+        else:
+            assert opened is not None
+            self._ready.set_result(opened)
+
+    def _finished(self) -> None:
+        if not self._done.done():
+            self._done.set_result(None)
 
     async def close(self) -> None:
-        """Commit everything queued so far, then stop the writer and close the file."""
+        """Commit and sync everything appended so far, then stop the writer and close the file."""
         if not self._closed:
             self._closed = True
             self._hand_over()
-            self._queue.put(_Op(None, stop=True))
+            self._writer.queue.put(Op(None, stop=True))
         await self._join()
 
     async def _join(self) -> None:
-        # The writer resolves _done as its very last act (after closing the
-        # connection, which checkpoints the WAL), so join() returns at once.
+        # The writer resolves _done as its very last act (after closing the file).
         await self._done
         self._thread.join()
 
+    @property
+    def storage(self) -> str:
+        """``ok``, or what the disk said last (``full``, ``read-only``, ``I/O error``, ...)."""
+        return self._writer.state
+
     # ---------------------------------------------------------------- hot path
     def append(self, device: str, ts_ms: int, values: Mapping[str, Any]) -> None:
-        """Validate one reading and queue it for the next commit.
+        """Validate one reading and queue it; it is forwarded and committed from there.
 
-        The timestamp is raised to one past the device's previous one when
-        needed, so every entry of a device has its own ``ts`` (ThingsBoard keeps
-        only the last of two entries with the same ``ts``). Raises
-        InvalidMessage at once for anything ThingsBoard would refuse.
+        ``ts_ms`` is made unique for the device (gateway/clock.py, `Stamps`):
+        ThingsBoard keeps only the last of two entries with the same ``ts``.
+        While readings are held (`hold`), their monotonic time is kept too.
+        Raises InvalidMessage at once for anything ThingsBoard would refuse.
         """
-        if self._closed or self._failure is not None:
-            raise StoreClosed("store is closed or failed") from self._failure
+        if self._closed or self._writer.failure is not None:
+            raise StoreClosed("store is closed or failed") from self._writer.failure
         if device not in self._devices:
             self._devices.add(tbmsg.check_device(device))
         ts = tbmsg.check_ts(ts_ms)
-        last = self._last_ts.get(device)
-        if last is not None and ts <= last:
-            ts = last + 1
-        entry = tbmsg.encode_entry(device, ts, values, self._payload_limit)
-        self._last_ts[device] = ts
-        self._rows.append((device, ts, entry))
-        if len(self._rows) >= MAX_BATCH:
+        mono: int | None = None
+        stamps = self._stamps
+        if self._holding:
+            offset = round((self._clock.time() - self._clock.monotonic()) * 1000)
+            stamps = self._held_stamps
+            mono = stamps.unique(device, ts - offset)
+            ts = mono + offset
+        else:
+            ts = stamps.unique(device, ts)
+        try:
+            entry = tbmsg.encode_entry(device, ts, values, self._payload_limit)
+        except InvalidMessage:
+            stamps.give_back(device, ts if mono is None else mono)  # a refused reading takes none
+            raise
+        rows = self._rows
+        rows.append((self._next_id, device, ts, entry, mono))
+        self._next_id += 1
+        if len(rows) >= MAX_BATCH:
             self._hand_over()
         elif self._handover is None:
+            self._rows_since = time.monotonic()
             self._handover = self._loop.call_later(self._commit_interval, self._hand_over)
 
     def _hand_over(self) -> None:
-        """Give the rows appended so far to the writer, as one item, in order."""
+        """Give the readings appended so far to the uplink's tail and to the writer."""
         if self._handover is not None:
             self._handover.cancel()
             self._handover = None
-        if self._rows:
-            rows, self._rows = self._rows, []
-            self._handed += len(rows)
-            self._queue.put(rows)
+        if not self._rows:
+            return
+        rows, self._rows = self._rows, []
+        self._handed += len(rows)
+        self._tail_add(rows)
+        self._writer.queue.put(
+            Batch(self._rows_since, rows, held=rows[0][4] is not None, last=self._stamps.newest())
+        )
+        self.committed.set()
 
     @property
     def stats(self) -> StoreStats:
-        """Counters as of the last commit (cheap: kept in memory)."""
-        c = self._counts
+        """Counters as of now (cheap: kept in memory)."""
+        w = self._writer
+        c = w.counts
         return StoreStats(
             received=c["received"],
             forwarded=c["forwarded"],
             evicted=c["evicted"],
             duplicates_resent=c["duplicates_resent"],
-            depth=self._depth,
-            bytes=self._bytes,
-            pending=len(self._rows) + self._handed - self._written,
+            depth=w.depth,
+            bytes=w.bytes,
+            pending=len(self._rows) + self._handed - w.taken + w.waiting,
+            unstored=c["unstored"],
+            storage=w.state,
         )
 
+    # ------------------------------------------------------------ the clock
+    @property
+    def holding(self) -> bool:
+        """True while new readings are held for the clock to be synchronised."""
+        return self._holding
+
+    def hold(self) -> None:
+        """Hold new readings back from the uplink until `release` (the clock is not trusted)."""
+        if not self._holding:
+            self._hand_over()  # a batch is held, or not, as a whole
+            self._holding = True
+            if self._hold_from is None:
+                self._hold_from = self._next_id
+
+    async def release(self, offset_ms: int) -> int:
+        """Re-stamp every held reading as ``monotonic + offset_ms`` and let them go; how many.
+
+        ``offset_ms`` is wall minus monotonic time (ms) of a clock that is now
+        right. Readings appended from now on are stamped by the clock.
+        """
+        self._holding = False
+        self._held_stamps.forget()
+        if self._hold_from is None:
+            return 0
+        self._hand_over()
+        future: asyncio.Future[int] = self._loop.create_future()
+        self._writer.queue.put(Release(future, int(offset_ms)))
+        return await future
+
+    def _restamped(self, upto: int, done: bool) -> None:
+        """Held rows up to ``upto`` have their true stamps in the file: peek them from there."""
+        if upto >= 0:
+            self._tail_forget_upto(upto)
+            if self._tail_from is not None:
+                self._tail_from = max(self._tail_from, upto + 1)
+        if done:
+            self._hold_from = None if not self._holding else self._hold_from
+        else:
+            self._hold_from = upto + 1
+        self.committed.set()
+
     # -------------------------------------------------------------- operations
-    def _submit(self, *, write: _Write | None = None, read: _Read | None = None) -> Any:
-        if self._closed or self._failure is not None:
-            raise StoreClosed("store is closed or failed") from self._failure
+    def _submit(
+        self,
+        *,
+        write: Callable[[sqlite3.Connection], Any] | None = None,
+        read: Callable[[sqlite3.Connection], Any] | None = None,
+        fallback: Callable[[], Any] | None = None,
+        deferrable: bool = False,
+    ) -> Any:
+        if self._closed or self._writer.failure is not None:
+            raise StoreClosed("store is closed or failed") from self._writer.failure
         future: asyncio.Future[Any] = self._loop.create_future()
         self._hand_over()  # what was appended before this operation goes first
-        self._queue.put(_Op(future, write=write, read=read))
+        self._writer.queue.put(
+            Op(future, write=write, read=read, fallback=fallback, deferrable=deferrable)
+        )
         return future
 
     async def flush(self) -> None:
-        """Wait until everything appended before this call is committed."""
-        await self._submit(read=lambda conn: None)
+        """Wait until everything appended before this call is committed (or the disk refused it)."""
+        await self._submit(read=lambda conn: None, fallback=lambda: None)
 
     async def peek(
         self, limit: int, after_id: int = 0, max_bytes: int | None = None
     ) -> list[OutboxRow]:
-        """Up to ``limit`` committed outbox rows with ``id > after_id``, in id order.
+        """Up to ``limit`` rows with ``id > after_id``, in id order, held rows excepted.
 
         With ``max_bytes``, stops before the row that would take the device
-        and entry text past it (but returns at least one row). Sees every
-        commit and every ack made before the call (`flush` first to include
-        rows just appended). Recent rows come from memory; older ones (after
-        a restart, or an outage longer than TAIL_ROWS) from SQLite.
+        and entry text past it (but returns at least one row). Recent rows
+        come from memory, committed or not; older ones (after a restart, or
+        an outage longer than TAIL_ROWS) from SQLite.
         """
+        self._hand_over()  # what was appended so far can be forwarded now
+        upto = self._hold_from
 
         def read(conn: sqlite3.Connection) -> list[OutboxRow]:
             cur = conn.execute(
-                "SELECT id, device, ts, entry FROM outbox WHERE id > ? ORDER BY id LIMIT ?",
-                (after_id, limit),
+                "SELECT id, device, ts, entry FROM outbox WHERE id > ? AND id < ?"
+                " ORDER BY id LIMIT ?",
+                (after_id, upto if upto is not None else 1 << 62, limit),
             )
-            if max_bytes is None:
-                return list(map(OutboxRow._make, cur))
             rows: list[OutboxRow] = []
             total = 0
             for row in cur:
                 total += len(row[1]) + len(row[3])
-                if rows and total > max_bytes:
+                if rows and max_bytes is not None and total > max_bytes:
                     break
                 rows.append(OutboxRow._make(row))
             cur.close()
@@ -407,13 +451,17 @@ class Store:
 
         if self._tail_from is not None and after_id + 1 >= self._tail_from:
             return self._tail_peek(limit, after_id, max_bytes)
-        result: list[OutboxRow] = await self._submit(read=read)
+        result: list[OutboxRow] = await self._submit(read=read, fallback=list)
+        if not result:  # nothing on disk beyond after_id (or no disk): what waits in memory
+            return self._tail_peek(limit, after_id, max_bytes)
         return result
 
     async def ack(self, ids: Iterable[int]) -> int:
         """Delete forwarded rows (after the broker's PUBACK); returns how many were still there.
 
         Rows already gone (evicted meanwhile) are not counted as forwarded.
+        Rows not committed yet are never written; the others are deleted with
+        the next commit, which this waits for (at most ``sync_interval``).
         """
         return await self._delete(ids, counter="forwarded")
 
@@ -425,34 +473,29 @@ class Store:
         return rows
 
     async def _delete(self, ids: Iterable[int], *, counter: str) -> int:
-        """Delete outbox rows by id (in runs of consecutive ids), counting them in ``counter``."""
+        if self._closed or self._writer.failure is not None:
+            raise StoreClosed("store is closed or failed") from self._writer.failure
         ids = list(ids)
         tail = self._tail
         for rid in ids:
             tail.pop(rid, None)
-        ranges = _ranges(ids)
+        self._hand_over()
+        future: asyncio.Future[int] = self._loop.create_future()
+        self._writer.queue.put(Delete(future, ids, counter))
+        return await future
 
-        def write(conn: sqlite3.Connection, delta: _Delta) -> int:
-            rows = size = 0
-            for first, last in ranges:
-                n, b = _delete_range(conn, first, last)
-                rows += n
-                size += b
-            setattr(delta, counter, getattr(delta, counter) + rows)
-            delta.depth -= rows
-            delta.bytes -= size
-            return rows
-
-        result: int = await self._submit(write=write)
-        return result
+    def count_resent(self, rows: int) -> None:
+        """Count rows sent again after a connection dropped before their PUBACK (maybe twice)."""
+        if rows <= 0:
+            return
+        self._writer.queue.put(Delete(None, [], "duplicates_resent", gone=rows))
 
     # --------------------------------------------------------------- the tail
-    def _tail_add(self, first_id: int, rows: list[_Row]) -> None:
+    def _tail_add(self, rows: list[Row]) -> None:
         tail = self._tail
         if self._tail_from is None:
-            self._tail_from = first_id
-        for offset, (device, ts, entry) in enumerate(rows):
-            rid = first_id + offset
+            self._tail_from = rows[0][0]
+        for rid, device, ts, entry, _ in rows:
             tail[rid] = OutboxRow(rid, device, ts, entry)
         excess = len(tail) - TAIL_ROWS
         if excess > 0:  # an outage: the oldest rows are read back from SQLite later
@@ -460,6 +503,10 @@ class Store:
             for rid in oldest:
                 del tail[rid]
             self._tail_from = oldest[-1] + 1
+
+    def _tail_forget(self, ids: list[int]) -> None:
+        for rid in ids:
+            self._tail.pop(rid, None)
 
     def _tail_forget_upto(self, last_id: int) -> None:
         tail = self._tail
@@ -472,9 +519,12 @@ class Store:
     def _tail_peek(self, limit: int, after_id: int, max_bytes: int | None) -> list[OutboxRow]:
         rows: list[OutboxRow] = []
         total = 0
+        hold = self._hold_from
         for rid, row in self._tail.items():
             if rid <= after_id:
                 continue
+            if hold is not None and rid >= hold:
+                break
             if max_bytes is not None:
                 total += len(row.device) + len(row.entry)
                 if rows and total > max_bytes:
@@ -484,29 +534,32 @@ class Store:
                 break
         return rows
 
-    def count_resent(self, rows: int) -> None:
-        """Count rows sent again after a connection dropped before their PUBACK (maybe twice)."""
-        if rows <= 0:
-            return
+    def _deliver(self, results: list[Result]) -> None:
+        for future, value, error in results:
+            if future is None or future.done():
+                continue
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(value)
 
-        def write(conn: sqlite3.Connection, delta: _Delta) -> None:
-            delta.duplicates_resent += rows
-
-        self._hand_over()
-        self._queue.put(_Op(None, write=write))
-
+    # ------------------------------------------------------ settings, ledger
     async def load_settings(self, node: str) -> dict[str, Any]:
-        """The settings last saved for ``node`` (empty if none)."""
+        """The settings last saved for ``node`` (empty if none, or if no file can be read)."""
 
         def read(conn: sqlite3.Connection) -> dict[str, Any]:
             cur = conn.execute("SELECT key, value FROM settings WHERE node = ?", (node,))
             return {key: json.loads(value) for key, value in cur}
 
-        result: dict[str, Any] = await self._submit(read=read)
+        result: dict[str, Any] = await self._submit(read=read, fallback=dict)
         return result
 
     async def save_settings(self, node: str, settings: Mapping[str, Any]) -> None:
-        """Replace every saved setting of ``node`` with ``settings`` (JSON values), committed."""
+        """Replace every saved setting of ``node`` with ``settings`` (JSON values).
+
+        Committed before it returns, or, while the disk refuses, kept to be
+        written once it takes writes again.
+        """
         try:
             rows = [
                 (node, key, json.dumps(value, allow_nan=False)) for key, value in settings.items()
@@ -514,11 +567,11 @@ class Store:
         except (TypeError, ValueError) as exc:
             raise StoreError(f"settings of {node} are not JSON: {exc}") from exc
 
-        def write(conn: sqlite3.Connection, delta: _Delta) -> None:
+        def write(conn: sqlite3.Connection) -> None:
             conn.execute("DELETE FROM settings WHERE node = ?", (node,))
             conn.executemany("INSERT INTO settings (node, key, value) VALUES (?, ?, ?)", rows)
 
-        await self._submit(write=write)
+        await self._submit(write=write, deferrable=True)
 
     async def save_learned(
         self,
@@ -529,7 +582,7 @@ class Store:
         *,
         ts: float | None = None,
     ) -> None:
-        """Replace what ``controller`` learned about ``node``'s tank, committed.
+        """Replace what ``controller`` learned about ``node``'s tank (as `save_settings`).
 
         ``state`` is the controller's snapshot, ``plant`` the plant constants
         it was learned under (both JSON objects); ``ts`` the wall time (s) of
@@ -540,9 +593,9 @@ class Store:
             plant_json = json.dumps(dict(plant), allow_nan=False, sort_keys=True)
         except (TypeError, ValueError) as exc:
             raise StoreError(f"what {controller} learned about {node} is not JSON: {exc}") from exc
-        updated = time.time() if ts is None else float(ts)
+        updated = self._clock.time() if ts is None else float(ts)
 
-        def write(conn: sqlite3.Connection, delta: _Delta) -> None:
+        def write(conn: sqlite3.Connection) -> None:
             conn.execute(
                 "INSERT INTO learned (node, controller, state, plant, updated)"
                 " VALUES (?, ?, ?, ?, ?) ON CONFLICT (node, controller) DO UPDATE SET"
@@ -550,7 +603,7 @@ class Store:
                 (node, controller, state_json, plant_json, updated),
             )
 
-        await self._submit(write=write)
+        await self._submit(write=write, deferrable=True)
 
     async def load_learned(
         self, node: str, controller: str
@@ -572,13 +625,15 @@ class Store:
                 raise ValueError(f"learned state of {controller} on {node} is not a JSON object")
             return state, plant
 
-        result: tuple[dict[str, Any], dict[str, Any]] | None = await self._submit(read=read)
+        result: tuple[dict[str, Any], dict[str, Any]] | None = await self._submit(
+            read=read, fallback=lambda: None
+        )
         return result
 
     async def forget_learned(self, node: str, controller: str | None = None) -> None:
-        """Delete what was learned about ``node``'s tank (by every controller or one), committed."""
+        """Delete what was learned about ``node``'s tank (by every controller or one)."""
 
-        def write(conn: sqlite3.Connection, delta: _Delta) -> None:
+        def write(conn: sqlite3.Connection) -> None:
             if controller is None:
                 conn.execute("DELETE FROM learned WHERE node = ?", (node,))
             else:
@@ -586,15 +641,17 @@ class Store:
                     "DELETE FROM learned WHERE node = ? AND controller = ?", (node, controller)
                 )
 
-        await self._submit(write=write)
+        await self._submit(write=write, deferrable=True)
 
     async def record_actuation(self, node: str, actuator: str, ts: float, ms: int) -> None:
-        """Add a run of ``actuator`` at wall time ``ts`` (s) for ``ms`` to the ledger, committed.
+        """Add a run of ``actuator`` at wall time ``ts`` (s) for ``ms`` to the ledger.
 
-        Entries older than a day (`ACTUATION_KEEP_S`) are pruned on the way.
+        Committed before it returns, or, while the disk refuses, kept to be
+        written later (the safety guard has it in memory meanwhile). Entries
+        older than a day (`ACTUATION_KEEP_S`) are pruned on the way.
         """
 
-        def write(conn: sqlite3.Connection, delta: _Delta) -> None:
+        def write(conn: sqlite3.Connection) -> None:
             conn.execute(
                 "INSERT INTO actuations (node, actuator, ts, ms) VALUES (?, ?, ?, ?)",
                 (node, actuator, float(ts), int(ms)),
@@ -603,7 +660,7 @@ class Store:
                 "DELETE FROM actuations WHERE node = ? AND ts < ?", (node, ts - ACTUATION_KEEP_S)
             )
 
-        await self._submit(write=write)
+        await self._submit(write=write, deferrable=True)
 
     async def actuations_since(self, node: str, ts: float) -> list[Actuation]:
         """Ledger entries of ``node`` at or after wall time ``ts`` (s), oldest first."""
@@ -615,279 +672,18 @@ class Store:
             )
             return list(map(Actuation._make, cur))
 
-        result: list[Actuation] = await self._submit(read=read)
+        result: list[Actuation] = await self._submit(read=read, fallback=list)
         return result
 
-    # ---------------------------------------------------------- writer thread
-    def _run(self) -> None:
-        """The writer thread: open the file, then commit batches until told to stop."""
+
+def _unused_id(path: Path) -> int:
+    """A first id for readings when the file cannot be opened: past anything it may hold."""
+    with contextlib.suppress(sqlite3.Error, OSError):
+        conn = sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True)
         try:
-            conn = self._connect()
-        except BaseException as exc:  # noqa: BLE001 - handed to the opener as StoreError
-            self._post([(self._ready, None, _as_store_error(exc)), (self._done, None, None)])
-            return
-        self._post([(self._ready, None, None)])
-        try:
-            while not self._commit(conn, self._collect()):
-                pass
-        except BaseException as exc:  # noqa: BLE001 - recorded, reported to every waiter
-            self._fail(exc)
+            top = conn.execute("SELECT MAX(id) FROM outbox").fetchone()[0]
+            (nxt,) = conn.execute("SELECT value FROM meta WHERE key = 'next_id'").fetchone() or (0,)
+            return max(int(top or 0), int(nxt or 0)) + 1_000_000
         finally:
             conn.close()
-            self._post([(self._done, None, None)])
-
-    def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, isolation_level=None)
-        try:
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            if mode != "wal":
-                raise StoreError(f"{self.path}: cannot use WAL journal (got {mode})")
-            conn.execute("PRAGMA synchronous = NORMAL")  # see the module docstring
-            self._upgrade(conn)
-            for key, value in conn.execute("SELECT key, value FROM meta"):
-                if key in self._counts:
-                    self._counts[key] = int(value)
-                elif key.startswith("last_ts:"):
-                    self._last_ts[key[len("last_ts:") :]] = int(value)
-            count, size = conn.execute(f"SELECT COUNT(*), {_SIZE} FROM outbox").fetchone()
-            self._depth, self._bytes = int(count), int(size)
-            # Limits may have shrunk since the last run.
-            self._commit(conn, [])
-        except BaseException:
-            conn.close()
-            raise
-        return conn
-
-    def _upgrade(self, conn: sqlite3.Connection) -> None:
-        """Create the schema in a new file, or migrate an older one step by step.
-
-        Each step is one transaction that also sets ``user_version``, so a
-        crash leaves the file at one version or the next, never in between;
-        what the older version held (outbox, counters, settings) stays.
-        """
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version == 0:  # new file: the whole schema in one transaction
-            self._script(conn, _SCHEMA, SCHEMA_VERSION)
-            return
-        if not 1 <= version <= SCHEMA_VERSION:
-            raise StoreError(
-                f"{self.path}: schema version {version}, this gateway knows {SCHEMA_VERSION}"
-            )
-        while version < SCHEMA_VERSION:
-            self._script(conn, _MIGRATIONS[version], version + 1)
-            log.info("%s: schema migrated from version %d to %d", self.path, version, version + 1)
-            version += 1
-
-    @staticmethod
-    def _script(conn: sqlite3.Connection, sql: str, version: int) -> None:
-        """Run ``sql`` and set ``user_version`` to ``version``, in one transaction."""
-        try:
-            conn.executescript(f"BEGIN IMMEDIATE;{sql}PRAGMA user_version = {version};COMMIT;")
-        except BaseException:
-            if conn.in_transaction:
-                conn.rollback()
-            raise
-
-    def _collect(self) -> list[_Item]:
-        """Block for the first item, then take whatever else is already queued.
-
-        Rows arrive already gathered for ``commit_interval`` by the event
-        loop (`_hand_over`), so everything queued goes into one transaction.
-        """
-        q = self._queue
-        batch = [q.get()]
-        rows = len(batch[0]) if type(batch[0]) is list else 0
-        while rows < MAX_BATCH:
-            try:
-                item = q.get_nowait()
-            except queue.Empty:
-                break
-            batch.append(item)
-            if type(item) is list:
-                rows += len(item)
-        return batch
-
-    def _commit(self, conn: sqlite3.Connection, batch: list[_Item]) -> bool:
-        """One transaction for ``batch``, then the reads; returns True on the stop marker."""
-        rows: list[_Row] = []
-        ops: list[_Op] = []
-        for item in batch:
-            if type(item) is list:
-                rows.extend(item)
-            else:
-                assert isinstance(item, _Op)
-                ops.append(item)
-        delta = _Delta()
-        results: list[tuple[asyncio.Future[Any] | None, Any, BaseException | None]] = []
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            first_id = 0
-            if rows:
-                conn.executemany("INSERT INTO outbox (device, ts, entry) VALUES (?, ?, ?)", rows)
-                # AUTOINCREMENT ids of one transaction of this only writer are consecutive.
-                (last_id,) = conn.execute("SELECT last_insert_rowid()").fetchone()
-                first_id = last_id - len(rows) + 1
-                delta.received = delta.depth = len(rows)
-                delta.bytes = sum(len(device) + len(entry) for device, _, entry in rows)
-            for op in ops:
-                if op.write is not None:
-                    results.append((op.future, op.write(conn, delta), None))
-            self._evict(conn, delta)
-            self._save_meta(conn, delta, rows)
-            conn.execute("COMMIT")
-            self._written += len(rows)
-        except BaseException:
-            if conn.in_transaction:
-                conn.rollback()
-            for op in ops:
-                self._queue.put(op)  # let _fail() answer them
-            raise
-        self._apply(delta)
-        stop = False
-        for op in ops:
-            if op.read is not None:
-                try:
-                    results.append((op.future, op.read(conn), None))
-                except (sqlite3.Error, ValueError) as exc:
-                    results.append((op.future, None, _as_store_error(exc)))
-            elif op.write is None:
-                results.append((op.future, None, None))
-            stop = stop or op.stop
-        self._post(
-            results, committed=bool(rows), tail=(first_id, rows), evicted_upto=delta.evicted_upto
-        )
-        return stop
-
-    def _evict(self, conn: sqlite3.Connection, delta: _Delta) -> None:
-        """Delete the oldest rows while the outbox is over max_rows or max_bytes."""
-        depth = self._depth + delta.depth
-        size = self._bytes + delta.bytes
-        over_rows = depth - self.max_rows if self.max_rows is not None else 0
-        over_bytes = size - self.max_bytes if self.max_bytes is not None else 0
-        if over_rows <= 0 and over_bytes <= 0:
-            return
-        cutoff = 0
-        if over_rows > 0:
-            (cutoff,) = conn.execute(
-                "SELECT id FROM outbox ORDER BY id LIMIT 1 OFFSET ?", (over_rows - 1,)
-            ).fetchone()
-        if over_bytes > 0:
-            freed = 0
-            cur = conn.execute("SELECT id, length(device) + length(entry) FROM outbox ORDER BY id")
-            for rid, n in cur:
-                freed += n
-                if freed >= over_bytes:
-                    cutoff = max(cutoff, rid)
-                    break
-            cur.close()
-        rows, freed_bytes = _delete_range(conn, 0, cutoff)
-        delta.evicted_upto = max(delta.evicted_upto, cutoff)
-        delta.evicted += rows
-        delta.depth -= rows
-        delta.bytes -= freed_bytes
-
-    def _save_meta(
-        self, conn: sqlite3.Connection, delta: _Delta, rows: list[tuple[str, int, str]]
-    ) -> None:
-        updates = [
-            (key, self._counts[key] + getattr(delta, key))
-            for key in COUNTERS
-            if getattr(delta, key)
-        ]
-        # The last ts per device, so that timestamps stay increasing across restarts.
-        last: dict[str, int] = {}
-        for device, ts, _ in rows:
-            last[device] = ts
-        updates.extend((f"last_ts:{device}", ts) for device, ts in last.items())
-        if updates:
-            conn.executemany(_UPSERT_META, updates)
-
-    def _apply(self, delta: _Delta) -> None:
-        """Make a committed transaction's changes visible in the counters; log evictions."""
-        for key in COUNTERS:
-            self._counts[key] += getattr(delta, key)
-        self._depth += delta.depth
-        self._bytes += delta.bytes
-        if delta.evicted:
-            self._episode_evicted += delta.evicted
-            if not self._evicting:
-                self._evicting = True
-                log.warning(
-                    "outbox full (max_rows=%s, max_bytes=%s): evicting the oldest readings",
-                    self.max_rows,
-                    self.max_bytes,
-                )
-        elif self._evicting and self._below_hysteresis():
-            log.info(
-                "outbox below its limits again; %d readings were evicted", self._episode_evicted
-            )
-            self._evicting = False
-            self._episode_evicted = 0
-
-    def _below_hysteresis(self) -> bool:
-        rows_ok = self.max_rows is None or self._depth <= self.max_rows * EVICTION_HYSTERESIS
-        bytes_ok = self.max_bytes is None or self._bytes <= self.max_bytes * EVICTION_HYSTERESIS
-        return rows_ok and bytes_ok
-
-    def _fail(self, exc: BaseException) -> None:
-        """The writer cannot go on: refuse further work and fail every waiter."""
-        error = _as_store_error(exc)
-        self._failure = error
-        log.error("store writer stopped: %s", exc, exc_info=exc)
-        results: list[tuple[asyncio.Future[Any] | None, Any, BaseException | None]] = []
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if isinstance(item, _Op):
-                results.append((item.future, None, error))
-        self._post(results)
-
-    def _post(
-        self,
-        results: list[tuple[asyncio.Future[Any] | None, Any, BaseException | None]],
-        *,
-        committed: bool = False,
-        tail: tuple[int, list[_Row]] | None = None,
-        evicted_upto: int = 0,
-    ) -> None:
-        """Hand results to the event loop (one wake-up per commit)."""
-        results = [r for r in results if r[0] is not None]
-        if not results and not committed and not evicted_upto:
-            return
-        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting
-            self._loop.call_soon_threadsafe(
-                self._deliver, results, committed, tail, evicted_upto
-            )
-
-    def _deliver(
-        self,
-        results: list[tuple[asyncio.Future[Any] | None, Any, BaseException | None]],
-        committed: bool,
-        tail: tuple[int, list[_Row]] | None = None,
-        evicted_upto: int = 0,
-    ) -> None:
-        # The tail first, so whoever the results wake up sees the rows committed;
-        # then the eviction of the same transaction, which may include them.
-        if tail is not None and tail[1]:
-            self._tail_add(*tail)
-        if evicted_upto:
-            self._tail_forget_upto(evicted_upto)
-        for future, value, error in results:
-            if future is None or future.done():
-                continue
-            if error is not None:
-                future.set_exception(error)
-            else:
-                future.set_result(value)
-        if committed:
-            self.committed.set()
-
-
-def _as_store_error(exc: BaseException) -> StoreError:
-    if isinstance(exc, StoreError):
-        return exc
-    error = StoreError(f"store failed: {exc}")
-    error.__cause__ = exc
-    return error
+    return int(time.time() * 1_000_000)  # far above the ids of any file written so far

@@ -11,7 +11,7 @@ sudo_cmd=""
 [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
 
 pkgs=(python3 python3-venv python3-dev gcc pkg-config libsystemd-dev)
-[ "$want_test" = 1 ] && pkgs+=(mosquitto openssl)
+[ "$want_test" = 1 ] && pkgs+=(mosquitto openssl strace)  # strace: the fsync-timing tests
 # Node.js runs the MicroPython WebAssembly port for the firmware tests; a Node.js
 # already on the machine (e.g. one that bundles npm) is used as it is.
 if [ "$want_test" = 1 ]; then

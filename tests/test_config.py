@@ -288,6 +288,9 @@ BAD = [
         "must be a size such as 65536, 500MB or 2GiB; not 'lots'",
     ),
     ("storage.max_bytes", 1000, "storage.max_bytes", "must be at least 1048576 bytes"),
+    ("storage.sync_interval", -1, "storage.sync_interval", "must be between 0 s and 3600 s"),
+    ("storage.clock_sync_wait", 700000, "storage.clock_sync_wait",
+     "must be between 0 s and 604800 s"),
     ("storage.max_rows", 0, "storage.max_rows", "must be between 1 and 1000000000"),
     ("nodes", [], "nodes", "must list at least one node"),
     ("nodes", {"name": "x"}, "nodes", "must be a list of nodes"),
@@ -1046,7 +1049,7 @@ def test_summary() -> None:
     text = summarize(parse_config(data))
     assert text.splitlines() == [
         "gateway      greenhouse-1 (health every 60 s)",
-        "storage      /var/lib/hydrogate/hydrogate.sqlite (at most 2000000 rows or 2 GiB)",
+        "storage      /var/lib/hydrogate/hydrogate.sqlite (at most 2000000 rows or 2 GiB, synced every 1 s)",
         "thingsboard  thingsboard.example.com:8883 tls, max payload 64 KiB",
         "nodes        2",
         "  tank-a: tcp://192.168.1.50:3333, poll 5 s, calibrated: ph, tds; "

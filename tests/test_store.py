@@ -47,29 +47,33 @@ async def test_peek_max_bytes_returns_at_least_one_row(tmp_path: Path) -> None:
         assert len(await store.peek(10, max_bytes=2 * one + 1)) == 2
 
 
-async def test_timestamps_strictly_increase_per_device_across_restarts(tmp_path: Path) -> None:
+async def test_timestamps_are_unique_per_device_and_never_ahead_of_the_clock(
+    tmp_path: Path,
+) -> None:
     path = tmp_path / "s.db"
     async with Store.open(path, max_rows=None, max_bytes=None) as store:
         store.append("tank-a", 1000, {"v": 1})
-        store.append("tank-a", 1000, {"v": 2})  # same ms
-        store.append("tank-a", 900, {"v": 3})  # clock stepped back
-        store.append("tank-b", 1000, {"v": 4})  # other device: untouched
-        store.append("tank-a", 5000, {"v": 5})
+        store.append("tank-a", 1000, {"v": 2})  # same ms: the free ms just before
+        store.append("tank-a", 900, {"v": 3})  # clock stepped back: follows it
+        store.append("tank-a", 999, {"v": 4})  # taken: the next free one below
+        store.append("tank-b", 1000, {"v": 5})  # other device: untouched
+        store.append("tank-a", 5000, {"v": 6})
         rows = await store.peek(10)
         await store.ack([r.id for r in rows])  # the outbox is empty again
     assert [(r.device, r.ts) for r in rows] == [
         ("tank-a", 1000),
-        ("tank-a", 1001),
-        ("tank-a", 1002),
+        ("tank-a", 999),
+        ("tank-a", 900),
+        ("tank-a", 998),
         ("tank-b", 1000),
         ("tank-a", 5000),
     ]
     async with Store.open(path, max_rows=None, max_bytes=None) as store:
-        store.append("tank-a", 4000, {"v": 6})
-        [row] = await store.peek(10)
-        assert row.ts == 5001
-        assert json.loads(row.entry)["ts"] == 5001
-        assert row.id > rows[-1].id  # ids are never reused, even from an empty outbox
+        store.append("tank-a", 5000, {"v": 7})  # the newest stamp survives the restart
+        store.append("tank-a", 4000, {"v": 8})  # an older clock is followed, not overtaken
+        new = await store.peek(10)
+        assert [(r.ts, json.loads(r.entry)["ts"]) for r in new] == [(4999, 4999), (4000, 4000)]
+        assert new[0].id > rows[-1].id  # ids are never reused, even from an empty outbox
 
 
 async def test_a_refused_reading_does_not_move_the_device_clock(tmp_path: Path) -> None:
@@ -185,13 +189,16 @@ async def test_close_commits_what_was_queued(tmp_path: Path) -> None:
         assert conn.execute("SELECT COUNT(*) FROM outbox").fetchone()[0] == 1000
 
 
-async def test_committed_event_is_set_after_a_commit(tmp_path: Path) -> None:
+async def test_committed_event_is_set_when_rows_can_be_peeked(tmp_path: Path) -> None:
     async with Store.open(tmp_path / "s.db", max_rows=None, max_bytes=None) as store:
         store.committed.clear()
         store.append("tank-a", 1, {"v": 1})
         async with asyncio.timeout(5):
             await store.committed.wait()
-        assert store.stats.depth == 1
+        assert [r.ts for r in await store.peek(10)] == [1]  # forwarded before it is written
+        assert (store.stats.pending, store.stats.depth) == (1, 0)
+        await store.flush()
+        assert (store.stats.pending, store.stats.depth) == (0, 1)
 
 
 async def test_writer_is_one_named_thread(tmp_path: Path) -> None:
@@ -453,21 +460,22 @@ async def test_a_version_1_file_is_migrated_and_keeps_its_rows(
         [row] = await store.peek(10)
         assert (row.device, row.ts, row.entry) == ("tank-a", 1_732_200_000_000, entry)
         assert await store.load_settings("tank-a") == {"current": {"tds_setpoint": 900}}
-        store.append("tank-a", 1_732_200_000_000, {"tds": 1.0})  # same ts: raised past it
-        assert [r.ts for r in await store.peek(10)] == [1_732_200_000_000, 1_732_200_000_001]
+        store.append("tank-a", 1_732_200_000_000, {"tds": 1.0})  # same ts: the ms before
+        assert [r.ts for r in await store.peek(10)] == [1_732_200_000_000, 1_732_199_999_999]
         await store.save_learned("tank-a", "adaptive", {"gain": 0.5}, PLANT)
     assert any("migrated from version 1 to 2" in r.getMessage() for r in caplog.records)
+    assert any("migrated from version 2 to 3" in r.getMessage() for r in caplog.records)
 
     conn = sqlite3.connect(path)
     try:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
         assert conn.execute("SELECT node, controller FROM learned").fetchall() == [
             ("tank-a", "adaptive")
         ]
     finally:
         conn.close()
     caplog.clear()
-    async with Store.open(path, max_rows=None, max_bytes=None) as store:  # already version 2
+    async with Store.open(path, max_rows=None, max_bytes=None) as store:  # already version 3
         assert await store.load_learned("tank-a", "adaptive") == ({"gain": 0.5}, PLANT)
         assert store.stats.depth == 2
     assert not any("migrated" in r.getMessage() for r in caplog.records)
@@ -479,8 +487,61 @@ async def test_a_new_file_has_the_current_schema(tmp_path: Path) -> None:
         pass
     conn = sqlite3.connect(path)
     try:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
+        assert conn.execute("PRAGMA page_size").fetchone()[0] == 1024
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         assert {"outbox", "meta", "settings", "actuations", "learned"} <= tables
     finally:
         conn.close()
+
+
+async def test_readings_acknowledged_before_their_commit_are_never_written(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "s.db"
+    async with Store.open(path, max_rows=None, max_bytes=None, sync_interval=5.0) as store:
+        for i in range(10):
+            store.append("tank-a", 1000 + i, {"v": i})
+        rows = await store.peek(100)  # forwarded at once, not written yet
+        assert len(rows) == 10 and store.stats.depth == 0
+        assert await store.ack([r.id for r in rows]) == 10  # answered without a write
+        stats = store.stats
+        assert (stats.received, stats.forwarded, stats.depth, stats.pending) == (10, 10, 0, 0)
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("SELECT COUNT(*) FROM outbox").fetchone()[0] == 0
+        meta = dict(conn.execute("SELECT key, value FROM meta"))
+    finally:
+        conn.close()
+    assert (meta["received"], meta["forwarded"], meta["next_id"]) == (10, 10, 11)
+
+
+async def test_readings_are_committed_within_sync_interval_without_a_flush(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "s.db"
+    async with Store.open(path, max_rows=None, max_bytes=None, sync_interval=0.3) as store:
+        store.append("tank-a", 1000, {"v": 1})
+        await asyncio.sleep(0.05)
+        assert (store.stats.pending, store.stats.depth) == (1, 0)  # waits in memory...
+        async with asyncio.timeout(2):
+            while store.stats.depth == 0:
+                await asyncio.sleep(0.02)
+        # ...and is in the file (read by another connection) within sync_interval.
+        conn = sqlite3.connect(path)
+        try:
+            assert conn.execute("SELECT ts FROM outbox").fetchall() == [(1000,)]
+        finally:
+            conn.close()
+
+
+async def test_acks_of_written_rows_are_deleted_with_the_next_commit(tmp_path: Path) -> None:
+    async with Store.open(tmp_path / "s.db", max_rows=None, max_bytes=None,
+                          sync_interval=0.2) as store:
+        for i in range(5):
+            store.append("tank-a", 1000 + i, {"v": i})
+        await store.flush()
+        rows = await store.peek(10)
+        async with asyncio.timeout(2):  # at most sync_interval later
+            assert await store.ack([r.id for r in rows]) == 5
+        assert (store.stats.depth, store.stats.forwarded) == (0, 5)

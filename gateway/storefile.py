@@ -1,0 +1,493 @@
+"""The SQLite file behind the store: its schema, migrations, checks, and damaged files.
+
+`connect` opens the file (creating it with the current schema), checks it
+(``PRAGMA quick_check``) and migrates an older one. It raises `DamagedFile`
+when the file cannot be used as it is (not a database, truncated, a page
+that does not read back, an empty file); the store then moves it aside
+(`move_aside`), salvages what still reads (`salvage`) into a fresh file
+(`restore`) and says so in one log line, instead of refusing to start. Errors
+of the disk itself (full, read-only, unreadable) are plain `sqlite3.Error`s
+that `error_kind` names; the store retries those.
+
+The file uses 1 KiB pages: the store syncs a small transaction about once a
+second, and every page it touches is written whole, so small pages are what
+keeps the bytes written per reading low (docs/benchmarks.md). Files created
+with larger pages are converted at start while they are small.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import sqlite3
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("hydrogate.store")
+
+SCHEMA_VERSION = 3
+#: Page size of new files (bytes).
+PAGE_SIZE = 1024
+#: Files with another page size are converted (VACUUM) at start when no larger than this.
+CONVERT_MAX_BYTES = 16 << 20
+#: Files up to this size get a full ``PRAGMA quick_check`` at start.
+QUICK_CHECK_MAX_BYTES = 64 << 20
+#: The WAL file is cut back to this size whenever SQLite restarts it.
+WAL_KEEP_BYTES = 1 << 20
+#: Lifetime counters kept in ``meta``.
+COUNTERS = ("received", "forwarded", "evicted", "duplicates_resent", "unstored")
+
+_OUTBOX = """
+CREATE TABLE outbox (
+    id INTEGER PRIMARY KEY,
+    device TEXT NOT NULL,
+    ts INTEGER NOT NULL,
+    entry TEXT NOT NULL,
+    mono INTEGER
+);
+CREATE INDEX outbox_held ON outbox (id) WHERE mono IS NOT NULL;
+"""
+# ids are given by the store (meta 'next_id'), never reused, so the uplink, which
+# reads "after the last id it sent", never skips a row. A row's mono is set while
+# it waits for the system clock to be synchronised (see gateway/clock.py): its
+# monotonic time in ms, from which it is re-stamped.
+_REST = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value);
+CREATE TABLE settings (
+    node TEXT NOT NULL,
+    key TEXT NOT NULL,
+    value TEXT NOT NULL,
+    PRIMARY KEY (node, key)
+);
+CREATE TABLE actuations (node TEXT NOT NULL, actuator TEXT NOT NULL, ts REAL NOT NULL,
+                         ms INTEGER NOT NULL);
+CREATE INDEX actuations_node_ts ON actuations (node, ts);
+"""
+# What a controller learned about a node's tank (rules.controller.Learner), as JSON,
+# with the plant constants it was learned under (JSON too): knowledge learned
+# for another tank volume or other pumps would mislead, so the caller compares them.
+_LEARNED = """
+CREATE TABLE learned (
+    node TEXT NOT NULL,
+    controller TEXT NOT NULL,
+    state TEXT NOT NULL,
+    plant TEXT NOT NULL,
+    updated REAL NOT NULL,
+    PRIMARY KEY (node, controller)
+);
+"""
+# Version 3: the outbox without AUTOINCREMENT (whose sqlite_sequence page was one
+# more page written by every commit), with the mono column; ids carry on from
+# sqlite_sequence.
+_V3 = """
+CREATE TABLE outbox_v3 (
+    id INTEGER PRIMARY KEY,
+    device TEXT NOT NULL,
+    ts INTEGER NOT NULL,
+    entry TEXT NOT NULL,
+    mono INTEGER
+);
+INSERT INTO outbox_v3 (id, device, ts, entry) SELECT id, device, ts, entry FROM outbox;
+INSERT INTO meta (key, value) SELECT 'next_id', seq + 1 FROM sqlite_sequence
+    WHERE name = 'outbox' ON CONFLICT (key) DO UPDATE SET value = excluded.value;
+DROP TABLE outbox;
+ALTER TABLE outbox_v3 RENAME TO outbox;
+CREATE INDEX outbox_held ON outbox (id) WHERE mono IS NOT NULL;
+"""
+#: The schema of a new file (version SCHEMA_VERSION).
+_SCHEMA = _OUTBOX + _REST + _LEARNED
+#: Each script brings a file from the version it is keyed by to the next one.
+_MIGRATIONS: Mapping[int, str] = {1: _LEARNED, 2: _V3}
+_TABLES = {"outbox", "meta", "settings", "actuations"}
+
+# Result codes (primary, the low byte of sqlite_errorcode).
+_KINDS = {
+    5: "busy",  # SQLITE_BUSY
+    6: "busy",  # SQLITE_LOCKED
+    8: "read-only",  # SQLITE_READONLY
+    10: "I/O error",  # SQLITE_IOERR
+    11: "damaged",  # SQLITE_CORRUPT
+    13: "full",  # SQLITE_FULL
+    14: "cannot open",  # SQLITE_CANTOPEN
+    23: "cannot open",  # SQLITE_AUTH
+    26: "damaged",  # SQLITE_NOTADB
+}
+
+
+class DamagedFile(Exception):
+    """The file cannot be used as it is; ``reason`` says why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class NewerSchema(Exception):
+    """The file was written by a newer gateway (refused: moving it aside would lose data)."""
+
+
+def error_kind(exc: BaseException) -> str:
+    """What a sqlite3 error says about the disk: ``full``, ``read-only``, ``damaged``, ..."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if isinstance(code, int):
+        return _KINDS.get(code & 0xFF, "error")
+    if isinstance(exc, OSError):
+        return "I/O error"
+    return "error"
+
+
+def connect(path: Path, *, check: bool = True) -> sqlite3.Connection:
+    """Open ``path`` (created if missing) at the current schema, in WAL mode.
+
+    Raises DamagedFile when the file must be set aside, NewerSchema for a
+    file of a newer gateway, sqlite3.Error when the disk refuses (see
+    `error_kind`).
+    """
+    wal = Path(f"{path}-wal")
+    if path.exists() and path.stat().st_size == 0 and not _nonempty(wal):
+        raise DamagedFile("the file is empty (0 bytes)")
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    try:
+        conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")  # only takes effect on a new file
+        mode = _first(conn, "PRAGMA journal_mode = WAL")
+        if mode != "wal":
+            raise sqlite3.OperationalError(f"cannot use WAL journal (got {mode})")
+        # Commits are not synced by SQLite: the store syncs the WAL itself, once
+        # per sync_interval; SQLite still syncs around its checkpoints.
+        conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute("PRAGMA wal_autocheckpoint = 0")  # the store checkpoints
+        conn.execute(f"PRAGMA journal_size_limit = {WAL_KEEP_BYTES}")
+        if check:
+            _check(conn, path)
+        _upgrade(conn, path)
+        _convert_pages(conn, path)
+    except sqlite3.DatabaseError as exc:
+        conn.close()
+        if error_kind(exc) == "damaged":
+            raise DamagedFile(str(exc)) from exc
+        raise
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _nonempty(path: Path) -> bool:
+    try:
+        return path.stat().st_size > 0
+    except OSError:
+        return False
+
+
+def _first(conn: sqlite3.Connection, sql: str) -> Any:
+    row = conn.execute(sql).fetchone()
+    return None if row is None else row[0]
+
+
+def _check(conn: sqlite3.Connection, path: Path) -> None:
+    """``PRAGMA quick_check`` (every page reads back, every b-tree is well formed).
+
+    A file over QUICK_CHECK_MAX_BYTES (seconds to read on an SD card, at every
+    start) gets the checks that catch a truncated file or a broken header:
+    its size against its page count, both ends of the outbox, the counters.
+    """
+    page, pages = _first(conn, "PRAGMA page_size"), _first(conn, "PRAGMA page_count")
+    size = path.stat().st_size
+    if size > QUICK_CHECK_MAX_BYTES:
+        wal = Path(f"{path}-wal")
+        if size < page * pages and not _nonempty(wal):
+            raise DamagedFile(f"truncated: {size} bytes, its header says {page * pages}")
+        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+        if tables >= _TABLES:
+            conn.execute("SELECT MIN(id), MAX(id) FROM outbox").fetchone()
+            conn.execute("SELECT COUNT(*) FROM meta").fetchone()
+        return
+    problems = [row[0] for row in conn.execute("PRAGMA quick_check(5)")]
+    if problems != ["ok"]:
+        raise DamagedFile("; ".join(problems))
+
+
+def _upgrade(conn: sqlite3.Connection, path: Path) -> None:
+    """Create the schema in a new file, or migrate an older one step by step.
+
+    Each step is one transaction that also sets ``user_version``, so a
+    crash leaves the file at one version or the next, never in between;
+    what the older version held (outbox, counters, settings) stays.
+    """
+    version = _first(conn, "PRAGMA user_version")
+    tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    if version == 0:
+        if tables:
+            raise DamagedFile(f"not a hydrogate buffer (tables {sorted(tables)}, no version)")
+        _script(conn, _SCHEMA, SCHEMA_VERSION)
+        return
+    if version > SCHEMA_VERSION:
+        raise NewerSchema(f"{path}: schema version {version}, this gateway knows {SCHEMA_VERSION}")
+    if version < 1 or not tables >= _TABLES:
+        raise DamagedFile(f"schema version {version} without its tables ({sorted(tables)})")
+    while version < SCHEMA_VERSION:
+        _script(conn, _MIGRATIONS[version], version + 1)
+        log.info("%s: schema migrated from version %d to %d", path, version, version + 1)
+        version += 1
+
+
+def _script(conn: sqlite3.Connection, sql: str, version: int) -> None:
+    """Run ``sql`` and set ``user_version`` to ``version``, in one transaction."""
+    try:
+        conn.executescript(f"BEGIN IMMEDIATE;{sql}PRAGMA user_version = {version};COMMIT;")
+    except BaseException:
+        if conn.in_transaction:
+            conn.rollback()
+        raise
+
+
+def _convert_pages(conn: sqlite3.Connection, path: Path) -> None:
+    """Rewrite a small file made with another page size to PAGE_SIZE (VACUUM)."""
+    size = _first(conn, "PRAGMA page_size")
+    if size == PAGE_SIZE or path.stat().st_size > CONVERT_MAX_BYTES:
+        return
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.execute("PRAGMA journal_mode = DELETE")
+    conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")
+    conn.execute("VACUUM")
+    conn.execute("PRAGMA journal_mode = WAL")
+    log.info("%s: converted from %d-byte to %d-byte pages", path, size, PAGE_SIZE)
+
+
+# ------------------------------------------------------------ damaged files
+@dataclass
+class Salvage:
+    """What could still be read from a damaged file."""
+
+    rows: list[tuple[int, str, int, str, int | None]] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+    settings: list[tuple[str, str, str]] = field(default_factory=list)
+    actuations: list[tuple[str, str, float, int]] = field(default_factory=list)
+    learned: list[tuple[str, str, str, str, float]] = field(default_factory=list)
+    #: Parts that could not be read (e.g. ``outbox rows 1000-1999``).
+    lost: list[str] = field(default_factory=list)
+
+    @property
+    def held(self) -> int | None:
+        """How many readings the file held by its own counters (None if unreadable)."""
+        meta = self.meta
+        try:
+            return int(meta["received"]) - int(meta.get("forwarded", 0)) - int(
+                meta.get("evicted", 0)
+            )
+        except (KeyError, TypeError, ValueError):
+            return None
+
+
+def move_aside(path: Path, now: datetime.datetime | None = None) -> Path:
+    """Rename ``path`` and its -wal/-shm to ``<path>.damaged-<time>``; the new name."""
+    stamp = (now or datetime.datetime.now()).strftime("%Y%m%dT%H%M%S")
+    target = path.with_name(f"{path.name}.damaged-{stamp}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.damaged-{stamp}-{n}")
+    for suffix in ("", "-wal", "-shm"):
+        source = Path(f"{path}{suffix}")
+        if source.exists():
+            source.rename(Path(f"{target}{suffix}"))
+    return target
+
+
+def salvage(path: Path, *, chunk: int = 1000) -> Salvage:
+    """Read what still reads from the damaged file at ``path`` (never raises, never writes it).
+
+    A file shorter than its header says is read up to its end; a file whose
+    header is garbage is read through a copy with a sound header put back.
+    """
+    out = Salvage()
+    conn = _open_damaged(path)
+    if conn is None:
+        repaired = _with_sound_header(path)
+        conn = _open_damaged(repaired) if repaired is not None else None
+        if conn is None:
+            out.lost.append("everything (not readable as a database)")
+            return out
+    try:
+        if not {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}:
+            out.lost.append("everything (no tables)")
+            return out
+        _salvage_meta(conn, out)
+        _salvage_outbox(conn, out, chunk)
+        for name, sql, target in (
+            ("settings", "SELECT node, key, value FROM settings", out.settings),
+            ("actuations", "SELECT node, actuator, ts, ms FROM actuations", out.actuations),
+            ("learned", "SELECT node, controller, state, plant, updated FROM learned",
+             out.learned),
+        ):
+            try:
+                target.extend(conn.execute(sql))
+            except sqlite3.Error as exc:
+                out.lost.append(f"{name} ({exc})")
+    except sqlite3.Error as exc:
+        out.lost.append(f"everything ({exc})")
+    finally:
+        conn.close()
+        _cleanup(path)
+    return out
+
+
+def _open_damaged(path: Path) -> sqlite3.Connection | None:
+    """A read-only connection that reads a truncated file up to its end, or None."""
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+        # Trust the file's size over its header's page count (else every read fails).
+        conn.execute("PRAGMA writable_schema = ON")
+        conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+    except sqlite3.Error:
+        return None
+    return conn
+
+
+def _with_sound_header(path: Path) -> Path | None:
+    """A copy of ``path`` whose first 100 bytes (the header) are rebuilt, if one reads; else None.
+
+    The header holds the page size, which is guessed: 1 KiB (this gateway's)
+    first, then SQLite's other usual sizes.
+    """
+    try:
+        body = path.read_bytes()
+    except OSError:
+        return None
+    for page in (PAGE_SIZE, 4096, 512, 2048, 8192, 16384, 32768, 65536):
+        if len(body) < page or len(body) % page:
+            continue
+        header = bytearray(_template_header(page))
+        header[28:32] = b"\0\0\0\0"  # page count unknown: SQLite then uses the file size
+        header[32:40] = b"\0" * 8  # no freelist: its pages are not needed to read
+        copy = path.with_name(f"{path.name}.header-{page}")
+        copy.write_bytes(bytes(header) + body[100:])
+        conn = _open_damaged(copy)
+        if conn is not None:
+            conn.close()
+            return copy
+        copy.unlink(missing_ok=True)
+    return None
+
+
+def _cleanup(path: Path) -> None:
+    for copy in path.parent.glob(f"{path.name}.header-*"):
+        copy.unlink(missing_ok=True)
+
+
+def _template_header(page: int) -> bytes:
+    """The header of a new file of this schema with ``page``-byte pages."""
+    conn = sqlite3.connect(":memory:")
+    try:
+        conn.execute(f"PRAGMA page_size = {page}")
+        conn.executescript(_SCHEMA + f"PRAGMA user_version = {SCHEMA_VERSION};")
+        data: bytes = conn.serialize()
+        return data[:100]
+    finally:
+        conn.close()
+
+
+def _salvage_meta(conn: sqlite3.Connection, out: Salvage) -> None:
+    try:
+        out.meta = dict(conn.execute("SELECT key, value FROM meta"))
+    except sqlite3.Error as exc:
+        out.lost.append(f"counters ({exc})")
+
+
+def _salvage_outbox(conn: sqlite3.Connection, out: Salvage, chunk: int) -> None:
+    """Outbox rows by id ranges, split finer around unreadable pages: one costs only its rows."""
+    try:
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(outbox)")}
+    except sqlite3.Error as exc:
+        out.lost.append(f"the outbox ({exc})")
+        return
+    mono = "mono" if "mono" in columns else "NULL"
+    select = (
+        f"SELECT id, device, ts, entry, {mono} FROM outbox WHERE id >= ? AND id < ? ORDER BY id"
+    )
+    try:
+        top = conn.execute("SELECT MAX(id) FROM outbox").fetchone()[0]
+    except sqlite3.Error:
+        top = None
+    if top is None:
+        try:
+            top = int(out.meta.get("next_id", 0)) - 1
+        except (TypeError, ValueError):
+            top = 0
+    if top <= 0:  # no bound: read in order until it breaks
+        try:
+            out.rows.extend(conn.execute(select, (0, 1 << 62)))
+        except sqlite3.Error as exc:
+            last = out.rows[-1][0] if out.rows else 0
+            out.lost.append(f"outbox rows after id {last} ({exc})")
+        return
+    bad: list[tuple[int, int]] = []
+
+    def read(lo: int, hi: int) -> None:
+        try:
+            rows = conn.execute(select, (lo, hi)).fetchall()
+        except sqlite3.Error:
+            if hi - lo <= 1:
+                if bad and bad[-1][1] == lo:
+                    bad[-1] = (bad[-1][0], hi)
+                else:
+                    bad.append((lo, hi))
+                return
+            step = max(1, (hi - lo) // 10)
+            for start in range(lo, hi, step):
+                read(start, min(hi, start + step))
+        else:
+            out.rows.extend(rows)
+
+    for start in range(0, top + 1, chunk):
+        read(start, min(top + 1, start + chunk))
+    out.lost.extend(f"outbox ids {lo}-{hi - 1} (unreadable pages)" for lo, hi in bad)
+
+
+def check_entry(entry: str) -> bool:
+    """True if ``entry`` is a telemetry entry as the store writes them."""
+    try:
+        obj = json.loads(entry)
+    except (TypeError, ValueError):
+        return False
+    return isinstance(obj, dict) and isinstance(obj.get("ts"), int) and isinstance(
+        obj.get("values"), dict
+    )
+
+
+def restore(conn: sqlite3.Connection, found: Salvage) -> int:
+    """Write what was salvaged into the fresh file at ``conn`` (one transaction); rows kept."""
+    rows = [r for r in found.rows if isinstance(r[3], str) and check_entry(r[3])]
+    meta = {k: v for k, v in found.meta.items() if isinstance(k, str)}
+    if rows:
+        meta["next_id"] = max(int(meta.get("next_id", 0) or 0), rows[-1][0] + 1)
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.executemany(
+            "INSERT OR IGNORE INTO outbox (id, device, ts, entry, mono) VALUES (?, ?, ?, ?, ?)",
+            rows,
+        )
+        conn.executemany(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", list(meta.items())
+        )
+        conn.executemany(
+            "INSERT OR REPLACE INTO settings (node, key, value) VALUES (?, ?, ?)", found.settings
+        )
+        conn.executemany(
+            "INSERT INTO actuations (node, actuator, ts, ms) VALUES (?, ?, ?, ?)",
+            found.actuations,
+        )
+        conn.executemany(
+            "INSERT OR REPLACE INTO learned (node, controller, state, plant, updated)"
+            " VALUES (?, ?, ?, ?, ?)",
+            found.learned,
+        )
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.rollback()
+        raise
+    return len(rows)
