@@ -39,10 +39,9 @@ from pathlib import Path
 from typing import Any
 
 from rules.controller import Controller, ControllerError, Learner, create
-from rules.cycle import ControlCycle, Loop, Triggers
+from rules.cycle import Loop, Triggers
 from rules.envelope import PhEnvelope
-from rules.safety import SafetyGuard, SafetyLimits, SafetyRefusal, SensorWatch
-from sim.plant import PUMPS, Reservoir
+from sim.rig import Rig
 from sim.tanks import Tank, family, thesis_tank
 
 __all__ = [
@@ -89,7 +88,6 @@ LEARN_SEED = 2  # the earlier pass sees other sensor noise than the measured run
 
 POLL_S = 2.0  # the gateway's poll interval in the simulation
 WEEK_POLL_S = 5.0  # the daemon's default poll interval, for the long runs
-STEP_S = 0.5  # plant integration step between events
 INTERVAL_S = 30.0  # auto mode: a cycle every 30 s when idle
 SETTLE_BAND = 0.05  # settling band: ±5 % of the step
 TAIL_S = 60.0  # steady-state error: mean over the last minute
@@ -371,28 +369,18 @@ async def simulate(
     ``envelope`` carries what an earlier run learned (else a fresh one);
     ``duration_s`` defaults to the cycle limit plus :data:`OBSERVE_S`.
     """
-    params = replace(tank.params, **(params_override or {}))
-    plant = Reservoir.from_state(
-        tds=tank.start_tds, ph=tank.start_ph, params=params, seed=tank.seed
+    rig = Rig(
+        tank, controller, loops=loops, envelope=envelope, params_override=params_override,
+        poll_s=poll_s,
     )
-    settings = tank.settings(loops)
-    duration = settings.max_cycle_s + OBSERVE_S if duration_s is None else duration_s
-    watch = SensorWatch()
-    guard = SafetyGuard(SafetyLimits(), actuators=PUMPS, watch=watch)
-    env = envelope if envelope is not None else PhEnvelope(tank.told)
-    cycle = ControlCycle(settings, controller, tank.told, actuators=PUMPS, envelope=env)
+    plant, cycle, env = rig.plant, rig.cycle, rig.envelope
+    duration = rig.settings.max_cycle_s + OBSERVE_S if duration_s is None else duration_s
     triggers = Triggers((), INTERVAL_S)
     result = Result(tank, controller.name)
-    off_at: dict[str, float] = {}
-    t = 0.0
-    next_poll = 0.0
-    while t < duration:
-        if t >= next_poll - 1e-9:
-            next_poll += poll_s
-            reading = plant.sensors()
-            for key in tank.hidden:
-                reading.pop(key, None)
-            watch.update(t, reading)
+    while rig.t < duration:
+        if rig.poll_due:
+            t = rig.t
+            reading = rig.read()
             truth = plant.truth(at_probe=True)
             result.times.append(t)
             result.tds.append(truth["tds"])
@@ -401,7 +389,7 @@ async def simulate(
                 if cycle.outcome is not None:
                     result.outcomes.append(cycle.outcome)
                 cycle.start(t)
-            doses = await cycle.tick(t, reading)
+            poll = await rig.control(reading)
             first_ends = cycle.state == "idle" and not result.outcomes  # only it counts
             if first_ends and cycle.outcome == "done" and result.first_cycle_s is None:
                 result.first_cycle_s = t
@@ -409,25 +397,9 @@ async def simulate(
                 result.ph_loop_s = t
             if result.tds_done_s is None:
                 result.tds_done_s = next((w for lp, w in cycle.loops_done if lp == "tds"), None)
-            for dose in doses:
-                try:
-                    permit = guard.permit(dose, t, strict=False)
-                except SafetyRefusal as exc:
-                    result.refusals.append((t, dose.actuator, exc.reason))
-                    continue
-                guard.record(permit.dose, t)
-                cycle.ran(permit.dose)
-                plant.set_pump(permit.dose.actuator, permit.dose.duty)
-                off_at[permit.dose.actuator] = t + permit.dose.ms / 1000.0
-                result.doses.append((t, permit.dose.actuator, permit.dose.duty, permit.dose.ms))
-        # Advance to the next event: a poll, a pump's end, or one integration step.
-        target = min([next_poll, t + STEP_S, duration, *off_at.values()])
-        plant.step(target - t)
-        t = target
-        for actuator, when in list(off_at.items()):
-            if when <= t + 1e-9:
-                plant.set_pump(actuator, 0)
-                del off_at[actuator]
+            result.refusals.extend((t, d.actuator, r.reason) for d, r in poll.refused)
+            result.doses.extend((t, d.actuator, d.duty, d.ms) for d in poll.ran)
+        rig.advance(duration)
     if cycle.outcome is not None or cycle.state != "idle":
         result.outcomes.append("running" if cycle.state != "idle" else cycle.outcome or "idle")
     result.locked = env.locked
