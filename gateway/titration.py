@@ -64,6 +64,19 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("hydrogate.titration")
 
+
+def _live(procedure: Titration) -> dict[str, Any]:
+    """The procedure's status while its task runs: its end is shown only once applied.
+
+    The procedure reaches ``done`` before the gateway has applied and kept the result; a
+    reader polling ``get_state`` must not see ``done`` without the ``result``.
+    """
+    status = procedure.status()
+    if status["state"] in ("done", "failed"):
+        del status["state"]
+    return status
+
+
 #: The key under which a node's titration results are kept in the store's learned table.
 TITRATION_KEY = "ph-titration"
 STATE_VERSION = 1
@@ -298,7 +311,7 @@ class NodeTitration:
 
     def _update(self, procedure: Titration) -> None:
         if self._status is not None:
-            self._status.update(procedure.status())
+            self._status.update(_live(procedure))
 
     # ------------------------------------------------------------------ endings
     def _mark(self, state: str, error: str | None) -> None:
@@ -452,7 +465,7 @@ class NodeTitration:
             return None
         status = dict(self._status)
         if self.running and self._procedure is not None:
-            status.update(self._procedure.status())
+            status.update(_live(self._procedure))
         return status
 
     def measured(self) -> dict[str, Any]:
