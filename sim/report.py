@@ -78,7 +78,12 @@ not trusted:
   bound allowed shrinks every later dose; two overshoots in a row lock
   automatic pH dosing until the grower acknowledges;
 - the safety guard (rules/safety.py): run length, hourly budget, sensor
-  plausibility, never pH up and down together.
+  plausibility, never pH up and down together, never two nutrient pumps
+  together;
+- a **multi-part nutrient** (`plant.nutrient_ratio`): a controller's nutrient
+  dose is dosed as its parts in the ratio, one after another with
+  `part_pause_s` between them, each through the guard; a part the guard
+  shortens shortens the next, a refused one drops the rest (rules/nutrients.py).
 
 ### What the envelope costs and buys
 
