@@ -596,7 +596,7 @@ class NodeControl:
 
     def observe_raw(self, values: Mapping[str, float | None]) -> None:
         """The node's reading before calibration: what a probe calibration reads."""
-        self.probes.observe_raw(self._clock.monotonic(), values)
+        self.probes.observe_raw(values)
 
     @property
     def calibrating(self) -> str | None:
@@ -721,6 +721,7 @@ class NodeControl:
     def link_lost(self) -> None:
         """No commands can reach the node: abort; its own watchdog stops the pumps."""
         self.abort("link lost")
+        self.pumps.link_lost()
         self.guard.stop_all(self._clock.monotonic(), confirmed=False)
 
     def node_rebooted(self) -> None:

@@ -86,6 +86,7 @@ class NodeRunner:
         self._severity_key: tuple[str, tuple[str, ...]] | None = None
         self._severity_at = -math.inf
         self._calibrator = Calibrator(config.calibration) if config.calibration else None
+        self._calibrated: frozenset[str] = frozenset(config.calibration)  # keys a map makes
         self._measured_maps: dict[str, CalibrationMap] = {}  # guided calibrations, over the file's
         self.unit = units.unit(config.conductivity)
         self._link: Link | None = None
@@ -274,15 +275,14 @@ class NodeRunner:
         if dropped:
             self.stats.count("bad_value", dropped)
         self.control.observe_raw(values)
-        flags: dict[str, str] = {}
+        flags: Mapping[str, str] = {}
         if self._calibrator is not None:
             calibrated = self._calibrator.apply(values)
-            values, flags = calibrated.values, dict(calibrated.flags)
-        mapped = {m.key for m in self._calibrator.maps} if self._calibrator is not None else ()
-        values = units.inbound(values, calibrated=mapped)
+            values, flags = calibrated.values, calibrated.flags
+        values = units.inbound(values, calibrated=self._calibrated)
         calibrating = self.control.calibrating
         if calibrating is not None and calibrating in values:
-            flags[calibrating] = "calibrating"  # the probe is in a buffer, not in the tank
+            flags = {**flags, calibrating: "calibrating"}  # the probe is in a buffer, not the tank
         ts = int(self._clock.time() * 1000)
         entry: dict[str, Any] = {k: v for k, v in values.items() if v is not None}
         for key, flag in flags.items():
@@ -365,6 +365,7 @@ class NodeRunner:
             self._measured_maps[key] = measured
         maps = {**self.config.calibration, **self._measured_maps}
         self._calibrator = Calibrator(maps) if maps else None
+        self._calibrated = frozenset(maps)
 
     def calibration_map(self, key: str) -> CalibrationMap | None:
         """The map in use for ``key``: a guided calibration's, else the config file's."""
@@ -429,7 +430,7 @@ class NodeRunner:
     def state(self) -> dict[str, Any]:
         """The node's state as `get_state` reports it."""
         state: dict[str, Any] = {
-            "values": units.outbound(self.latest, self.unit),
+            "values": units.outbound(dict(self.latest), self.unit),
             "ts": self.latest_ts,
             "actuators": {a: self.running.get(a, 0) for a in self.actuators},
             "link": "up" if self.link_up else "down",

@@ -153,7 +153,7 @@ class NodeProbeCalibration:
         self._session: _Session | None = None
         self._status: dict[str, Any] | None = None
         self._results: dict[str, dict[str, Any]] = {}  # per probe, as stored
-        self._raw: dict[str, float] = {}  # the node's last uncalibrated values
+        self._raw: Mapping[str, float | None] = {}  # the node's last uncalibrated values
 
     # ------------------------------------------------------------------ state
     @property
@@ -171,18 +171,20 @@ class NodeProbeCalibration:
     @property
     def calibrating(self) -> str | None:
         """The reading's key whose probe sits in a buffer (flagged, left out of severity)."""
+        if self._session is None:  # (asked for every reading)
+            return None
         probe = self.active
         return None if probe is None else CONTROLLED[probe]
 
-    def observe_raw(self, now: float, values: Mapping[str, float | None]) -> None:
+    def observe_raw(self, values: Mapping[str, float | None]) -> None:
         """The node's reading before calibration: the raw value goes to a running step."""
-        self._raw = {k: v for k, v in values.items() if v is not None}
+        self._raw = values  # (a fresh dict per reading, never changed afterwards)
         session = self._session
         if session is None or session.stability is None:
             return
         raw = values.get(session.source)
         if raw is not None and math.isfinite(raw):
-            session.stability.add(now, raw)
+            session.stability.add(self._clock.monotonic(), raw)
             session.wake.set()
 
     def state(self) -> dict[str, Any] | None:
@@ -282,11 +284,11 @@ class NodeProbeCalibration:
         source = params.get("source")
         if source is None:
             source = current.source if current is not None else next(
-                (k for k in PH_SOURCES if k in self._raw), None)
+                (k for k in PH_SOURCES if self._raw.get(k) is not None), None)
         if not isinstance(source, str) or not source:
             raise CommandError("no raw pH value from the node (ph_v, ph_mv or ph_adc): name it "
                                "(params.source)")
-        if source not in self._raw:
+        if self._raw.get(source) is None:
             raise CommandError(f"no {source} reading from node {self._node.name} yet")
         gain, zero = _optional_number(params, "mv_per_unit"), _optional_number(params, "zero")
         kept = self._results.get("ph", {}).get("front_end")
@@ -322,13 +324,13 @@ class NodeProbeCalibration:
             source, poly = current.source, tuple(current.poly)
             valid, coefficient = current.valid, current.temp_coefficient
         else:
-            target = next((k for k in ("ec", "tds") if k in self._raw), None)
+            target = next((k for k in ("ec", "tds") if self._raw.get(k) is not None), None)
             if target is None:
                 raise CommandError(
                     "no conductivity reading to calibrate: the node sends neither tds nor ec, "
                     "and no calibration map makes one (nodes[].calibration.tds)")
             source, poly, valid, coefficient = target, (1.0, 0.0), None, None
-        if source not in self._raw:
+        if self._raw.get(source) is None:
             raise CommandError(f"no {source} reading from node {self._node.name} yet")
         standards = params.get("standards")
         steps = (EC_STANDARDS_US[0],) if standards is None else _numbers(

@@ -248,6 +248,12 @@ class NodePumpCalibration:
                  extra=fields(node=node.name, actuator=actuator))
         return {"pump_calibration": self.state(), **result}
 
+    def link_lost(self) -> None:
+        """The node's watchdog stops a pump that runs: a run under way is not a measurement."""
+        pending = self._pending
+        if pending is not None and self._clock.monotonic() < pending["ends"]:
+            self._end("cancelled", "the link was lost during the run: run it again")
+
     async def cancel(self, why: str, *, stop: bool = False) -> bool:
         """End the calibration under way (stopping the node while the pump runs, with ``stop``)."""
         pending = self._pending

@@ -140,7 +140,7 @@ def from_internal(value: float, target: str | Conductivity) -> float:
 
 
 def inbound(
-    values: Mapping[str, float | None], *, calibrated: Collection[str] = ()
+    values: dict[str, float | None], *, calibrated: Collection[str] = ()
 ) -> dict[str, float | None]:
     """A node's (calibrated) reading with NodeLink ``ec`` (µS/cm) turned into the internal ``tds``.
 
@@ -150,9 +150,10 @@ def inbound(
     then ``ec`` is that map's raw value and stays, as ``ec_us``. Out of
     hydrogate ``ec`` means mS/cm, so NodeLink's ``ec`` never leaves as such.
     A ``None`` or non-finite ``ec`` is dropped and leaves any ``tds`` alone.
+    Without an ``ec``, ``values`` itself is returned (this runs for every reading).
     """
     if NODELINK_EC_KEY not in values:
-        return dict(values)
+        return values
     out = dict(values)
     micro = out.pop(NODELINK_EC_KEY)
     if micro is None or not math.isfinite(micro):
@@ -164,16 +165,17 @@ def inbound(
     return out
 
 
-def outbound(values: Mapping[str, _V], target: str | Conductivity) -> dict[str, _V | float]:
+def outbound(values: dict[str, _V], target: str | Conductivity) -> dict[str, _V | float]:
     """Values as they leave hydrogate: the internal ``tds`` (and its flag) under ``target``'s key.
 
     Numbers are converted (``None`` stays ``None``); other keys are kept as
     they are. A key that would collide with the renamed one (a node sending
-    ``tds_700`` of its own) is left out: it would be mistaken for ours.
+    ``tds_700`` of its own) is left out: it would be mistaken for ours. On the
+    internal scale (the default) ``values`` itself is returned.
     """
     dst = unit(target) if isinstance(target, str) else target
     if dst is INTERNAL:
-        return dict(values)
+        return values  # type: ignore[return-value]  # dict[str, _V] is a dict[str, _V | float]
     out: dict[str, Any] = {}
     for key, value in values.items():
         if key == INTERNAL_KEY:

@@ -373,7 +373,10 @@ class Reservoir:
         self._duty: dict[str, int] = dict.fromkeys(ALL_PUMPS, 0)
         self._on: dict[str, int] = {}  # the pumps running, and their duty
         self._dosed_ml: dict[str, float] = dict.fromkeys(ALL_PUMPS, 0.0)
+        # Each part's dissolved mass, divided by _parts_scale: uptake and overflow take from
+        # every part alike, so they scale that one number instead of each part.
         self._parts_mg: dict[str, float] = dict.fromkeys(PARTS, 0.0)
+        self._parts_scale = 1.0
         self._immersed: dict[str, tuple[float, float, float, float]] = {}  # see immerse()
 
         # What one litre pumped by each pump adds: (mg, base mol, carbonate mol, phosphate mol).
@@ -468,7 +471,7 @@ class Reservoir:
 
     def parts_mg(self) -> dict[str, float]:
         """Dissolved mass (mg) in the tank that each nutrient part brought (after uptake)."""
-        return dict(self._parts_mg)
+        return {part: mg * self._parts_scale for part, mg in self._parts_mg.items()}
 
     @property
     def time_s(self) -> float:
@@ -509,7 +512,7 @@ class Reservoir:
             self._phos += phos * litres
             self._dosed_ml[pump] += litres * 1000.0
             if pump in self._parts_mg:
-                self._parts_mg[pump] += mass * litres
+                self._parts_mg[pump] += mass * litres / self._parts_scale
 
         # Plant uptake: a parcel of nutrient (mass and phosphate with its cation),
         # plus the base that nitrate uptake releases.
@@ -518,9 +521,7 @@ class Reservoir:
         taken_phos = self._phos * frac
         self._mass -= taken_mg
         self._phos -= taken_phos
-        if frac:
-            for part, mg in self._parts_mg.items():
-                self._parts_mg[part] = mg - mg * frac
+        self._parts_scale -= self._parts_scale * frac
         self._base += p.uptake_base_mol_per_g * taken_mg / 1000.0 - taken_phos
 
         # Evaporation and transpiration: water only, never below a puddle.
@@ -535,8 +536,7 @@ class Reservoir:
             self._base *= keep
             self._carb *= keep
             self._phos *= keep
-            for part, mg in self._parts_mg.items():
-                self._parts_mg[part] = mg * keep
+            self._parts_scale *= keep
 
         # Water temperature relaxes toward the air.
         self._temp += (air - self._temp) * -math.expm1(-h / p.water_temp_lag_s)
