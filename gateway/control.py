@@ -376,11 +376,6 @@ class NodeControl:
         await self._save_envelope(force=envelope)
         await self._save_learned()
 
-    def config_flow(self, actuator: str) -> float | None:
-        """The config file's flow of ``actuator`` (defaults included), ``None`` if it has none."""
-        value = self.config_plant()["flow_ml_s"].get(actuator)
-        return None if value is None else float(value)
-
     def apply_flows(self, flows: Mapping[str, float]) -> None:
         """Measured flows kept from earlier (at start): the plant uses them, nothing is rescaled."""
         merged = {**self.plant.flow_ml_s, **flows}

@@ -439,7 +439,7 @@ class NodeRunner:
             "fw": self.fw,
         }
         if self.flags:
-            state["flags"] = units.outbound(self.flags, self.unit)
+            state["flags"] = units.outbound(dict(self.flags), self.unit)
         if self.severity is not None:
             state["severity"] = self.severity.level
             state["severity_reason"] = self.severity.reason
