@@ -1,4 +1,4 @@
-"""The `hydrogate` command: run, check-config, demo, calibrate, evaluate, node, titrate."""
+"""The `hydrogate` command: run, check-config, demo, calibrate, evaluate, node, titrate, pump."""
 
 from __future__ import annotations
 
@@ -119,10 +119,11 @@ def _lazy(module: str, attr: str) -> Callable[..., object]:
 #: so `hydrogate run` never loads them.
 LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("gateway.demo", "demo"),
-    "calibrate": ("rules.calibration", "calibrate"),
+    "calibrate": ("gateway.cli_calibrate", "calibrate"),
     "evaluate": ("sim.evaluate", "evaluate"),
     "node": ("gateway.nodetool.cli", "node"),
     "titrate": ("gateway.cli_titrate", "titrate"),
+    "pump": ("gateway.cli_pump", "pump"),
 }
 
 
@@ -158,10 +159,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     helps = {
         "demo": "three simulated tanks, a local buffer, no cloud account needed",
-        "calibrate": "fit a calibration map from reference points and print it",
+        "calibrate": "calibrate a probe with buffers on the running tank (NODE ph|ec), or fit "
+        "a calibration map from reference points (--points)",
         "evaluate": "run every controller on the simulated plant and compare them",
         "node": "tools for NodeLink nodes: probe URL, deploy firmware, write node.json",
         "titrate": "measure a pH solution's strength on the running tank (guided titration)",
+        "pump": "pump calibrate NODE ACTUATOR --ms N: measure a pump's real flow",
     }
     for name, (module, _) in LAZY_COMMANDS.items():
         lazy = sub.add_parser(name, help=helps[name])

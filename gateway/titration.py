@@ -408,6 +408,26 @@ class NodeTitration:
             log.warning("node %s: cannot keep the titration's result: %s", self._node.name, exc,
                         extra=fields(node=self._node.name))
 
+    def recalibrated(self, pump: str, new_over_old: float) -> float | None:
+        """``pump``'s flow was measured again: its kept strength in true ml, if applied.
+
+        A titration counted its doses' ml with the flow of its day; the kept
+        result is rescaled (saved by :meth:`save`). Returns the new strength
+        when the result is the node's ``ph_ml_per_l_per_unit``, else ``None``.
+        """
+        result = self._results.get(pump)
+        if result is None:
+            return None
+        result["ml_per_l_per_unit"] = float(result["ml_per_l_per_unit"]) * new_over_old
+        if isinstance(result.get("per_l"), int | float):
+            result["per_l"] = float(result["per_l"]) * new_over_old
+        return float(result["ml_per_l_per_unit"]) if result["applied"] else None
+
+    async def save(self) -> None:
+        """Keep the results as they are now (after :meth:`recalibrated`)."""
+        if self._results:
+            await self._rewrite()
+
     async def restore(self) -> None:
         """At the node's start: measured strengths whose plant section is unchanged win."""
         node, control = self._node.name, self._control

@@ -169,6 +169,24 @@ class AdaptiveController:
             raise ControllerError("adaptive: unusable learned state: a factor out of range")
         self._tds_state.factor = factors
 
+    def recalibrated(self, actuator: str, effect: float | None) -> None:
+        """A pump was calibrated (the Recalibrated side): keep what the flow did not explain.
+
+        A factor measured through a wrong configured flow holds that error; the
+        same decision now delivers ``effect`` times as much, so the factor is
+        multiplied by it. ``None``, or a result outside the plausible range,
+        forgets the factor: the next dose of the pump is a cautious first one.
+        """
+        factors = self._tds_state.factor
+        old = factors.pop(actuator, None)
+        self._tds_state.in_flight = None
+        if old is None or effect is None:
+            return
+        new = old * effect
+        low, high = TDS_FACTOR_RANGE
+        if math.isfinite(new) and low <= new <= high:
+            factors[actuator] = new
+
     # ---------------------------------------------------------------- TDS
     def _tds(self, ctx: DecisionContext, c: float) -> Decision:
         """The TDS decision from the settled value ``c``."""

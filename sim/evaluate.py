@@ -19,7 +19,10 @@ Three evaluations:
   with a pass matrix and the worst case per controller;
 - the week (``--week DAYS``): tanks held at their setpoints for days of plant
   uptake, evaporation and the pH drift they cause, scored by the time in band
-  and the volume used.
+  and the volume used;
+- the grower's tank (``--grower DAYS``, sim/grower.py): a two-part nutrient in
+  EC on a 700-scale meter, its pumps and probes off, as installed and once
+  calibrated by the gateway's commands.
 
 ``--out DIR`` writes ``DIR/control.md`` and plots in ``DIR/img/``.
 """
@@ -41,6 +44,7 @@ from typing import Any
 from rules.controller import Controller, ControllerError, Learner, create
 from rules.cycle import Loop, Triggers
 from rules.envelope import PhEnvelope
+from sim.plant import Reservoir
 from sim.rig import Rig
 from sim.tanks import Tank, family, thesis_tank
 
@@ -236,6 +240,7 @@ class Result:
     volume_ml: dict[str, float] = field(default_factory=dict)
     metrics: dict[str, Metrics] = field(default_factory=dict)
     scenario: Scenario | None = None
+    parts_mg: dict[str, float] = field(default_factory=dict)  # in the tank at the end, per part
 
     def trace(self, loop: Loop) -> list[float]:
         """The recorded values of ``loop``'s variable."""
@@ -349,7 +354,7 @@ def excursion(result: Result) -> float:
 
 
 _LOOP_PUMPS: Mapping[str, tuple[str, ...]] = {
-    "tds": ("nutrient", "refill"),
+    "tds": ("nutrient", "refill", "nutrient_a", "nutrient_b", "nutrient_c"),
     "ph": ("ph_up", "ph_down"),
 }
 
@@ -363,15 +368,18 @@ async def simulate(
     poll_s: float = POLL_S,
     loops: tuple[Loop, ...] = ("tds", "ph"),
     params_override: Mapping[str, float] | None = None,
+    read: Callable[[Reservoir], dict[str, float | None]] | None = None,
 ) -> Result:
     """Run ``controller`` in auto mode on ``tank`` as the daemon would, in simulated time.
 
     ``envelope`` carries what an earlier run learned (else a fresh one);
-    ``duration_s`` defaults to the cycle limit plus :data:`OBSERVE_S`.
+    ``duration_s`` defaults to the cycle limit plus :data:`OBSERVE_S`;
+    ``read`` turns the plant's probes into what the gateway sees (default: the
+    engineering values of ``plant.sensors()``; sim/grower.py calibrates raw ones).
     """
     rig = Rig(
         tank, controller, loops=loops, envelope=envelope, params_override=params_override,
-        poll_s=poll_s,
+        poll_s=poll_s, read=read,
     )
     plant, cycle, env = rig.plant, rig.cycle, rig.envelope
     duration = rig.settings.max_cycle_s + OBSERVE_S if duration_s is None else duration_s
@@ -404,6 +412,7 @@ async def simulate(
         result.outcomes.append("running" if cycle.state != "idle" else cycle.outcome or "idle")
     result.locked = env.locked
     result.volume_ml = plant.dosed_ml
+    result.parts_mg = plant.parts_mg()
     # The pH step starts where the pH loop found it: the nutrient doses of the TDS loop
     # before it move the pH too (the stock is acidic), and that is not the pH loop's doing.
     ph_start = tank.start_ph
@@ -851,13 +860,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--jobs", type=int, default=1, metavar="N",
         help="processes for the sweep and the week (default 1)",
     )
+    parser.add_argument(
+        "--grower", type=float, default=None, metavar="DAYS",
+        help="days the grower's tank (two parts, EC, calibrated) is held (default 1; "
+        "--quick: 0, not run)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     """``hydrogate evaluate``: print the tables; with ``--out`` write the report and plots."""
     from sim import report  # noqa: PLC0415 (prose lives apart from the machinery)
+    from sim.grower import grower, grower_table  # noqa: PLC0415 (it imports this module)
 
     started = time.monotonic()
+    grower_days = args.grower if args.grower is not None else (0.0 if args.quick else 1.0)
     scenarios = [s for s in SCENARIOS if not args.quick or s.name in QUICK_SCENARIOS]
     names = list(QUICK_CONTROLLERS if args.quick else CONTROLLERS)
     sweep_names = list(SWEEP_CONTROLLERS)
@@ -891,7 +907,8 @@ def run(args: argparse.Namespace) -> int:
                 days=args.week,
                 jobs=args.jobs,
             )
-        return report.Report(results, tanks, swept, held)
+        grown = await grower(days=grower_days) if grower_days > 0 else []
+        return report.Report(results, tanks, swept, held, grown)
 
     try:
         outcome = asyncio.run(everything())
@@ -905,6 +922,9 @@ def run(args: argparse.Namespace) -> int:
     if outcome.weeks:
         print()
         print(week_table(outcome.weeks))
+    if outcome.grower:
+        print()
+        print(grower_table(outcome.grower))
     print(f"\nevaluated in {time.monotonic() - started:.1f} s", file=sys.stderr)
     if args.out is not None:
         img_dir = args.out / "img"
@@ -932,4 +952,6 @@ def _command(args: argparse.Namespace) -> str:
         words.append(f"--sweep {args.sweep} --seed {args.seed}")
     if args.week:
         words.append(f"--week {args.week:g} --week-tanks {args.week_tanks}")
+    if args.grower is not None:
+        words.append(f"--grower {args.grower:g}")
     return " ".join(words)

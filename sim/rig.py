@@ -10,14 +10,14 @@ caller adds what it records around :meth:`Rig.poll`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
 from rules.controller import Controller, Dose
 from rules.cycle import ControlCycle, Loop
 from rules.envelope import PhEnvelope
 from rules.safety import SafetyGuard, SafetyLimits, SafetyRefusal, SensorWatch
-from sim.plant import PUMPS, Reservoir
+from sim.plant import Reservoir
 from sim.tanks import Tank
 
 __all__ = ["STEP_S", "Poll", "Rig"]
@@ -29,7 +29,7 @@ STEP_S = 0.5  # plant integration step between events
 class Poll:
     """What one poll read and what the cycle then did."""
 
-    reading: dict[str, float]
+    reading: dict[str, float | None]
     ran: list[Dose] = field(default_factory=list)  # permitted and started
     refused: list[tuple[Dose, SafetyRefusal]] = field(default_factory=list)
 
@@ -48,8 +48,12 @@ class Rig:
         start_ph: float | None = None,
         start_tds: float | None = None,
         poll_s: float = 2.0,
+        read: Callable[[Reservoir], dict[str, float | None]] | None = None,
     ) -> None:
+        """``read`` turns the plant's probes into what the gateway sees (default: the
+        engineering values of ``plant.sensors()``; sim/grower.py calibrates raw ones)."""
         self.tank = tank
+        self._read = read
         params = replace(tank.params, **(params_override or {}))
         self.plant = Reservoir.from_state(
             tds=tank.start_tds if start_tds is None else start_tds,
@@ -59,10 +63,10 @@ class Rig:
         )
         self.settings = tank.settings(loops)
         self.watch = SensorWatch()
-        self.guard = SafetyGuard(SafetyLimits(), actuators=PUMPS, watch=self.watch)
+        self.guard = SafetyGuard(SafetyLimits(), actuators=tank.pumps, watch=self.watch)
         self.envelope = envelope if envelope is not None else PhEnvelope(tank.told)
         self.cycle = ControlCycle(
-            self.settings, controller, tank.told, actuators=PUMPS, envelope=self.envelope
+            self.settings, controller, tank.told, actuators=tank.pumps, envelope=self.envelope
         )
         self.poll_s = poll_s
         self.t = 0.0
@@ -74,16 +78,18 @@ class Rig:
         """Whether the gateway polls the node now."""
         return self.t >= self._next_poll - 1e-9
 
-    def read(self) -> dict[str, float]:
+    def read(self) -> dict[str, float | None]:
         """Poll the node's sensors (what its hidden keys leave) into the safety watch."""
         self._next_poll += self.poll_s
-        reading = self.plant.sensors()
+        reading: dict[str, float | None] = (
+            dict(self.plant.sensors()) if self._read is None else self._read(self.plant)
+        )
         for key in self.tank.hidden:
             reading.pop(key, None)
         self.watch.update(self.t, reading)
         return reading
 
-    async def control(self, reading: Mapping[str, float]) -> Poll:
+    async def control(self, reading: Mapping[str, float | None]) -> Poll:
         """Tick the cycle with ``reading``; every dose it asks for through the guard to the pump."""
         poll = Poll(dict(reading))
         for dose in await self.cycle.tick(self.t, reading):
@@ -91,6 +97,7 @@ class Rig:
                 permit = self.guard.permit(dose, self.t, strict=False)
             except SafetyRefusal as refusal:
                 poll.refused.append((dose, refusal))
+                self.cycle.refused(dose)
                 continue
             ran = permit.dose
             self.guard.record(ran, self.t)
