@@ -1,5 +1,5 @@
 """The `hydrogate` command: run, check-config, demo, calibrate, evaluate, node, titrate,
-status, export, backup."""
+pump, status, export, backup."""
 
 from __future__ import annotations
 
@@ -120,10 +120,11 @@ def _lazy(module: str, attr: str) -> Callable[..., object]:
 #: so `hydrogate run` never loads them.
 LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("gateway.demo", "demo"),
-    "calibrate": ("rules.calibration", "calibrate"),
+    "calibrate": ("gateway.cli_calibrate", "calibrate"),
     "evaluate": ("sim.evaluate", "evaluate"),
     "node": ("gateway.nodetool.cli", "node"),
     "titrate": ("gateway.cli_titrate", "titrate"),
+    "pump": ("gateway.cli_pump", "pump"),
     "status": ("gateway.cli_status", "status"),
     "export": ("gateway.cli_export", "export"),
     "backup": ("gateway.cli_backup", "backup"),
@@ -162,10 +163,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     helps = {
         "demo": "three simulated tanks, a local buffer, no cloud account needed",
-        "calibrate": "fit a calibration map from reference points and print it",
+        "calibrate": "calibrate a probe with buffers on the running tank (NODE ph|ec), or fit "
+        "a calibration map from reference points (--points)",
         "evaluate": "run every controller on the simulated plant and compare them",
         "node": "tools for NodeLink nodes: probe URL, deploy firmware, write node.json",
         "titrate": "measure a pH solution's strength on the running tank (guided titration)",
+        "pump": "pump calibrate NODE ACTUATOR --ms N: measure a pump's real flow",
         "status": "the running daemon's state: nodes, values, control, uplink, buffer",
         "export": "one node's readings from the buffer and the local history, as CSV or JSONL",
         "backup": "a consistent copy of the database, while the daemon runs",

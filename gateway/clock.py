@@ -273,6 +273,19 @@ class Stamps:
         else:
             self._take(d, ts)
 
+    def give_back(self, device: str, ts: int) -> None:
+        """Forget ``ts``, just given to ``device`` for an entry that was then refused."""
+        d = self._devices.get(device)
+        if d is None:
+            return
+        recent = d.recent
+        i = bisect.bisect_left(recent, ts)
+        if i < len(recent) and recent[i] == ts:
+            del recent[i]
+        if d.last == ts:
+            d.last = recent[-1] if recent else -1
+            d.packed_from = -1
+
     def forget(self) -> None:
         """Forget every stamp (those given were replaced, e.g. by a re-stamp)."""
         self._devices.clear()

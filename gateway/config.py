@@ -58,6 +58,8 @@ from gateway.validators import (
     string,
     suggest,
 )
+from rules import units
+from rules.controller import NUTRIENT_PARTS
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -74,11 +76,13 @@ RUNTIME_KEYS: tuple[str, ...] = (
     "mode",
     "controller",
     "tds_setpoint",
+    "ec_setpoint",
     "ph_setpoint",
     "schedule",
     "interval",
 )
-"""Control settings that ThingsBoard may change at run time."""
+"""Control settings that ThingsBoard may change at run time (``tds_setpoint`` or
+``ec_setpoint``: the same setpoint, in ppm on the configured scale or in mS/cm)."""
 
 DEFAULT_TCP_PORT = 3333
 DEFAULT_BAUD = 115200
@@ -88,6 +92,8 @@ NODE_WATCHDOG_S = 30.0
 FLOW_ACTUATORS = ("nutrient", "ph_up", "ph_down", "refill")
 PH_PUMPS = ("ph_up", "ph_down")
 DEFAULT_FLOW_ML_S = 1.58
+DEFAULT_STOCK_PPM = 10000.0
+DEFAULT_TDS_RANGE = (0.0, 5000.0)
 
 
 class ConfigError(Exception):
@@ -164,6 +170,26 @@ class StorageConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class UnitsConfig:
+    """How conductivity is written (rules/units.py): ``ec``, ``ppm500``, ``ppm640`` or ``ppm700``.
+
+    It names the telemetry key readings go under, and the unit of
+    ``tds_setpoint`` and every other ppm key of the file (ppm500 with ``ec``).
+    """
+
+    conductivity: str = "ppm500"
+
+
+@dataclass(frozen=True, slots=True)
+class RecalibrateConfig:
+    """Days after which a calibration raises an ``info`` severity (0: never)."""
+
+    pumps: float = 30.0
+    ph: float = 30.0
+    ec: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
 class ThingsBoardConfig:
     """The MQTT session with ThingsBoard; the token is kept out of ``repr``."""
 
@@ -203,13 +229,15 @@ class PlantConfig:
     """The physical constants that dose-computing controllers need.
 
     Defaults: the control documentation's plant (docs/references.md, "Control
-    documentation").
+    documentation"). ``stock_ppm`` is held on the 500 scale, whatever the file's
+    unit; ``nutrient_ratio`` is empty for a single ``nutrient`` pump.
     """
 
     tank_volume_l: float = 10.0
-    stock_ppm: float = 10000.0
+    stock_ppm: float = DEFAULT_STOCK_PPM
     flow_ml_s: FrozenMap[str, float] = field(default_factory=_default_flows)
     ph_ml_per_l_per_unit: FrozenMap[str, float] = field(default_factory=FrozenMap)
+    nutrient_ratio: FrozenMap[str, float] = field(default_factory=FrozenMap)
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,7 +245,9 @@ class ControlConfig:
     """Edge control of one node. ``*_band`` come from a crop preset, else None.
 
     ``interval`` is seconds between evaluations in auto mode (0: schedule
-    only); ``schedule`` holds local times of day, sorted.
+    only); ``schedule`` holds local times of day, sorted. ``tds_setpoint`` and
+    ``tds_band`` are ppm on the 500 scale (rules/units.py) whatever
+    ``conductivity`` (the node's unit, for settings shown and changed) says.
     """
 
     tds_setpoint: float
@@ -240,6 +270,8 @@ class ControlConfig:
     max_cycle_s: float = 3600.0
     tds_deadband_pct: float | None = None
     ph_deadband: float | None = None
+    part_pause_s: float = 30.0
+    conductivity: str = "ppm500"
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,6 +280,7 @@ class SafetyConfig:
 
     A reading outside ``ph_range``/``tds_range`` is physically implausible; a
     value that does not change at all for ``stuck_after_s`` is stuck (0: off).
+    ``tds_range`` is ppm on the 500 scale, whatever the file's unit.
     """
 
     max_actuation_ms: int = 120_000
@@ -273,6 +306,8 @@ class NodeConfig:
     plant: PlantConfig | None = None
     control: ControlConfig | None = None
     safety: SafetyConfig = field(default_factory=SafetyConfig)
+    conductivity: str = "ppm500"  # units.conductivity, for this node's readings and settings
+    recalibrate_after_days: RecalibrateConfig = field(default_factory=RecalibrateConfig)
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,6 +318,7 @@ class Config:
     storage: StorageConfig
     thingsboard: ThingsBoardConfig | None
     nodes: tuple[NodeConfig, ...]
+    units: UnitsConfig = field(default_factory=UnitsConfig)
 
 
 # --- node URLs ---------------------------------------------------------------------------------
@@ -504,12 +540,20 @@ def _calibration(sec: Section) -> FrozenMap[str, CalibrationMap]:
     return FrozenMap(maps)
 
 
-def _plant(sec: Section) -> PlantConfig:
+def _plant(sec: Section, conductivity: str) -> PlantConfig:
     tank = sec.get("tank_volume_l", num_range(0, 100_000, lo_open=True, unit="L"), 10.0)
-    stock = sec.get("stock_ppm", num_range(0, 1_000_000, lo_open=True, unit="ppm"), 10000.0)
+    stock = sec.optional("stock_ppm", num_range(0, 10_000_000, lo_open=True, unit="ppm"))
+    ratios = sec.section("nutrient_ratio")
+    share = num_range(0, 1_000_000, lo_open=True)
+    ratio = {name: ratios.optional(name, share) for name in NUTRIENT_PARTS}
+    ratios.finish()
     flows = sec.section("flow_ml_s")
     rate = num_range(0, 1000, lo_open=True, unit="ml/s")
-    flow = FrozenMap((name, flows.get(name, rate, DEFAULT_FLOW_ML_S)) for name in FLOW_ACTUATORS)
+    flow = {name: flows.get(name, rate, DEFAULT_FLOW_ML_S) for name in FLOW_ACTUATORS}
+    for part in NUTRIENT_PARTS:  # a part has a flow when given, or when the ratio names it
+        given = flows.optional(part, rate)
+        if given is not None or ratio[part] is not None:
+            flow[part] = DEFAULT_FLOW_ML_S if given is None else given
     flows.finish()
     strengths = sec.section("ph_ml_per_l_per_unit")
     strength = num_range(0, 1000, lo_open=True, unit="ml/L per pH unit")
@@ -518,9 +562,13 @@ def _plant(sec: Section) -> PlantConfig:
     sec.finish()
     return PlantConfig(
         tank_volume_l=tank,
-        stock_ppm=stock,
-        flow_ml_s=flow,
+        stock_ppm=(
+            DEFAULT_STOCK_PPM if stock is None
+            else units.to_internal(stock, units.ppm_scale(conductivity))
+        ),
+        flow_ml_s=FrozenMap(flow),
         ph_ml_per_l_per_unit=FrozenMap((k, v) for k, v in measured.items() if v is not None),
+        nutrient_ratio=FrozenMap((k, v) for k, v in ratio.items() if v is not None),
     )
 
 
@@ -537,6 +585,7 @@ def _runtime_validators(controllers: Collection[str]) -> dict[str, Validator[Any
         "mode": one_of("auto", "manual"),
         "controller": one_of(*controllers),
         "tds_setpoint": num_range(50, 5000),
+        "ec_setpoint": num_range(0.1, 10, unit="mS/cm"),
         "ph_setpoint": num_range(3, 9),
         "schedule": schedule,
         "interval": _interval,
@@ -552,27 +601,55 @@ def _crop(value: Any) -> crops.Crop:
     return crop
 
 
-def _control(sec: Section, controllers: Collection[str]) -> ControlConfig | None:
+def _setpoint_of(
+    sec: Section, key: str, runtime: Mapping[str, Validator[Any]], conductivity: str
+) -> float | None:
+    """``tds_setpoint`` (ppm on the file's scale) or ``ec_setpoint`` (mS/cm), as internal ppm."""
+    value = sec.optional(key, runtime[key])
+    if value is None:
+        return None
+    unit = "ec" if key == "ec_setpoint" else units.ppm_scale(conductivity).name
+    return units.to_internal(value, unit)
+
+
+def _control(
+    sec: Section, controllers: Collection[str], conductivity: str = "ppm500"
+) -> ControlConfig | None:
     runtime = _runtime_validators(controllers)
     crop = sec.optional("crop", _crop)
     setpoints: dict[str, float | None] = {}
-    for key in ("tds_setpoint", "ph_setpoint"):
-        if sec.has(key):
-            setpoints[key] = sec.optional(key, runtime[key])
-        elif crop is not None:
-            setpoints[key] = crop.tds_setpoint if key == "tds_setpoint" else crop.ph_setpoint
-        elif sec.has("crop"):  # a bad crop was already reported
-            setpoints[key] = None
-        else:
-            sec.errors.add(sec.path_of(key), "is required (or give a crop)")
-            setpoints[key] = None
+    has_tds, has_ec = sec.has("tds_setpoint"), sec.has("ec_setpoint")
+    if has_tds and has_ec:
+        sec.errors.add(sec.path_of("ec_setpoint"), "give tds_setpoint or ec_setpoint, not both")
+        setpoints["tds_setpoint"] = None
+    elif has_tds or has_ec:
+        key = "tds_setpoint" if has_tds else "ec_setpoint"
+        setpoints["tds_setpoint"] = _setpoint_of(sec, key, runtime, conductivity)
+    elif crop is not None:
+        setpoints["tds_setpoint"] = crop.tds_setpoint
+    elif sec.has("crop"):  # a bad crop was already reported
+        setpoints["tds_setpoint"] = None
+    else:
+        key = "ec_setpoint" if conductivity == "ec" else "tds_setpoint"
+        other = "tds_setpoint" if conductivity == "ec" else "ec_setpoint"
+        sec.errors.add(sec.path_of(key), f"is required (or {other}, or give a crop)")
+        setpoints["tds_setpoint"] = None
+    if sec.has("ph_setpoint"):
+        setpoints["ph_setpoint"] = sec.optional("ph_setpoint", runtime["ph_setpoint"])
+    elif crop is not None:
+        setpoints["ph_setpoint"] = crop.ph_setpoint
+    elif sec.has("crop"):
+        setpoints["ph_setpoint"] = None
+    else:
+        sec.errors.add(sec.path_of("ph_setpoint"), "is required (or give a crop)")
+        setpoints["ph_setpoint"] = None
     config = ControlConfig(
         tds_setpoint=0.0,
         ph_setpoint=0.0,
         mode=sec.get("mode", runtime["mode"], "auto"),
         controller=sec.get("controller", runtime["controller"], "adaptive"),
         crop=None if crop is None else crop.name,
-        tds_band=None if crop is None else crop.ppm,
+        tds_band=None if crop is None else crop.tds_band,
         ph_band=None if crop is None else crop.ph,
         tds_tolerance_pct=sec.get("tds_tolerance_pct", num_range(0, 50, lo_open=True), 5.0),
         ph_tolerance=sec.get("ph_tolerance", num_range(0, 2, lo_open=True), 0.15),
@@ -587,6 +664,8 @@ def _control(sec: Section, controllers: Collection[str]) -> ControlConfig | None
         max_cycle_s=sec.get("max_cycle_s", duration_range(60, 86400), 3600.0),
         tds_deadband_pct=sec.optional("tds_deadband_pct", num_range(0, 50)),
         ph_deadband=sec.optional("ph_deadband", num_range(0, 2)),
+        part_pause_s=sec.get("part_pause_s", duration_range(1, 3600), 30.0),
+        conductivity=conductivity,
     )
     for key, tolerance in (
         ("tds_deadband_pct", config.tds_tolerance_pct),
@@ -614,14 +693,18 @@ def _control(sec: Section, controllers: Collection[str]) -> ControlConfig | None
     return dataclasses.replace(config, tds_setpoint=tds, ph_setpoint=ph)
 
 
-def _safety(sec: Section, poll_interval: float) -> SafetyConfig:
+def _safety(sec: Section, poll_interval: float, conductivity: str = "ppm500") -> SafetyConfig:
+    scale = units.ppm_scale(conductivity)
+    tds_range = sec.get("tds_range", number_pair(lo=0, hi=100_000), DEFAULT_TDS_RANGE)
+    if sec.has("tds_range"):
+        tds_range = (units.to_internal(tds_range[0], scale), units.to_internal(tds_range[1], scale))
     config = SafetyConfig(
         max_actuation_ms=sec.get("max_actuation_ms", milliseconds(1, 600_000), 120_000),
         max_ms_per_hour=sec.get("max_ms_per_hour", milliseconds(1, 3_600_000), 600_000),
         stale_after_s=sec.get("stale_after_s", duration_range(0, 86400, lo_open=True), 60.0),
         min_water_level_l=sec.get("min_water_level_l", num_range(0, 100_000, unit="L"), 1.0),
         ph_range=sec.get("ph_range", number_pair(lo=0, hi=14), (2.0, 12.0)),
-        tds_range=sec.get("tds_range", number_pair(lo=0, hi=100_000), (0.0, 5000.0)),
+        tds_range=tds_range,
         stuck_after_s=sec.get("stuck_after_s", duration_range(0, 7 * 86400), 900.0),
     )
     if sec.has("max_ms_per_hour") and config.max_ms_per_hour < config.max_actuation_ms:
@@ -646,22 +729,57 @@ def _safety(sec: Section, poll_interval: float) -> SafetyConfig:
 
 
 def _check_setpoints(
-    control: ControlConfig, safety: SafetyConfig, errors: ErrorList, path: str
+    control: ControlConfig,
+    safety: SafetyConfig,
+    errors: ErrorList,
+    path: str,
+    given: Collection[str] = (),
 ) -> None:
-    """Setpoints must lie within the safety layer's plausible ranges, or control would fight it."""
+    """Setpoints must lie within the safety layer's plausible ranges, or control would fight it.
+
+    ``given`` names the keys the user wrote: an ``ec_setpoint`` is reported as one.
+    """
+    scale = units.ppm_scale(control.conductivity)
+    tds_key = "ec_setpoint" if "ec_setpoint" in given else "tds_setpoint"
+    unit = units.unit("ec") if tds_key == "ec_setpoint" else scale
     for key, value, limits, limits_key in (
-        ("tds_setpoint", control.tds_setpoint, safety.tds_range, "tds_range"),
+        (tds_key, control.tds_setpoint, safety.tds_range, "tds_range"),
         ("ph_setpoint", control.ph_setpoint, safety.ph_range, "ph_range"),
     ):
         if not limits[0] <= value <= limits[1]:
-            shown = f"[{fmt_number(limits[0])}, {fmt_number(limits[1])}]"
+            if key == "ph_setpoint":
+                text, low, high = fmt_number(value), limits[0], limits[1]
+            else:
+                text = units.unit(unit.name).text(units.from_internal(value, unit))
+                low, high = (units.from_internal(v, scale) for v in limits)
+            shown = f"[{fmt_number(low)}, {fmt_number(high)}]"
             errors.add(
                 f"{path}.{key}" if path else key,
-                f"{fmt_number(value)} is outside safety.{limits_key} {shown}",
+                f"{text} is outside safety.{limits_key} {shown}",
             )
 
 
-def _node(sec: Section, controllers: Collection[str]) -> NodeConfig | None:
+def _recalibrate(sec: Section) -> RecalibrateConfig:
+    """``recalibrate_after_days``: one number for everything, or ``{pumps, ph, ec}``."""
+    raw = sec.raw("recalibrate_after_days")
+    days = num_range(0, 3650, unit="days")
+    if raw is None:
+        return RecalibrateConfig()
+    if not isinstance(raw, Mapping):
+        value = sec.errors.check(sec.path_of("recalibrate_after_days"), days, raw)
+        return RecalibrateConfig() if value is None else RecalibrateConfig(value, value, value)
+    each = sec.section("recalibrate_after_days")
+    config = RecalibrateConfig(
+        pumps=each.get("pumps", days, 30.0), ph=each.get("ph", days, 30.0),
+        ec=each.get("ec", days, 30.0),
+    )
+    each.finish()
+    return config
+
+
+def _node(
+    sec: Section, controllers: Collection[str], conductivity: str = "ppm500"
+) -> NodeConfig | None:
     name = sec.require("name", device_name)
     url = sec.require("url", node_url)
     poll = sec.get("poll_interval", duration_range(0, 3600, lo_open=True), 5.0)
@@ -671,11 +789,16 @@ def _node(sec: Section, controllers: Collection[str]) -> NodeConfig | None:
         "keepalive", duration_range(0, NODE_WATCHDOG_S, lo_open=True, hi_open=True), 10.0
     )
     calibration = _calibration(sec.section("calibration"))
-    plant = _plant(sec.section("plant")) if "plant" in sec.data else None
-    control = _control(sec.section("control"), controllers) if "control" in sec.data else None
-    safety = _safety(sec.section("safety"), poll)
+    plant = _plant(sec.section("plant"), conductivity) if "plant" in sec.data else None
+    control = (
+        _control(sec.section("control"), controllers, conductivity)
+        if "control" in sec.data else None
+    )
+    safety = _safety(sec.section("safety"), poll, conductivity)
+    recalibrate = _recalibrate(sec)
     if control is not None:
-        _check_setpoints(control, safety, sec.errors, sec.path_of("control"))
+        given = sec.data["control"] if isinstance(sec.data["control"], Mapping) else {}
+        _check_setpoints(control, safety, sec.errors, sec.path_of("control"), given)
     sec.finish()
     if name is None or url is None:
         return None
@@ -690,10 +813,14 @@ def _node(sec: Section, controllers: Collection[str]) -> NodeConfig | None:
         plant=plant,
         control=control,
         safety=safety,
+        conductivity=conductivity,
+        recalibrate_after_days=recalibrate,
     )
 
 
-def _nodes(root: Section, controllers: Collection[str]) -> tuple[NodeConfig, ...]:
+def _nodes(
+    root: Section, controllers: Collection[str], conductivity: str = "ppm500"
+) -> tuple[NodeConfig, ...]:
     raw = root.raw("nodes")
     if raw is None:
         root.errors.add("nodes", "is required (a list of nodes)")
@@ -705,7 +832,7 @@ def _nodes(root: Section, controllers: Collection[str]) -> tuple[NodeConfig, ...
         root.errors.add("nodes", "must list at least one node")
     nodes: list[NodeConfig] = []
     for i, item in enumerate(raw):
-        node = _node(Section(root.errors, f"nodes[{i}]", item), controllers)
+        node = _node(Section(root.errors, f"nodes[{i}]", item), controllers, conductivity)
         if node is not None:
             nodes.append(node)
     return tuple(nodes)
@@ -750,12 +877,21 @@ def parse_config(
     thingsboard = (
         _thingsboard(root.section("thingsboard"), base) if "thingsboard" in root.data else None
     )
-    nodes = _nodes(root, controllers)
+    units_config = _units(root.section("units"))
+    nodes = _nodes(root, controllers, units_config.conductivity)
     _check_names(root.data.get("nodes"), None if gateway is None else gateway.name, errors)
     root.finish()
     if errors or gateway is None or storage is None:
         raise ConfigError(errors.items)
-    return Config(gateway=gateway, storage=storage, thingsboard=thingsboard, nodes=nodes)
+    return Config(
+        gateway=gateway, storage=storage, thingsboard=thingsboard, nodes=nodes, units=units_config
+    )
+
+
+def _units(sec: Section) -> UnitsConfig:
+    conductivity = sec.get("conductivity", one_of(*units.UNITS), "ppm500")
+    sec.finish()
+    return UnitsConfig(conductivity)
 
 
 class _Loader(yaml.SafeLoader):
@@ -851,20 +987,53 @@ def apply_control_update(
             if value is not None:
                 changes[key] = value
     sec.finish()
+    _setpoint_update(control, changes, errors, sec)
     updated = dataclasses.replace(control, **changes)
     if safety is not None and not errors:
-        _check_setpoints(updated, safety, errors, path_prefix)
+        _check_setpoints(updated, safety, errors, path_prefix, given=data.keys())
     if errors:
         raise ConfigError(errors.items)
     return updated
 
 
+def _setpoint_update(
+    control: ControlConfig, changes: dict[str, Any], errors: ErrorList, sec: Section
+) -> None:
+    """``tds_setpoint`` (the node's ppm scale) or ``ec_setpoint`` in ``changes``, as internal ppm.
+
+    Both at once must agree (a dashboard that shows both may send both).
+    """
+    ppm = changes.pop("tds_setpoint", None)
+    ec = changes.pop("ec_setpoint", None)
+    scale = units.ppm_scale(control.conductivity)
+    values = [units.to_internal(ppm, scale)] if ppm is not None else []
+    if ec is not None:
+        values.append(units.to_internal(ec, "ec"))
+    if len(values) == 2 and not math.isclose(values[0], values[1], rel_tol=1e-6):
+        errors.add(
+            sec.path_of("ec_setpoint"),
+            f"{fmt_number(ec)} mS/cm disagrees with tds_setpoint {fmt_number(ppm)} "
+            f"({units.unit('ec').text(units.from_internal(values[0], 'ec'))}); give one of them",
+        )
+    elif values:
+        changes["tds_setpoint"] = values[0]
+
+
 def control_settings(control: ControlConfig) -> dict[str, Any]:
-    """The run-time settings as JSON-able values; :func:`apply_control_update` takes them back."""
+    """The run-time settings as JSON-able values; :func:`apply_control_update` takes them back.
+
+    The setpoint goes as the node's unit writes it: ``ec_setpoint`` (mS/cm) with
+    ``units.conductivity: ec``, else ``tds_setpoint`` in ppm on its scale.
+    """
+    if control.conductivity == "ec":
+        key, value = "ec_setpoint", units.from_internal(control.tds_setpoint, "ec")
+    else:
+        key = "tds_setpoint"
+        value = units.from_internal(control.tds_setpoint, units.ppm_scale(control.conductivity))
     return {
         "mode": control.mode,
         "controller": control.controller,
-        "tds_setpoint": control.tds_setpoint,
+        key: value,
         "ph_setpoint": control.ph_setpoint,
         "schedule": [f"{t:%H:%M}" for t in control.schedule],
         "interval": control.interval,
@@ -894,8 +1063,10 @@ def _control_line(control: ControlConfig | None) -> str:
     when = [f"every {_seconds(control.interval)}"] if control.interval else []
     if control.schedule:
         when.append("at " + " ".join(f"{t:%H:%M}" for t in control.schedule))
+    unit = units.unit(control.conductivity)
+    setpoint = unit.text(units.from_internal(control.tds_setpoint, unit))
     return (
-        f"{control.mode} {control.controller}, tds {fmt_number(control.tds_setpoint)} ppm, "
+        f"{control.mode} {control.controller}, {unit.key} {setpoint}, "
         f"pH {fmt_number(control.ph_setpoint)}{crop}, {', '.join(when) or 'on demand only'}"
     )
 
@@ -919,6 +1090,8 @@ def summarize(config: Config) -> str:
         f"storage      {storage.path} ({retention}, synced every"
         f" {_seconds(storage.sync_interval)})",
         f"thingsboard  {uplink}",
+        f"units        conductivity {config.units.conductivity} (telemetry key "
+        f"{units.unit(config.units.conductivity).key})",
         f"nodes        {len(config.nodes)}",
     ]
     for node in config.nodes:

@@ -22,7 +22,12 @@ switch of controller and back. Knowledge learned under other plant constants
 
 A guided titration (`titrate`, gateway/titration.py) measures a pH solution's
 strength on the running node; while it runs, automatic cycles wait and manual
-doses are refused, and its result becomes the node's plant constant.
+doses are refused, and its result becomes the node's plant constant. So do a
+pump calibration (`pump_calibrate`, gateway/pumpcal.py: a measured flow) and
+a guided probe calibration (`probe_calibrate`, gateway/probecal.py: a
+measured calibration map). A measured flow rescales what the controller and
+the pH envelope learned through the old one (`recalibrate_flow`) instead of
+discarding it.
 """
 
 from __future__ import annotations
@@ -42,22 +47,28 @@ from gateway.clock import Clock
 from gateway.config import ConfigError, ControlConfig, NodeConfig, apply_control_update
 from gateway.config import control_settings as settings_of
 from gateway.errors import CommandError
+from gateway.probecal import CONTROLLED, NodeProbeCalibration
+from gateway.pumpcal import NodePumpCalibration
 from gateway.service import fields
 from gateway.settings import RPC, THINGSBOARD, SettingsState
 from gateway.store import Store, StoreClosed, StoreError
 from gateway.titration import NodeTitration
+from rules import units
 from rules.controller import (
+    PH_PUMPS,
     Controller,
     ControllerError,
     ControllerOptions,
     Dose,
     Learner,
     PlantConstants,
+    Recalibrated,
     create,
 )
 from rules.cycle import ControlCycle, CycleSettings, Triggers
 from rules.envelope import EnvelopeError, PhEnvelope
-from rules.safety import SafetyGuard, SafetyLimits, SafetyRefusal, SensorWatch
+from rules.nutrients import NUTRIENT, Feed
+from rules.safety import CONTROLLING_SENSOR, SafetyGuard, SafetyLimits, SafetyRefusal, SensorWatch
 from rules.severity import DEFAULT_BANDS, Band
 
 if TYPE_CHECKING:
@@ -83,18 +94,41 @@ def _plant_constants(config: NodeConfig) -> PlantConstants:
         stock_ppm=config.plant.stock_ppm,
         flow_ml_s=dict(config.plant.flow_ml_s),
         ph_ml_per_l_per_unit=dict(config.plant.ph_ml_per_l_per_unit),
+        nutrient_ratio=dict(config.plant.nutrient_ratio),
     )
 
 
 def plant_fingerprint(plant: PlantConstants) -> dict[str, Any]:
-    """The plant constants as a JSON object, to tell what learned state was learned under."""
-    return {
+    """The plant constants as a JSON object, to tell what learned state was learned under.
+
+    ``nutrient_ratio`` is in it only for a multi-part feed, so a single-pump
+    plant keeps the fingerprint it had before parts existed.
+    """
+    fingerprint: dict[str, Any] = {
         "tank_volume_l": float(plant.tank_volume_l),
         "stock_ppm": float(plant.stock_ppm),
         "flow_ml_s": {a: float(f) for a, f in sorted(plant.flow_ml_s.items())},
         "ph_ml_per_l_per_unit": {
             a: float(v) for a, v in sorted(plant.ph_ml_per_l_per_unit.items())
         },
+    }
+    if plant.nutrient_ratio:
+        fingerprint["nutrient_ratio"] = {p: float(v) for p, v in plant.nutrient_ratio.items()}
+    return fingerprint
+
+
+def envelope_fingerprint(fingerprint: Mapping[str, Any]) -> dict[str, Any]:
+    """What of a plant fingerprint the pH envelope's knowledge depends on.
+
+    The envelope works per litre of tank, in ml of the pH pumps: the volume,
+    their flows and strengths. A nutrient pump or the stock changing is no
+    reason to measure the tank's pH chemistry again.
+    """
+    flows = fingerprint.get("flow_ml_s", {})
+    return {
+        "tank_volume_l": fingerprint.get("tank_volume_l"),
+        "flow_ml_s": {p: flows.get(p) for p in PH_PUMPS},
+        "ph_ml_per_l_per_unit": fingerprint.get("ph_ml_per_l_per_unit"),
     }
 
 
@@ -184,6 +218,8 @@ class NodeControl:
         self._learned_saved: dict[str, Any] = {}
         self._learned_save_failed = False
         self.titration = NodeTitration(self, node, store=store, clock=clock)
+        self.pumps = NodePumpCalibration(self, node, store=store, clock=clock)
+        self.probes = NodeProbeCalibration(self, node, store=store, clock=clock)
         self._rebuild()
 
     # -------------------------------------------------------------- settings
@@ -214,6 +250,12 @@ class NodeControl:
                 bands["tds"] = bands["tds"].with_normal(*settings.tds_band)
             if settings.ph_band is not None:
                 bands["ph"] = bands["ph"].with_normal(*settings.ph_band)
+        unit = units.unit(self._config.conductivity)  # the reason reads in the grower's unit
+        if unit is not units.INTERNAL:
+            bands["tds"] = dataclasses.replace(
+                bands["tds"], label=unit.label, decimals=unit.decimals,
+                scale=unit.per_ms_cm / units.INTERNAL.per_ms_cm,
+            )
         return bands
 
     def _rebuild(self, *, controller_changed: bool = True) -> None:
@@ -250,7 +292,11 @@ class NodeControl:
     async def load_settings(self) -> None:
         """Restore run-time settings, the rolling-hour actuation ledger and what was learned."""
         await self._load_settings()
-        await self.titration.restore()  # measured strengths first: the plant they change
+        # Measured flows and strengths first: the plant they change is what the learned
+        # state below was saved under.
+        await self.pumps.restore()
+        await self.titration.restore()
+        await self.probes.restore()
         await self._restore_envelope()
         await self._restore_learned()
 
@@ -442,10 +488,52 @@ class NodeControl:
         if self.settings is not None:
             self._rebuild(controller_changed=False)
 
-    async def save_knowledge(self) -> None:
-        """Save what the envelope and the controller know, under the current plant constants."""
-        await self._save_envelope()
+    async def save_knowledge(self, *, envelope: bool = False) -> None:
+        """Save what the envelope and the controller know, under the current plant constants.
+
+        ``envelope``: save the envelope even if it learned nothing new (its row
+        must carry the new constants).
+        """
+        await self._save_envelope(force=envelope)
         await self._save_learned()
+
+    def apply_flows(self, flows: Mapping[str, float]) -> None:
+        """Measured flows kept from earlier (at start): the plant uses them, nothing is rescaled."""
+        merged = {**self.plant.flow_ml_s, **flows}
+        self.set_plant(dataclasses.replace(self.plant, flow_ml_s=merged))
+
+    async def recalibrate_flow(self, actuator: str, flow: float) -> None:
+        """A pump's measured flow: applied at once; knowledge learned through the old one kept.
+
+        What was learned through the old flow is rescaled to the new one, not
+        discarded: the adaptive controller's correction factor of the pump (or
+        of the nutrient feed, for a part: on the assumption that the other
+        parts' flows were right), the pH envelope's measurements and a
+        titrated strength of a pH pump. Then everything is saved under the new
+        plant constants, so a restart keeps it.
+        """
+        old_plant = self.plant
+        old = old_plant.flow_ml_s.get(actuator)
+        plant = dataclasses.replace(old_plant, flow_ml_s={**old_plant.flow_ml_s, actuator: flow})
+        effect: tuple[str, float | None] | None = None
+        if actuator in old_plant.nutrient_ratio:
+            feed = Feed.of(old_plant)
+            assert feed is not None
+            effect = (NUTRIENT, None if old is None else feed.effect_of_recalibration(
+                actuator, old, flow))
+        elif actuator in (NUTRIENT, "refill") or actuator in PH_PUMPS:
+            effect = (actuator, None if old is None else old / flow)
+        if actuator in PH_PUMPS and old is not None:
+            strength = self.titration.recalibrated(actuator, flow / old)
+            if strength is not None:
+                plant = dataclasses.replace(plant, ph_ml_per_l_per_unit={
+                    **plant.ph_ml_per_l_per_unit, actuator: strength})
+            self.envelope.recalibrated(actuator, flow / old)
+        self.set_plant(plant)
+        if effect is not None and isinstance(self._controller, Recalibrated):
+            self._controller.recalibrated(*effect)
+        await self.titration.save()
+        await self.save_knowledge(envelope=True)
 
     # ------------------------------------------------------------ pH envelope
     async def _restore_envelope(self) -> None:
@@ -470,7 +558,7 @@ class NodeControl:
         except EnvelopeError as exc:
             log.warning("node %s: %s; it starts fresh", node, exc, extra=fields(node=node))
             return
-        if plant != plant_fingerprint(self.plant):
+        if envelope_fingerprint(plant) != envelope_fingerprint(plant_fingerprint(self.plant)):
             locked = self.envelope.locked
             self.envelope.acknowledge()
             self.envelope.locked = locked
@@ -479,9 +567,9 @@ class NodeControl:
         if self.envelope.locked is not None:
             log.error("node %s: %s", node, self.envelope.locked, extra=fields(node=node))
 
-    async def _save_envelope(self) -> None:
+    async def _save_envelope(self, *, force: bool = False) -> None:
         """Save the envelope's knowledge when it changed (a lock must survive a restart)."""
-        if not self.envelope.take_changed():
+        if not self.envelope.take_changed() and not force:
             return
         try:
             await self._store.save_learned(
@@ -622,6 +710,39 @@ class NodeControl:
         self.watch.update(now, values)
         self.titration.observe(now, values)
 
+    def observe_raw(self, values: Mapping[str, float | None]) -> None:
+        """The node's reading before calibration: what a probe calibration reads."""
+        self.probes.observe_raw(values)
+
+    @property
+    def calibrating(self) -> str | None:
+        """The reading's key whose probe sits in a calibration buffer, else ``None``."""
+        return self.probes.calibrating
+
+    def reminders(self) -> list[str]:
+        """Calibrations older than ``recalibrate_after_days``: an ``info`` for the grower."""
+        days = self._config.recalibrate_after_days
+        return [*self.pumps.reminders(days.pumps),
+                *self.probes.reminders({"ph": days.ph, "ec": days.ec})]
+
+    def procedure(self) -> str | None:
+        """The guided procedure under way (titration, pump or probe calibration), if any."""
+        if self.titration.running:
+            return "a titration is running (stop or force_stop cancels it)"
+        pump = self.pumps.pending
+        if pump is not None:
+            return f"a calibration of {pump} is under way (give its ml, or cancel it)"
+        probe = self.probes.active
+        if probe is not None:
+            return f"a {probe} probe calibration is under way (finish or cancel it)"
+        return None
+
+    async def cancel_procedures(self, why: str) -> None:
+        """`stop`, `force_stop`, shutdown: end a titration or calibration under way."""
+        await self.titration.cancel(why)
+        await self.pumps.cancel(why)
+        await self.probes.cancel(why)
+
     async def run(self, reading: asyncio.Event) -> None:
         """While the link is up: start cycles when due and carry out their doses."""
         while True:
@@ -651,8 +772,8 @@ class NodeControl:
         """One control step: triggers, then the cycle's doses through the guard."""
         await self._restore_learned()
         cycle, settings, triggers = self._cycle, self.settings, self._triggers
-        if cycle is None or settings is None or triggers is None or self.titration.running:
-            return  # (automatic cycles wait while a titration runs)
+        if cycle is None or settings is None or triggers is None or self.procedure() is not None:
+            return  # (automatic cycles wait while a titration or a calibration runs)
         now = self._clock.monotonic()
         if settings.mode == "auto" and cycle.state == "idle" and triggers.due(self._clock.now()):
             self._start(now, "schedule" if settings.schedule else "interval")
@@ -666,6 +787,7 @@ class NodeControl:
                 granted = await self.actuate(dose, controller=who, strict=False)
             except (SafetyRefusal, CommandError, LinkError):
                 # Logged and recorded where raised; the cycle re-decides next window.
+                cycle.refused(dose)
                 continue
             cycle.ran(granted)
         locked = self.envelope.locked
@@ -715,6 +837,7 @@ class NodeControl:
     def link_lost(self) -> None:
         """No commands can reach the node: abort; its own watchdog stops the pumps."""
         self.abort("link lost")
+        self.pumps.link_lost()
         self.guard.stop_all(self._clock.monotonic(), confirmed=False)
 
     def node_rebooted(self) -> None:
@@ -827,9 +950,20 @@ class NodeControl:
             "titration": self.titration.state(),
             "ph_ml_per_l_per_unit": dict(self.plant.ph_ml_per_l_per_unit),
             "ph_titrated": self.titration.measured(),
+            "flow_ml_s": dict(self.plant.flow_ml_s),
+            "nutrient_ratio": dict(self.plant.nutrient_ratio),
+            "pump_calibration": self.pumps.state(),
+            "pump_flows": self.pumps.flows(),
+            "probe_calibration": self.probes.state(),
+            "probe_calibrated": self.probes.measured(),
+            "conductivity": self._config.conductivity,
         }
         if self.settings is not None:
             state.update(settings_of(self.settings))
+            # The setpoint in both ways of writing it, whichever the node's unit is.
+            scale = units.ppm_scale(self._config.conductivity)
+            state["tds_setpoint"] = units.from_internal(self.settings.tds_setpoint, scale)
+            state["ec_setpoint"] = units.from_internal(self.settings.tds_setpoint, "ec")
             decision = self._cycle.last_decision if self._cycle else None
             if decision is not None:
                 state["last_controller"] = decision.controller
@@ -838,17 +972,29 @@ class NodeControl:
     async def rpc(self, method: str, params: Any) -> dict[str, Any]:
         """The control RPCs of CONTRACT.md; raises CommandError with the reason."""
         if method == "titrate":
+            if self.pumps.pending is not None or self.probes.active is not None:
+                raise CommandError(f"{self.procedure()}: wait for it to end")
             return await self.titration.start(params)
-        busy = "a titration is running (stop or force_stop cancels it)"
-        if method == "force_on" and self.titration.running:
+        if method == "pump_calibrate":
+            return await self.pumps.rpc(params)
+        if method == "probe_calibrate":
+            return await self.probes.rpc(params)
+        busy = self.procedure()
+        if method == "force_on" and busy is not None:
             raise CommandError(busy)
         if method == "actuate":
             dose = _parse_dose(params)
             if dose.duty == 0:  # duty 0 is "off": a stop, never a run of ms milliseconds
                 await self.titration.cancel("actuate with duty 0 (a stop)")
+                await self.pumps.cancel("actuate with duty 0 (a stop)")
                 return await self._stop_for(dose.actuator)
             if self.titration.running:  # a manual dose would spoil the measurement
-                raise CommandError(busy)
+                raise CommandError(str(busy))
+            if self.pumps.pending == dose.actuator:  # the cup would get more than measured
+                raise CommandError(str(busy))
+            probe = self.probes.active
+            if probe is not None and CONTROLLING_SENSOR.get(dose.actuator) == CONTROLLED[probe]:
+                raise CommandError(f"{busy}: its readings are a buffer's, not the tank's")
             try:
                 granted = await self.actuate(dose, controller="manual", strict=True)
             except SafetyRefusal as exc:
@@ -864,7 +1010,7 @@ class NodeControl:
                 self._start(self._clock.monotonic(), "force_on")
             return {"cycle": self._cycle.state if self._cycle else "idle"}
         if method == "force_stop":
-            await self.titration.cancel("force_stop")
+            await self.cancel_procedures("force_stop")
             self.abort("force_stop")
             if not await self._node.stop_actuators():
                 raise CommandError("cycle aborted, but the node did not confirm stop")

@@ -1,9 +1,15 @@
-"""Crop presets: the pH and nutrient (ppm) ranges of the thesis' crop table.
+"""Crop presets: the pH and nutrient ranges of the thesis' crop table, in EC and ppm.
 
 ``control.crop: lettuce`` in the configuration gives a node its setpoints (the
 middle of each range) and its bands (the ranges themselves) unless the config
 states setpoints explicitly. The table is in docs/references.md ("Thesis:
 control", crop ranges); crops with a single pH value have a band of zero width.
+
+The table gives ppm; every one of its ranges is exactly an EC range in mS/cm
+times 700 (lettuce 560–840 ppm is 0.8–1.2 mS/cm: docs/references.md,
+"Conductivity scales"), so a crop states its range in EC and gives it on any
+scale (:meth:`Crop.ppm`); inside hydrogate, its setpoint and band are ppm on
+the 500 scale like every reading (rules/units.py).
 """
 
 from __future__ import annotations
@@ -11,26 +17,48 @@ from __future__ import annotations
 from dataclasses import dataclass
 from types import MappingProxyType
 
+from rules import units
+
+#: The scale of the table's ppm column.
+TABLE_SCALE = "ppm700"
+
 
 @dataclass(frozen=True, slots=True)
 class Crop:
-    """The growing ranges of one crop: pH and TDS in ppm, each ``(low, high)``."""
+    """The growing ranges of one crop: pH and EC in mS/cm, each ``(low, high)``."""
 
     name: str
     ph: tuple[float, float]
-    ppm: tuple[float, float]
+    ec: tuple[float, float]
 
     @property
     def ph_setpoint(self) -> float:
         return (self.ph[0] + self.ph[1]) / 2
 
     @property
+    def ec_setpoint(self) -> float:
+        """The middle of the EC range, mS/cm."""
+        return (self.ec[0] + self.ec[1]) / 2
+
+    def ppm(self, scale: str = TABLE_SCALE) -> tuple[float, float]:
+        """The range in ppm on ``scale`` (``ppm500``, ``ppm640``, ``ppm700``; ``ec``: mS/cm)."""
+        low, high = self.ec
+        return units.convert(low, "ec", scale), units.convert(high, "ec", scale)
+
+    @property
+    def tds_band(self) -> tuple[float, float]:
+        """The range as hydrogate's readings go (ppm, 500 scale)."""
+        return self.ppm(units.INTERNAL.name)
+
+    @property
     def tds_setpoint(self) -> float:
-        return (self.ppm[0] + self.ppm[1]) / 2
+        """The setpoint as hydrogate's readings go (ppm, 500 scale)."""
+        return units.to_internal(self.ec_setpoint, "ec")
 
 
 def _crop(name: str, ph: tuple[float, float], ppm: tuple[float, float]) -> tuple[str, Crop]:
-    return name, Crop(name, (float(ph[0]), float(ph[1])), (float(ppm[0]), float(ppm[1])))
+    ec = (units.convert(ppm[0], TABLE_SCALE, "ec"), units.convert(ppm[1], TABLE_SCALE, "ec"))
+    return name, Crop(name, (float(ph[0]), float(ph[1])), ec)
 
 
 CROPS = MappingProxyType(
@@ -55,7 +83,8 @@ CROPS = MappingProxyType(
         ]
     )
 )
-"""Every known crop by its canonical name (lower case, words joined by ``_``)."""
+"""Every known crop by its canonical name (lower case, words joined by ``_``); ppm as in the
+table (700 scale)."""
 
 ALIASES = MappingProxyType({"kangkung": "water_spinach"})
 """Other names the thesis uses for a crop in :data:`CROPS`."""

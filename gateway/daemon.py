@@ -42,7 +42,8 @@ STOP_ACTUATORS_S = 5.0
 #: Seconds between two looks at the system clock (steps, synchronisation).
 CLOCK_CHECK_S = 0.5
 #: Keys a node's shared attributes may set (CONTRACT.md).
-SHARED_KEYS = ("mode", "controller", "tds_setpoint", "ph_setpoint", "schedule", "interval")
+SHARED_KEYS = ("mode", "controller", "tds_setpoint", "ec_setpoint", "ph_setpoint", "schedule",
+               "interval")
 #: A shared attribute whose every update acknowledges a stop of automatic control (the pH
 #: lock); it is an event, not a setting, so it is never requested at a session start.
 ACKNOWLEDGE = "acknowledge"
@@ -371,7 +372,9 @@ class Gateway:
         runner = self.runners.get(device)
         if runner is None or runner.control.settings is None:
             return []
-        return list(SHARED_KEYS)
+        # The setpoint in the node's unit only: a stale one in the other could contradict it.
+        other = "tds_setpoint" if runner.config.conductivity == "ec" else "ec_setpoint"
+        return [k for k in SHARED_KEYS if k != other]
 
     def on_attributes(
         self, device: str, data: Mapping[str, Any], *, response: bool = False

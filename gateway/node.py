@@ -12,6 +12,12 @@ the reason. Nothing a node sends can end the daemon: a bad value or key
 costs only itself (dropped and counted), and any exception raised while
 handling a reading or a session is counted and logged once per kind
 (`gateway.faults`), after which the node task reconnects.
+
+Conductivity crosses two edges here (rules/units.py): a reading's NodeLink
+`ec` (µS/cm) becomes the internal `tds` (ppm, 500 scale) that control and
+severity use, and what is stored for ThingsBoard and shown by `get_state`
+carries it under the configured unit's key (`ec`, `tds`, `tds_640`,
+`tds_700`).
 """
 
 from __future__ import annotations
@@ -29,13 +35,14 @@ from drivers.errors import LinkDown, LinkError, NodeRefused, RequestTimeout
 from drivers.link import Link, LinkStats, open_link
 from drivers.nodelink import Event, Reply, clean_values
 from gateway.clock import Clock
-from gateway.config import NodeConfig
+from gateway.config import CalibrationMap, NodeConfig
 from gateway.control import NodeControl
 from gateway.errors import CommandError
 from gateway.faults import FaultLog
 from gateway.service import fields
 from gateway.store import InvalidMessage, Store
 from gateway.tbmsg import drop_unsendable
+from rules import units
 from rules.calibration import Calibrator
 from rules.severity import Severity, assess
 
@@ -86,6 +93,9 @@ class NodeRunner:
         self._severity_key: tuple[str, tuple[str, ...]] | None = None
         self._severity_at = -math.inf
         self._calibrator = Calibrator(config.calibration) if config.calibration else None
+        self._calibrated: frozenset[str] = frozenset(config.calibration)  # keys a map makes
+        self._measured_maps: dict[str, CalibrationMap] = {}  # guided calibrations, over the file's
+        self.unit = units.unit(config.conductivity)
         self._link: Link | None = None
         self._session_tg: asyncio.TaskGroup | None = None
         self._reading_event = asyncio.Event()
@@ -298,14 +308,20 @@ class NodeRunner:
         values, dropped = clean_values(raw)
         if dropped:
             self.stats.count("bad_value", dropped)
+        self.control.observe_raw(values)
         flags: Mapping[str, str] = {}
         if self._calibrator is not None:
             calibrated = self._calibrator.apply(values)
             values, flags = calibrated.values, calibrated.flags
+        values = units.inbound(values, calibrated=self._calibrated)
+        calibrating = self.control.calibrating
+        if calibrating is not None and calibrating in values:
+            flags = {**flags, calibrating: "calibrating"}  # the probe is in a buffer, not the tank
         ts = int(self._clock.time() * 1000)
         entry: dict[str, Any] = {k: v for k, v in values.items() if v is not None}
         for key, flag in flags.items():
             entry[f"{key}_flag"] = flag
+        entry = units.outbound(entry, self.unit)
         if not entry:
             return
         try:
@@ -348,12 +364,20 @@ class NodeRunner:
         if now - self._severity_at < SEVERITY_PERIOD_S:
             return
         self._severity_at = now
-        severity = assess(self.latest, self.control.severity_bands)
+        calibrating = self.control.calibrating
+        latest = {k: v for k, v in self.latest.items() if k != calibrating}
+        severity = assess(latest, self.control.severity_bands)
         alarm = self.control.alarm
         if alarm is not None:  # automatic control stopped itself: the grower must act
             severity = replace(severity, level="urgent", reason=f"{alarm}; {severity.reason}")
+        due = self.control.reminders()
+        if due:  # a calibration is old: worth a look, nothing is wrong yet
+            level = "info" if severity.level == "none" else severity.level
+            reason = "; ".join(due) if severity.level == "none" else f"{severity.reason}; " \
+                + "; ".join(due)
+            severity = replace(severity, level=level, reason=reason)
         off = tuple(sorted(k for k, degree in severity.degrees.items() if degree > 0))
-        key = (severity.level, (*off, *(("lock",) if alarm else ())))
+        key = (severity.level, (*off, *(("lock",) if alarm else ()), *due))
         self.severity = severity
         if key == self._severity_key:
             return
@@ -367,6 +391,20 @@ class NodeRunner:
                 severity.reason,
                 extra=fields(node=self.name, severity=severity.level),
             )
+
+    def set_calibration(self, key: str, measured: CalibrationMap | None) -> None:
+        """A guided calibration's map for ``key`` from the next reading on (``None``: none)."""
+        if measured is None:
+            self._measured_maps.pop(key, None)
+        else:
+            self._measured_maps[key] = measured
+        maps = {**self.config.calibration, **self._measured_maps}
+        self._calibrator = Calibrator(maps) if maps else None
+        self._calibrated = frozenset(maps)
+
+    def calibration_map(self, key: str) -> CalibrationMap | None:
+        """The map in use for ``key``: a guided calibration's, else the config file's."""
+        return self._measured_maps.get(key, self.config.calibration.get(key))
 
     def record(self, ts: int, values: Mapping[str, Any]) -> None:
         """Commit a gateway-made entry (actuation, severity, refusal) for this device."""
@@ -420,14 +458,14 @@ class NodeRunner:
     async def shutdown(self) -> None:
         """Clean stop: abort any cycle and command every actuator off."""
         self.control.abort("gateway stopping")
-        await self.control.titration.cancel("gateway stopping")
+        await self.control.cancel_procedures("gateway stopping")
         if self.connected():
             await self.stop_actuators()
 
     def state(self) -> dict[str, Any]:
         """The node's state as `get_state` reports it."""
         state: dict[str, Any] = {
-            "values": dict(self.latest),
+            "values": units.outbound(dict(self.latest), self.unit),
             "ts": self.latest_ts,
             "actuators": {a: self.running.get(a, 0) for a in self.actuators},
             "link": "up" if self.link_up else "down",
@@ -436,7 +474,7 @@ class NodeRunner:
             "fw": self.fw,
         }
         if self.flags:
-            state["flags"] = dict(self.flags)
+            state["flags"] = units.outbound(dict(self.flags), self.unit)
         if self.severity is not None:
             state["severity"] = self.severity.level
             state["severity_reason"] = self.severity.reason
@@ -450,7 +488,7 @@ class NodeRunner:
         if method == "stop":
             if not self.connected():
                 raise CommandError(f"node {self.name} link is down ({self.link_reason})")
-            await self.control.titration.cancel("stop")
+            await self.control.cancel_procedures("stop")
             if not await self.stop_actuators():
                 raise CommandError("node did not confirm stop")
             return {}

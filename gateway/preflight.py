@@ -129,6 +129,13 @@ def storage_problems(path: Path, *, service_user: str | None = SERVICE_USER) -> 
     return problems
 
 
+def _read_only_mount(folder: Path) -> bool:
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
 def ml_problem(config: Config) -> str | None:
     """Why the ``ml`` controller cannot run its model here, when some node is configured with it."""
     if not any(n.control and n.control.controller == "ml" for n in config.nodes):
@@ -149,9 +156,22 @@ def preflight(
 
     ``ml=False`` skips loading the model (the daemon's ml controllers say it themselves).
     """
+    # A read-only filesystem where the buffer belongs (its own folder, or any folder
+    # outside systemd's sandbox) is a disk fault, not a mistake: the store keeps
+    # readings in memory and writes once it can (docs/reliability.md). Under the
+    # unit, a folder outside the sandbox is read-only for good: that stays an error.
+    path = config.storage.path
+    transient = _read_only_mount(path.parent) and (
+        path.is_relative_to(SERVICE_STATE_DIR) or "INVOCATION_ID" not in os.environ
+    )
     findings = [
-        Finding("storage.path", problem, error=True)
-        for problem in storage_problems(config.storage.path, service_user=service_user)
+        Finding(
+            "storage.path",
+            problem + (" (a read-only filesystem: readings wait in memory until it is"
+                       " writable)" if transient else ""),
+            error=not transient,
+        )
+        for problem in storage_problems(path, service_user=service_user)
     ]
     if (
         os.geteuid() == 0

@@ -58,7 +58,6 @@ from gateway.storewriter import (
     StoreError,
     Writer,
     as_store_error,
-    with_ts,
 )
 from gateway.tbmsg import InvalidMessage, OutboxRow
 
@@ -316,18 +315,21 @@ class Store:
             raise StoreClosed("store is closed or failed") from self._writer.failure
         if device not in self._devices:
             self._devices.add(tbmsg.check_device(device))
-        given = tbmsg.check_ts(ts_ms)
-        # Validated before it takes a stamp, so a refused reading takes none.
-        entry = tbmsg.encode_entry(device, given, values, self._payload_limit)
+        ts = tbmsg.check_ts(ts_ms)
         mono: int | None = None
+        stamps = self._stamps
         if self._holding:
             offset = round((self._clock.time() - self._clock.monotonic()) * 1000)
-            mono = self._held_stamps.unique(device, given - offset)
+            stamps = self._held_stamps
+            mono = stamps.unique(device, ts - offset)
             ts = mono + offset
         else:
-            ts = self._stamps.unique(device, given)
-        if ts != given:  # another entry of the device had this millisecond
-            entry = with_ts(entry, ts)
+            ts = stamps.unique(device, ts)
+        try:
+            entry = tbmsg.encode_entry(device, ts, values, self._payload_limit)
+        except InvalidMessage:
+            stamps.give_back(device, ts if mono is None else mono)  # a refused reading takes none
+            raise
         rows = self._rows
         rows.append((self._next_id, device, ts, entry, mono))
         self._next_id += 1

@@ -60,6 +60,8 @@ RETRY_S = 2.0
 COUNTERS_S = 10.0
 #: The WAL is checkpointed when it reaches this size, whatever the outbox holds...
 WAL_CHECKPOINT_BYTES = 4 << 20
+#: ...or a quarter of the free disk space, but not below this...
+WAL_MIN_BYTES = 64 << 10
 #: ...or when the outbox is empty and the last checkpoint is this old (seconds).
 IDLE_CHECKPOINT_S = 60.0
 #: Smallest margin (seconds) kept between a commit and its sync deadline.
@@ -1003,7 +1005,11 @@ class Writer:
         self._unsynced_since = None
 
     def _maybe_checkpoint(self, now: float) -> None:
-        """Copy the WAL into the file and truncate it: when it is big, or the outbox is empty."""
+        """Copy the WAL into the file and truncate it: when it is big, or the outbox is empty.
+
+        "Big" shrinks with the free space: a WAL that filled the disk could never be
+        checkpointed again (copying it into the file needs room for the file to grow).
+        """
         conn, wal = self._conn, self._wal
         if conn is None or wal is None or self.state != "ok":
             return
@@ -1011,10 +1017,13 @@ class Writer:
         if size == 0:
             self._last_checkpoint = now
             return
+        try:
+            st = os.statvfs(self.path.parent)
+            limit = min(WAL_CHECKPOINT_BYTES, max(WAL_MIN_BYTES, st.f_bavail * st.f_frsize // 4))
+        except OSError:
+            limit = WAL_CHECKPOINT_BYTES
         idle = self.depth == 0 and not len(self._waiting)
-        if size < WAL_CHECKPOINT_BYTES and not (
-            idle and self._last_checkpoint + IDLE_CHECKPOINT_S <= now
-        ):
+        if size < limit and not (idle and self._last_checkpoint + IDLE_CHECKPOINT_S <= now):
             return
         if now < self._checkpoint_after:
             return

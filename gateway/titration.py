@@ -64,6 +64,19 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("hydrogate.titration")
 
+
+def _live(procedure: Titration) -> dict[str, Any]:
+    """The procedure's status while its task runs: its end is shown only once applied.
+
+    The procedure reaches ``done`` before the gateway has applied and kept the result; a
+    reader polling ``get_state`` must not see ``done`` without the ``result``.
+    """
+    status = procedure.status()
+    if status["state"] in ("done", "failed"):
+        del status["state"]
+    return status
+
+
 #: The key under which a node's titration results are kept in the store's learned table.
 TITRATION_KEY = "ph-titration"
 STATE_VERSION = 1
@@ -298,7 +311,7 @@ class NodeTitration:
 
     def _update(self, procedure: Titration) -> None:
         if self._status is not None:
-            self._status.update(procedure.status())
+            self._status.update(_live(procedure))
 
     # ------------------------------------------------------------------ endings
     def _mark(self, state: str, error: str | None) -> None:
@@ -395,6 +408,26 @@ class NodeTitration:
             log.warning("node %s: cannot keep the titration's result: %s", self._node.name, exc,
                         extra=fields(node=self._node.name))
 
+    def recalibrated(self, pump: str, new_over_old: float) -> float | None:
+        """``pump``'s flow was measured again: its kept strength in true ml, if applied.
+
+        A titration counted its doses' ml with the flow of its day; the kept
+        result is rescaled (saved by :meth:`save`). Returns the new strength
+        when the result is the node's ``ph_ml_per_l_per_unit``, else ``None``.
+        """
+        result = self._results.get(pump)
+        if result is None:
+            return None
+        result["ml_per_l_per_unit"] = float(result["ml_per_l_per_unit"]) * new_over_old
+        if isinstance(result.get("per_l"), int | float):
+            result["per_l"] = float(result["per_l"]) * new_over_old
+        return float(result["ml_per_l_per_unit"]) if result["applied"] else None
+
+    async def save(self) -> None:
+        """Keep the results as they are now (after :meth:`recalibrated`)."""
+        if self._results:
+            await self._rewrite()
+
     async def restore(self) -> None:
         """At the node's start: measured strengths whose plant section is unchanged win."""
         node, control = self._node.name, self._control
@@ -452,7 +485,7 @@ class NodeTitration:
             return None
         status = dict(self._status)
         if self.running and self._procedure is not None:
-            status.update(self._procedure.status())
+            status.update(_live(self._procedure))
         return status
 
     def measured(self) -> dict[str, Any]:

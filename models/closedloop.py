@@ -80,11 +80,9 @@ from models.policy import FEATURES, OUTPUT_SCALE, TARGETS, PhQuery, TdsQuery
 from models.policy import RANGES as FEATURE_RANGES
 from models.runtime import InputRangeError, ModelSpec
 from rules.controller import PlantConstants
-from rules.cycle import ControlCycle
-from rules.envelope import PhEnvelope
 from rules.ml import MlController
-from rules.safety import SafetyGuard, SafetyLimits, SafetyRefusal, SensorWatch
-from sim.plant import PUMPS, Reservoir
+from sim.plant import Reservoir
+from sim.rig import Rig
 from sim.tanks import Config, Tank, draw
 
 __all__ = [
@@ -115,7 +113,6 @@ WRONG_SHARE = 0.5  # of the config's constants, each on its own, are up to 20 % 
 UNSET_SHARE = 1.0 / 3.0  # of the tanks have no pH strength configured
 STOCK_FACTOR = (0.5, 3.0)  # × the sweep's 10,000 ppm stock, log-uniform
 POLL_S = 2.0  # as hydrogate evaluate
-STEP_S = 0.5
 SEARCH_STEP_S = 0.5
 #: The committed data (the held-out split only; the training split is regenerated).
 DEFAULT_DATA = Path(__file__).with_name("heldout.npz")
@@ -343,47 +340,20 @@ def _label(plant: Reservoir, query: TdsQuery | PhQuery, tank: Tank) -> float:
 
 async def _run(tank: Tank, explorer: Explorer) -> list[tuple[TdsQuery | PhQuery, Reservoir]]:
     """One cycle of ``tank`` with the exploring ``ml`` controller; its queries and plant copies."""
-    plant = Reservoir.from_state(
-        tds=tank.start_tds, ph=tank.start_ph, params=tank.params, seed=tank.seed
-    )
     queries: list[tuple[TdsQuery | PhQuery, Reservoir]] = []
 
     def observe(query: TdsQuery | PhQuery) -> None:
-        queries.append((query, copy.deepcopy(plant)))
+        queries.append((query, copy.deepcopy(rig.plant)))
 
-    settings = tank.settings()
-    watch = SensorWatch()
-    guard = SafetyGuard(SafetyLimits(), actuators=PUMPS, watch=watch)
     controller = MlController(model=explorer, deadline_s=60.0, observer=observe)
-    cycle = ControlCycle(settings, controller, tank.told, actuators=PUMPS,
-                         envelope=PhEnvelope(tank.told))
-    off_at: dict[str, float] = {}
-    t, next_poll = 0.0, 0.0
+    rig = Rig(tank, controller, poll_s=POLL_S)
+    end = rig.settings.max_cycle_s + POLL_S
     try:
-        cycle.start(0.0)
-        while cycle.state != "idle" and t < settings.max_cycle_s + POLL_S:
-            if t >= next_poll - 1e-9:
-                next_poll += POLL_S
-                reading = plant.sensors()
-                for key in tank.hidden:
-                    reading.pop(key, None)
-                watch.update(t, reading)
-                for dose in await cycle.tick(t, reading):
-                    try:
-                        permit = guard.permit(dose, t, strict=False)
-                    except SafetyRefusal:
-                        continue
-                    guard.record(permit.dose, t)
-                    cycle.ran(permit.dose)
-                    plant.set_pump(permit.dose.actuator, permit.dose.duty)
-                    off_at[permit.dose.actuator] = t + permit.dose.ms / 1000.0
-            target = min([next_poll, t + STEP_S, *off_at.values()])
-            plant.step(target - t)
-            t = target
-            for actuator, when in list(off_at.items()):
-                if when <= t + 1e-9:
-                    plant.set_pump(actuator, 0)
-                    del off_at[actuator]
+        rig.cycle.start(0.0)
+        while rig.cycle.state != "idle" and rig.t < end:
+            if rig.poll_due:
+                await rig.control(rig.read())
+            rig.advance(end)
     finally:
         controller.close()
     return queries

@@ -40,7 +40,7 @@ import numpy as np
 import numpy.typing as npt
 
 from models.closedloop import DEFAULT_DATA, Dataset
-from models.policy import FEATURES, QUANTILE, TARGETS
+from models.policy import FEATURES, OUTPUT_SCALE, QUANTILE, TARGETS
 from models.runtime import DEFAULT_METADATA, DEFAULT_MODEL, Model, interpreter_backend
 
 __all__ = [
@@ -72,8 +72,11 @@ RULE_DEADBAND_PCT = (1.0, 1.5)
 
 
 def pick(ds: Dataset, outputs: FloatArray) -> FloatArray:
-    """Each row's own target from per-row outputs of every target (``(n, len(TARGETS))``)."""
-    picked: FloatArray = outputs[np.arange(len(ds)), ds.target.astype(np.intp)]
+    """Each row's own target from per-row outputs of every target (``(n, len(TARGETS))``),
+    clipped to the target's range as the ``ml`` controller clips it (an int8 output can
+    round a little above it)."""
+    top = np.array([OUTPUT_SCALE[t] for t in TARGETS])
+    picked: FloatArray = np.minimum(outputs, top)[np.arange(len(ds)), ds.target.astype(np.intp)]
     return picked
 
 

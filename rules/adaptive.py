@@ -32,11 +32,10 @@ readings, its own doses) and looks again only once the dose has mixed in.
   controller, holds what is known of the tank's titration (the gateway keeps
   it across restarts), so every controller on the node benefits from it.
 
-"Where it settles" (TDS): before the first dose of a loop, a window average
-that agrees with the latest reading (the tank is not moving); after a dose,
-the last windows must agree, and the change over the last third of the time
-since the dose ended must be small against the dose's change so far
-(``TDS_SETTLE_FRACTION``), whatever the mixing lag. A dose
+"Where it settles" (TDS) is rules/settling.py's test, shared with ``ml``: the
+last windows agree, and the change over the last third of the time since the
+dose ended is small against the dose's change so far, whatever the mixing
+lag. A dose
 without a visible effect (refused by the safety layer, a dry pump) teaches
 nothing and is never followed by a bigger one.
 
@@ -61,6 +60,7 @@ from rules.controller import (
     register,
 )
 from rules.envelope import CAP_PH, HALF, PhEnvelope
+from rules.settling import MIN_PPM, Settling, threshold
 
 __all__ = ["AdaptiveController"]
 
@@ -70,18 +70,12 @@ TDS_FRACTION_UNKNOWN = 0.55  # before: a config 1.8× off still lands short of t
 TDS_AIM_PCT = 0.5  # aim this far on the near side of the setpoint
 TDS_DEADBAND_PCT = 1.0  # no stock while less than this below the setpoint
 TDS_DILUTE_DEADBAND_PCT = 1.5  # no water while less than this above (water costs ~V/c per ppm)
-TDS_SETTLE_PCT = 0.3  # of the setpoint, between consecutive decisions
-TDS_SETTLE_MIN_PPM = 2.5
-TDS_SETTLE_SPAN = 3  # windows over which the TDS change must be small too (at least)
-TDS_SETTLE_FRACTION = 0.05  # of the dose's change so far: what may still move in a third
 TDS_LEARN_MIN_PCT = 3.0  # a dose teaches its pump's factor only above this effect
 TDS_FACTOR_DEADBAND = 0.05  # observed/expected this close to 1 confirms the factor as it is
 TDS_FACTOR_RANGE = (0.4, 2.5)  # a measured factor outside is a fault, not the tank
 PH_DEADBAND = 0.015
 MAX_DOSE_S = 60.0
 MIN_DOSE_MS = 20
-TDS_SEEN = 240  # window averages kept since the last dose
-QUIET_FACTOR = 3.0  # first window: latest reading within this many settle thresholds
 
 
 @dataclass
@@ -99,8 +93,7 @@ class _InFlight:
 
 @dataclass
 class _TdsState:
-    seen: list[float] = field(default_factory=list)  # window averages since the last dose
-    times: list[float] = field(default_factory=list)  # when they were taken (with a clock)
+    windows: Settling = field(default_factory=Settling)  # window averages since the last dose
     in_flight: _InFlight | None = None
     factor: dict[str, float] = field(default_factory=dict)  # measured pumps only
 
@@ -121,14 +114,9 @@ class AdaptiveController:
             return self._ph(ctx, ctx.measured)
         st = self._tds_state
         if ctx.previous_error is None:  # a new loop of a new cycle: nothing is in flight
-            st.seen.clear()
-            st.times.clear()
+            st.windows.reset()
             st.in_flight = None
-        st.seen.append(ctx.measured)
-        del st.seen[:-TDS_SEEN]
-        if ctx.now is not None:
-            st.times.append(ctx.now)
-            del st.times[:-TDS_SEEN]
+        st.windows.add(ctx)
         dose = st.in_flight
         if dose is not None and dose.piece:
             # The next piece of one long dose: the whole was sized at once.
@@ -141,7 +129,11 @@ class AdaptiveController:
                 nxt.before, nxt.expected = dose.before, dose.expected + nxt.expected
                 nxt.ml += dose.ml
             return decision
-        settled = self._settled(ctx)
+        settled = st.windows.settled(
+            ctx,
+            before=None if dose is None else dose.before,
+            end_s=None if dose is None else dose.end_s,
+        )
         if settled is None:
             return self._none("waiting for the reading to settle")
         if dose is not None:
@@ -177,41 +169,23 @@ class AdaptiveController:
             raise ControllerError("adaptive: unusable learned state: a factor out of range")
         self._tds_state.factor = factors
 
-    # ---------------------------------------------------------- settling
-    def _settled(self, ctx: DecisionContext) -> float | None:
-        """Where the TDS reading settles; ``None``: not known yet."""
-        st = self._tds_state
-        threshold = _settle_threshold(ctx)
-        seen = st.seen
-        if st.in_flight is None:
-            latest = ctx.values.get(ctx.loop)
-            quiet = latest is not None and abs(latest - ctx.measured) <= QUIET_FACTOR * threshold
-            if len(seen) == 1 and quiet:
-                return seen[-1]
-            if len(seen) >= 2 and abs(seen[-1] - seen[-2]) <= threshold:
-                return seen[-1]
-            return None
-        if len(seen) < TDS_SETTLE_SPAN + 1:
-            return None
-        d1, d2 = seen[-2] - seen[-3], seen[-1] - seen[-2]
-        if max(abs(d1), abs(d2), abs(seen[-1] - seen[-1 - TDS_SETTLE_SPAN])) > threshold:
-            return None
-        dose = st.in_flight
-        if ctx.now is None or dose.end_s is None:
-            return seen[-1]
-        # The change over the last third of the time since the dose ended must be small
-        # against what the dose did so far: a time-scale free test, so a slow mixing (a
-        # long lag against the averaging window) is not taken for a settled tank. It
-        # holds once ~98 % of a first-order response has arrived.
-        back = ctx.now - (ctx.now - dose.end_s) / 3.0
-        if not st.times or st.times[0] > back:
-            return None  # the readings do not reach back that far yet
-        then = next(v for t, v in zip(reversed(st.times), reversed(seen), strict=False)
-                    if t <= back)
-        moved = abs(seen[-1] - dose.before)
-        if abs(seen[-1] - then) <= max(threshold, TDS_SETTLE_FRACTION * moved):
-            return seen[-1]
-        return None
+    def recalibrated(self, actuator: str, effect: float | None) -> None:
+        """A pump was calibrated (the Recalibrated side): keep what the flow did not explain.
+
+        A factor measured through a wrong configured flow holds that error; the
+        same decision now delivers ``effect`` times as much, so the factor is
+        multiplied by it. ``None``, or a result outside the plausible range,
+        forgets the factor: the next dose of the pump is a cautious first one.
+        """
+        factors = self._tds_state.factor
+        old = factors.pop(actuator, None)
+        self._tds_state.in_flight = None
+        if old is None or effect is None:
+            return
+        new = old * effect
+        low, high = TDS_FACTOR_RANGE
+        if math.isfinite(new) and low <= new <= high:
+            factors[actuator] = new
 
     # ---------------------------------------------------------------- TDS
     def _tds(self, ctx: DecisionContext, c: float) -> Decision:
@@ -220,7 +194,7 @@ class AdaptiveController:
         error = sp - c
         # Diluting costs ~V/c litres per ppm, stock ~V/Cs: tolerate a little more above.
         band_pct = TDS_DEADBAND_PCT if error > 0 else TDS_DILUTE_DEADBAND_PCT
-        if abs(error) <= max(band_pct / 100.0 * sp, TDS_SETTLE_MIN_PPM):
+        if abs(error) <= max(band_pct / 100.0 * sp, MIN_PPM):
             return self._none(f"on target (error {error:+.1f} ppm)")
         volume_l = _volume_l(ctx)
         if error > 0:
@@ -244,7 +218,7 @@ class AdaptiveController:
     def _learn(self, ctx: DecisionContext, dose: _InFlight, final: float) -> None:
         observed = final - dose.before
         expected = dose.expected
-        if expected == 0 or observed / expected <= 0 or abs(observed) < 2 * _settle_threshold(ctx):
+        if expected == 0 or observed / expected <= 0 or abs(observed) < 2 * threshold(ctx):
             # No visible effect: refused by the safety layer, a dry pump, or a tank far
             # less sensitive than assumed. Nothing to learn, and never a bigger dose for
             # it: a refused dose looks the same, and it would overdose once allowed.
@@ -308,8 +282,7 @@ class AdaptiveController:
         self._tds_state.in_flight = _InFlight(
             actuator, dosed_ml, before, expected, piece, max(0.0, remaining), end
         )
-        self._tds_state.seen.clear()
-        self._tds_state.times.clear()
+        self._tds_state.windows.reset()
         note = f"{actuator} {dosed_ml:.1f} ml, expect {expected:+.3g} from {before:.4g}"
         return Decision(doses=(Dose(actuator, 255, ms),), controller=self.name, note=note)
 
@@ -331,6 +304,3 @@ def _tds_effect(ctx: DecisionContext, actuator: str, ml: float, c: float) -> flo
     inflow = ctx.plant.stock_ppm if actuator == "nutrient" else 0.0
     return (c * volume_l + inflow * added) / (volume_l + added) - c
 
-
-def _settle_threshold(ctx: DecisionContext) -> float:
-    return max(TDS_SETTLE_MIN_PPM, TDS_SETTLE_PCT / 100.0 * ctx.setpoint)

@@ -248,9 +248,9 @@ def _point(text: str) -> tuple[float, float]:
         raise argparse.ArgumentTypeError(f"expected RAW:REFERENCE, got {text!r}") from None
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``hydrogate calibrate``."""
-    group = parser.add_mutually_exclusive_group(required=True)
+def add_arguments(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
+    """Options of ``hydrogate calibrate --points`` (``required``: one of --points, --csv)."""
+    group = parser.add_mutually_exclusive_group(required=required)
     group.add_argument(
         "--points", nargs="+", type=_point, metavar="RAW:REF",
         help="calibration points, raw reading and reference value, e.g. 0.04:57 0.49:198",

@@ -39,8 +39,10 @@ __all__ = [
     "DecisionContext",
     "Dose",
     "Learner",
+    "NUTRIENT_PARTS",
     "PH_PUMPS",
     "PlantConstants",
+    "Recalibrated",
     "RulesError",
     "UnknownControllerError",
     "create",
@@ -57,6 +59,10 @@ _DEFAULT_FLOW_ML_S: Mapping[str, float] = MappingProxyType(
 
 #: The pH pumps, whose solutions' strength a tank's titration decides.
 PH_PUMPS: tuple[str, ...] = ("ph_up", "ph_down")
+
+#: The pumps of a multi-part nutrient (A and B, sometimes a third part), dosed in
+#: ``PlantConstants.nutrient_ratio`` instead of one ``nutrient`` pump (rules/nutrients.py).
+NUTRIENT_PARTS: tuple[str, ...] = ("nutrient_a", "nutrient_b", "nutrient_c")
 
 
 class RulesError(Exception):
@@ -108,6 +114,11 @@ class PlantConstants:
     (``hydrogate titrate``) or known from an earlier one. A pump missing from
     it has an unknown strength: the pH safety envelope then assumes the
     steepest plausible tank (rules/envelope.py) until it has measured one.
+
+    ``nutrient_ratio`` (empty: one ``nutrient`` pump) names the parts of a
+    multi-part nutrient and the ratio they are dosed in; ``stock_ppm`` is then
+    what the parts *mixed in that ratio* are worth (rules/nutrients.py).
+    ``stock_ppm`` and every reading are ppm on the 500 scale (rules/units.py).
     """
 
     tank_volume_l: float = 10.0
@@ -116,6 +127,7 @@ class PlantConstants:
     ph_ml_per_l_per_unit: Mapping[str, float] = field(
         default_factory=lambda: MappingProxyType({})
     )
+    nutrient_ratio: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
 
     def __post_init__(self) -> None:
         if not self.tank_volume_l > 0:
@@ -130,10 +142,21 @@ class PlantConstants:
                 raise ValueError(f"ph_ml_per_l_per_unit: {actuator!r} is not a pH pump")
             if not (math.isfinite(strength) and strength > 0):
                 raise ValueError(f"ph_ml_per_l_per_unit[{actuator}] must be > 0, got {strength}")
+        for part, share in self.nutrient_ratio.items():
+            if part not in NUTRIENT_PARTS:
+                raise ValueError(f"nutrient_ratio: {part!r} is not a nutrient part")
+            if not (math.isfinite(share) and share > 0):
+                raise ValueError(f"nutrient_ratio[{part}] must be > 0, got {share}")
         # Freeze the mappings too, so a frozen PlantConstants is really immutable.
         object.__setattr__(self, "flow_ml_s", MappingProxyType(dict(self.flow_ml_s)))
         object.__setattr__(
             self, "ph_ml_per_l_per_unit", MappingProxyType(dict(self.ph_ml_per_l_per_unit))
+        )
+        object.__setattr__(
+            self,
+            "nutrient_ratio",
+            MappingProxyType({p: self.nutrient_ratio[p] for p in NUTRIENT_PARTS
+                              if p in self.nutrient_ratio}),
         )
 
     def flow(self, actuator: str) -> float:
@@ -149,6 +172,7 @@ class PlantConstants:
                 self.stock_ppm,
                 dict(self.flow_ml_s),
                 dict(self.ph_ml_per_l_per_unit),
+                dict(self.nutrient_ratio),
             ),
         )
 
@@ -266,6 +290,28 @@ class Learner(Protocol):
         version's format, values out of range), preferably before changing
         anything; the gateway logs it and carries on with a new controller
         that starts fresh.
+        """
+        ...
+
+
+@runtime_checkable
+class Recalibrated(Protocol):
+    """A controller whose knowledge depends on a pump's configured flow (optional, beside Learner).
+
+    A pump calibration (``hydrogate pump calibrate``) replaces a pump's flow
+    with the measured one. What a controller learned through the old flow (a
+    correction factor that absorbed the flow's error) would then count the
+    error twice; the gateway tells it instead of throwing its knowledge away.
+    """
+
+    def recalibrated(self, actuator: str, effect: float | None) -> None:
+        """``actuator``'s dose now does ``effect`` times what the same decision did before.
+
+        ``effect`` is the old over the new flow for one pump (a decision's ms
+        now delivers that share of what it delivered before, as believed then);
+        ``None`` when it cannot be told: forget what was learned about it.
+        ``actuator`` is the controller's own name for the pump (``nutrient``
+        for every part of a multi-part nutrient).
         """
         ...
 

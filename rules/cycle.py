@@ -37,6 +37,14 @@ Whatever a controller says, the cycle enforces (issue 11):
   remaining error (and 0.3), none while the last one is still mixing in, and
   automatic pH dosing stops after two overshoots in a row until acknowledged.
 
+A node with a multi-part nutrient (``plant.nutrient_ratio``) gets the
+controller's ``nutrient`` dose as its parts (rules/nutrients.py), one after
+another with ``part_pause_s`` between them, never two at once; each part
+goes through the safety guard on its own, and when the guard shortens or
+refuses one, the parts after it are cut in proportion or dropped, so the
+ratio holds (:meth:`ControlCycle.ran`, :meth:`ControlCycle.refused`). The
+mixing wait starts when the last part ends.
+
 Nutrient doses move pH, so pH is corrected after TDS and not the other way
 round. :class:`Triggers` decides when an automatic cycle starts: at the
 ``schedule`` times of day (local time) and every ``interval`` seconds.
@@ -53,6 +61,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from rules.controller import (
+    NUTRIENT_PARTS,
     PH_PUMPS,
     Controller,
     Decision,
@@ -61,6 +70,7 @@ from rules.controller import (
     PlantConstants,
 )
 from rules.envelope import PhEnvelope
+from rules.nutrients import NUTRIENT, Feed
 
 __all__ = ["CycleSettings", "ControlCycle", "CycleState", "Loop", "Triggers"]
 
@@ -106,6 +116,7 @@ class CycleSettings:
     max_cycle_s: float = 3600.0
     tds_deadband_pct: float | None = None
     ph_deadband: float | None = None
+    part_pause_s: float = 30.0
     loops: tuple[Loop, ...] = ("tds", "ph")
 
     def __post_init__(self) -> None:
@@ -118,6 +129,7 @@ class CycleSettings:
             "ph_hold_s",
             "tds_tolerance_pct",
             "ph_tolerance",
+            "part_pause_s",
         ):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0")
@@ -165,7 +177,9 @@ class ControlCycle:
     ``outcome`` tells how the last cycle ended (``done``, ``aborted``,
     ``timeout``); ``last_decision`` who decided last (telemetry ``controller``).
     ``envelope`` is the tank's pH safety envelope; pass the same one to every
-    cycle of a node, it is knowledge about the tank.
+    cycle of a node, it is knowledge about the tank. ``plant`` is the node's;
+    with a multi-part feed, controllers see it with a ``nutrient`` pump of the
+    parts' combined flow (``Feed.controller_plant``), as :attr:`plant`.
     """
 
     def __init__(
@@ -179,7 +193,8 @@ class ControlCycle:
     ) -> None:
         self.settings = settings
         self.controller = controller
-        self.plant = plant
+        self.feed = Feed.of(plant)
+        self.plant = plant if self.feed is None else self.feed.controller_plant(plant)
         self.envelope = envelope if envelope is not None else PhEnvelope(plant)
         self.actuators = frozenset(actuators)
         self.state: CycleState = "idle"
@@ -199,6 +214,9 @@ class ControlCycle:
         self._order: list[Loop] = list(settings.loops)  # this cycle's loops, in order
         self._deferred: set[Loop] = set()  # loops moved behind others this cycle
         self._volume_l = plant.tank_volume_l  # at the last decision
+        self._parts: deque[tuple[float, Dose]] = deque()  # parts still to run, and when
+        self._asked: dict[str, int] = {}  # ms asked of each part handed out, until it ran
+        self._parts_told = False  # the node has parts but no ratio: said once
 
     # ------------------------------------------------------------- control
     def start(self, now: float) -> None:
@@ -225,6 +243,7 @@ class ControlCycle:
         self.state = "idle"
         self.outcome = reason
         self._samples.clear()
+        self._drop_parts()
 
     def _enter(self, loop: Loop, now: float) -> None:
         if loop == "ph" and self.envelope.locked is not None:
@@ -260,6 +279,11 @@ class ControlCycle:
         if now - self.started_at > self.settings.max_cycle_s:
             self.abort(now, "timeout")
             return []
+        due = self._due_parts(now)
+        return due + await self._step(now, values)
+
+    async def _step(self, now: float, values: Mapping[str, float | None]) -> list[Dose]:
+        assert self.state != "idle"
         loop: Loop = self.state
         window = self.settings.average_s(loop)
         value = values.get(loop)
@@ -323,7 +347,7 @@ class ControlCycle:
             if d.ms > 0
             and d.duty > 0
             and d.actuator in _LOOP_ACTUATORS[loop]
-            and d.actuator in self.actuators
+            and self._announced(d.actuator)
             and (setpoint - measured) * _DIRECTION[d.actuator] > 0
         ]
         if len(doses) != len(decision.doses):
@@ -337,8 +361,9 @@ class ControlCycle:
         if not doses:
             self._next_decision = now + self.settings.average_s(loop)
             return []
-        # The mixing wait starts when the longest dose ends; the window then refills.
-        run_s = max(d.ms for d in doses) / 1000.0
+        doses, run_s = self._plan(doses, now)
+        # The mixing wait starts when the longest dose (the last part) ends; the window
+        # then refills.
         self._accept_from = now + run_s + self.settings.mixing_wait_s
         self._next_decision = self._accept_from + self.settings.average_s(loop)
         self._samples.clear()
@@ -347,6 +372,77 @@ class ControlCycle:
             self._hold_since = None  # (already so: a value out of band holds nothing)
         self._dosed = True
         return doses
+
+    # ------------------------------------------------------------- parts
+    def _announced(self, actuator: str) -> bool:
+        """Whether the node has ``actuator`` (with a multi-part feed: every part of it)."""
+        if actuator != NUTRIENT or self.feed is None:
+            if actuator == NUTRIENT and actuator not in self.actuators and not self._parts_told:
+                parts = sorted(self.actuators & set(NUTRIENT_PARTS))
+                if parts:
+                    self._parts_told = True
+                    _log.warning(
+                        "the node has nutrient parts (%s) but plant.nutrient_ratio is not set: "
+                        "no nutrient is dosed until the ratio is known", ", ".join(parts),
+                    )
+            return actuator in self.actuators
+        missing = [p for p in self.feed.parts if p not in self.actuators]
+        if missing and not self._parts_told:
+            self._parts_told = True
+            _log.warning("no nutrient dosed: the node did not announce %s (plant.nutrient_ratio)",
+                         ", ".join(missing))
+        return not missing
+
+    def _plan(self, doses: list[Dose], now: float) -> tuple[list[Dose], float]:
+        """The doses to run now, the later parts queued; and how long until the last one ends.
+
+        A ``nutrient`` dose of a multi-part feed becomes its parts at full duty,
+        each ``part_pause_s`` after the one before has ended.
+        """
+        feed = self.feed
+        now_doses: list[Dose] = []
+        end = 0.0
+        for dose in doses:
+            if dose.actuator != NUTRIENT or feed is None:
+                now_doses.append(dose)
+                end = max(end, dose.ms / 1000.0)
+                continue
+            ml = dose.ms / 1000.0 * self.plant.flow(NUTRIENT) * dose.duty / 255.0
+            at = 0.0
+            for part in feed.doses(ml):
+                if at == 0.0:
+                    now_doses.append(part)
+                else:
+                    self._parts.append((now + at, part))
+                end = max(end, at + part.ms / 1000.0)
+                at += part.ms / 1000.0 + self.settings.part_pause_s
+        for dose in now_doses:
+            if dose.actuator in NUTRIENT_PARTS:
+                self._asked[dose.actuator] = dose.ms
+        return now_doses, end
+
+    def _due_parts(self, now: float) -> list[Dose]:
+        """The queued parts whose time has come (at most one: they never overlap)."""
+        if not self._parts or self._parts[0][0] > now:
+            return []
+        _, part = self._parts.popleft()
+        self._asked[part.actuator] = part.ms
+        return [part]
+
+    def _drop_parts(self) -> None:
+        if self._parts:
+            _log.info("nutrient parts not dosed: %s", ", ".join(d.actuator for _, d in self._parts))
+        self._parts.clear()
+        self._asked.clear()
+
+    def refused(self, dose: Dose) -> None:
+        """The guard refused ``dose`` (or the node did not confirm it): nothing ran.
+
+        A part that did not run takes the parts after it along: one part alone
+        would change the tank's ratio, and the next decision doses again.
+        """
+        if dose.actuator in NUTRIENT_PARTS and self._asked.pop(dose.actuator, None) is not None:
+            self._drop_parts()
 
     def _settled_at_start(self, loop: Loop, measured: float, now: float) -> bool:
         """Before its first dose: end the loop if on target, or let a worse loop go first.
@@ -408,7 +504,20 @@ class ControlCycle:
         return Dose(dose.actuator, dose.duty, ms) if ms >= 1 else None
 
     def ran(self, dose: Dose) -> None:
-        """The node accepted ``dose`` (maybe shortened by the safety guard): it is on its way."""
+        """The node accepted ``dose`` (maybe shortened by the safety guard): it is on its way.
+
+        A nutrient part shortened by the guard shortens the parts after it in
+        proportion, so the ratio holds.
+        """
+        asked = self._asked.pop(dose.actuator, None)
+        if asked is not None and dose.ms < asked and self._parts:
+            share = dose.ms / asked
+            self._parts = deque(
+                (at, Dose(p.actuator, p.duty, max(1, math.floor(p.ms * share))))
+                for at, p in self._parts
+            )
+            _log.info("%s shortened to %.0f %% of its dose: the parts after it too",
+                      dose.actuator, 100.0 * share)
         if dose.actuator in PH_PUMPS and dose.duty > 0 and self.state == "ph":
             per_ms = self._ml_per_ms(dose)
             if per_ms is not None:

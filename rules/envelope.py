@@ -342,6 +342,26 @@ class PhEnvelope:
         self._probe.pop(pump, None)
         self._changed = True
 
+    def recalibrated(self, pump: str, new_over_old: float) -> None:
+        """``pump``'s flow was measured again: ``new_over_old`` times the flow believed so far.
+
+        Every dose's ml were counted with the old flow, so what was measured
+        through them is rescaled, not thrown away: a true ml/L is the counted one
+        times ``new_over_old``, a gain (pH per ml/L) is divided by it.
+        """
+        if not (math.isfinite(new_over_old) and new_over_old > 0):
+            raise EnvelopeError(f"not a flow ratio: {new_over_old}")
+        anchors = self._anchors.get(pump)
+        if anchors:
+            self._anchors[pump] = [
+                Anchor(a.ph, a.gain / new_over_old, a.spread, a.measured) for a in anchors
+            ]
+        if pump in self._probe:
+            self._probe[pump] *= new_over_old
+        if self._pending is not None and self._pending.pump == pump:
+            self._pending = None  # a dose counted with the old flow: not learnt from
+        self._changed = True
+
     def acknowledge(self) -> bool:
         """The grower looked: unlock, and start measuring the tank again. True if locked."""
         was = self.locked is not None

@@ -74,6 +74,7 @@ from rules.controller import (
 )
 from rules.envelope import CAP_PH, HALF, PhEnvelope
 from rules.rb import RbController
+from rules.settling import Settling, threshold
 
 __all__ = ["MAX_DOSE_S", "MlController", "Observer", "Predictor"]
 
@@ -82,15 +83,9 @@ _LOG = logging.getLogger(__name__)
 STATE_VERSION = 1  # of the learned-state snapshot
 MAX_DOSE_S = 60.0  # a longer TDS dose runs in pieces (the safety guard allows 120 s per dose)
 MIN_DOSE_MS = 20
-SETTLE_PCT = 0.3  # of the setpoint: consecutive window averages this close have settled
-SETTLE_MIN_PPM = 2.5
-SETTLE_SPAN = 3  # windows after a dose over which the change must be small too
-SETTLE_FRACTION = 0.05  # of a dose's change so far: what may still move in the last third
-QUIET_FACTOR = 3.0  # first window of a loop: the latest reading within this many thresholds
 LEARN_MIN_PCT = 3.0  # a dose measures its pump's effect only above this change (% of sp)
 FACTOR_RANGE = (0.4, 2.5)  # an effect ratio outside is a fault (a dry pump), not the tank
 FACTOR_MEMORY = 4  # measurements kept per pump (the latest), weighted by their change
-SEEN = 240  # window averages kept since the last dose
 
 
 class Predictor(Protocol):
@@ -121,8 +116,7 @@ class _InFlight:
 
 @dataclass
 class _TdsMemory:
-    seen: list[float] = field(default_factory=list)  # window averages since the last dose
-    times: list[float] = field(default_factory=list)
+    windows: Settling = field(default_factory=Settling)  # window averages since the last dose
     in_flight: _InFlight | None = None
     ratios: dict[str, list[tuple[float, float]]] = field(default_factory=dict)  # (ratio, weight)
 
@@ -265,18 +259,17 @@ class MlController:
         """(the settled TDS if known, the decision) for a TDS loop decision."""
         st = self._tds
         if ctx.previous_error is None:  # a new loop: nothing of ours is in flight
-            st.seen.clear()
-            st.times.clear()
+            st.windows.reset()
             st.in_flight = None
-        st.seen.append(ctx.measured)
-        del st.seen[:-SEEN]
-        if ctx.now is not None:
-            st.times.append(ctx.now)
-            del st.times[:-SEEN]
+        st.windows.add(ctx)
         dose = st.in_flight
         if dose is not None and dose.remaining_ms > 0:
             return None, self._piece(ctx, dose)
-        settled = self._settled(ctx)
+        settled = st.windows.settled(
+            ctx,
+            before=None if dose is None else dose.before,
+            end_s=None if dose is None else dose.end_s,
+        )
         if settled is None:
             return None, self._none("waiting for the reading to settle")
         if dose is not None:
@@ -303,8 +296,7 @@ class MlController:
         dose.remaining_ms -= ms
         dose.ml += ms / 1000.0 * ctx.plant.flow_ml_s[dose.actuator]
         dose.end_s = None if ctx.now is None else ctx.now + ms / 1000.0
-        self._tds.seen.clear()
-        self._tds.times.clear()
+        self._tds.windows.reset()
         left = f", {dose.remaining_ms / 1000:.1f} s to follow" if dose.remaining_ms else ""
         note = f"{dose.actuator} {ms / 1000:.1f} s{left}"
         return Decision(doses=(Dose(dose.actuator, 255, ms),), controller=self.name, note=note)
@@ -318,41 +310,7 @@ class MlController:
         before = ctx.measured if settled is None else settled
         self._tds.in_flight = _InFlight(doses[0].actuator, before, volume_l(ctx), end_s=end,
                                         learn=False)
-        self._tds.seen.clear()
-        self._tds.times.clear()
-
-    def _settled(self, ctx: DecisionContext) -> float | None:
-        """Where the TDS reading settles; ``None``: not known yet."""
-        st = self._tds
-        threshold = _settle_threshold(ctx)
-        seen = st.seen
-        dose = st.in_flight
-        if dose is None:
-            latest = ctx.values.get("tds")
-            quiet = latest is not None and abs(latest - ctx.measured) <= QUIET_FACTOR * threshold
-            if len(seen) == 1 and quiet:
-                return seen[-1]
-            if len(seen) >= 2 and abs(seen[-1] - seen[-2]) <= threshold:
-                return seen[-1]
-            return None
-        if len(seen) < SETTLE_SPAN + 1:
-            return None
-        steps = (seen[-1] - seen[-2], seen[-2] - seen[-3], seen[-1] - seen[-1 - SETTLE_SPAN])
-        if max(abs(s) for s in steps) > threshold:
-            return None
-        if ctx.now is None or dose.end_s is None:
-            return seen[-1]
-        # Time-scale free: the change over the last third of the time since the dose ended
-        # is small against its effect so far (~98 % of a first-order response has arrived).
-        back = ctx.now - (ctx.now - dose.end_s) / 3.0
-        if not st.times or st.times[0] > back:
-            return None
-        then = next(v for t, v in zip(reversed(st.times), reversed(seen), strict=False)
-                    if t <= back)
-        moved = abs(seen[-1] - dose.before)
-        if abs(seen[-1] - then) <= max(threshold, SETTLE_FRACTION * moved):
-            return seen[-1]
-        return None
+        self._tds.windows.reset()
 
     def _learn(self, ctx: DecisionContext, dose: _InFlight, final: float) -> None:
         """The pump's effect ratio from a settled dose, if it is large enough to tell."""
@@ -361,7 +319,7 @@ class MlController:
         inflow = ctx.plant.stock_ppm if dose.actuator == "nutrient" else 0.0
         expected = tds_effect(dose.before, dose.volume, dose.ml, inflow)
         observed = final - dose.before
-        big = max(2.0 * _settle_threshold(ctx), LEARN_MIN_PCT / 100.0 * ctx.setpoint)
+        big = max(2.0 * threshold(ctx), LEARN_MIN_PCT / 100.0 * ctx.setpoint)
         if expected == 0.0 or abs(observed) < big:
             return
         ratio = observed / expected
@@ -417,6 +375,3 @@ class MlController:
             self._executor.shutdown(wait=True, cancel_futures=True)
         self._rb.close()
 
-
-def _settle_threshold(ctx: DecisionContext) -> float:
-    return max(SETTLE_MIN_PPM, SETTLE_PCT / 100.0 * ctx.setpoint)

@@ -12,10 +12,12 @@ are. It enforces (issue 3, part 6):
   when the pump last switched on);
 - per actuator at most ``max_ms_per_hour`` of running time in *any* rolling
   hour, the new run included;
-- never ``ph_up`` while ``ph_down`` runs, nor the reverse;
+- never ``ph_up`` while ``ph_down`` runs, nor the reverse, and never two
+  nutrient pumps at once (``nutrient`` and the parts ``nutrient_a``,
+  ``nutrient_b``, ``nutrient_c`` of a multi-part feed must not meet neat);
 - no dosing when the controlling sensor (``ph`` for the pH pumps, ``tds`` for
-  ``nutrient`` and ``refill``) is missing, stale, outside its physical range
-  or stuck (unchanged for too long);
+  ``nutrient``, its parts and ``refill``) is missing, stale, outside its
+  physical range or stuck (unchanged for too long);
 - no nutrient or pH dosing while the water level is known and low
   (``refill`` stays allowed: it is the cure).
 
@@ -38,7 +40,7 @@ import math
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
-from rules.controller import Dose, RulesError
+from rules.controller import NUTRIENT_PARTS, Dose, RulesError
 
 __all__ = [
     "CONTROLLING_SENSOR",
@@ -60,13 +62,21 @@ CONTROLLING_SENSOR: Mapping[str, str] = {
     "ph_down": "ph",
     "nutrient": "tds",
     "refill": "tds",
+    **dict.fromkeys(NUTRIENT_PARTS, "tds"),
 }
 
 #: Pumps refused when the reservoir is known to be low (refill is the cure, not the harm).
-_NEED_WATER: frozenset[str] = frozenset({"nutrient", "ph_up", "ph_down"})
+_NEED_WATER: frozenset[str] = frozenset({"nutrient", "ph_up", "ph_down", *NUTRIENT_PARTS})
 
-#: Pairs that must never run at the same time.
-_EXCLUSIVE: Mapping[str, str] = {"ph_up": "ph_down", "ph_down": "ph_up"}
+#: Groups of actuators of which at most one may run at a time: the pH pumps would
+#: neutralise each other; nutrient parts must never meet neat.
+_EXCLUSIVE_GROUPS: tuple[frozenset[str], ...] = (
+    frozenset({"ph_up", "ph_down"}),
+    frozenset({"nutrient", *NUTRIENT_PARTS}),
+)
+_EXCLUSIVE: Mapping[str, frozenset[str]] = {
+    actuator: group - {actuator} for group in _EXCLUSIVE_GROUPS for actuator in group
+}
 
 #: NodeLink: a node stops every actuator when no valid frame arrived for this long.
 NODE_WATCHDOG_S = 30.0
@@ -404,9 +414,9 @@ class SafetyGuard:
         return "max_actuation" if run_ms > self.limits.max_actuation_ms else "hour_budget"
 
     def _check_interlocks(self, actuator: str, now: float) -> None:
-        other = _EXCLUSIVE.get(actuator)
-        if other is not None and other in self.running(now):
-            raise SafetyRefusal(actuator, "opposite_running", f"{other} is running")
+        others = sorted(_EXCLUSIVE.get(actuator, frozenset()) & self.running(now))
+        if others:
+            raise SafetyRefusal(actuator, "opposite_running", f"{', '.join(others)} is running")
         sensor = CONTROLLING_SENSOR.get(actuator)
         if sensor is not None:
             problem = self.watch.problem(sensor, now, self.limits)

@@ -66,7 +66,9 @@ class Band:
 
     ``critical_low`` / ``critical_high`` are ``None`` when that side is never
     critical (water level has no critical high). ``decimals`` is how the value
-    is printed in the reason text.
+    is printed in the reason text, after multiplying it by ``scale`` (the
+    reading's unit as people read it: conductivity held as ppm on the 500
+    scale is printed in mS/cm with ``scale`` 1/500, rules/units.py).
     """
 
     label: str
@@ -75,6 +77,7 @@ class Band:
     critical_low: float | None
     critical_high: float | None
     decimals: int = 1
+    scale: float = 1.0
 
     def __post_init__(self) -> None:
         if not self.low <= self.high:
@@ -135,13 +138,17 @@ class Band:
 
     def describe(self, value: float, memberships: Mapping[str, float]) -> str:
         """Short text such as ``pH 7.3 critical (> 7.0)`` or ``ppm 880 high``."""
-        shown = _fmt(value, self.decimals)
+        shown = self._shown(value)
         side, _ = self.position(value)
         if memberships["critical"] > 0.5:
             if side == "low":
-                return f"{self.label} {shown} critical (< {_fmt(self.critical_low, self.decimals)})"
-            return f"{self.label} {shown} critical (> {_fmt(self.critical_high, self.decimals)})"
+                return f"{self.label} {shown} critical (< {self._shown(self.critical_low)})"
+            return f"{self.label} {shown} critical (> {self._shown(self.critical_high)})"
         return f"{self.label} {shown} {side}"
+
+    def _shown(self, value: float | None) -> str:
+        assert value is not None
+        return _fmt(value * self.scale if self.scale != 1.0 else value, self.decimals)
 
 
 def _fmt(value: float | None, decimals: int) -> str:

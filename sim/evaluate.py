@@ -19,7 +19,10 @@ Three evaluations:
   with a pass matrix and the worst case per controller;
 - the week (``--week DAYS``): tanks held at their setpoints for days of plant
   uptake, evaporation and the pH drift they cause, scored by the time in band
-  and the volume used.
+  and the volume used;
+- the grower's tank (``--grower DAYS``, sim/grower.py): a two-part nutrient in
+  EC on a 700-scale meter, its pumps and probes off, as installed and once
+  calibrated by the gateway's commands.
 
 ``--out DIR`` writes ``DIR/control.md`` and plots in ``DIR/img/``.
 """
@@ -39,10 +42,10 @@ from pathlib import Path
 from typing import Any
 
 from rules.controller import Controller, ControllerError, Learner, create
-from rules.cycle import ControlCycle, Loop, Triggers
+from rules.cycle import Loop, Triggers
 from rules.envelope import PhEnvelope
-from rules.safety import SafetyGuard, SafetyLimits, SafetyRefusal, SensorWatch
-from sim.plant import PUMPS, Reservoir
+from sim.plant import Reservoir
+from sim.rig import Rig
 from sim.tanks import Tank, family, thesis_tank
 
 __all__ = [
@@ -89,7 +92,6 @@ LEARN_SEED = 2  # the earlier pass sees other sensor noise than the measured run
 
 POLL_S = 2.0  # the gateway's poll interval in the simulation
 WEEK_POLL_S = 5.0  # the daemon's default poll interval, for the long runs
-STEP_S = 0.5  # plant integration step between events
 INTERVAL_S = 30.0  # auto mode: a cycle every 30 s when idle
 SETTLE_BAND = 0.05  # settling band: ±5 % of the step
 TAIL_S = 60.0  # steady-state error: mean over the last minute
@@ -238,6 +240,7 @@ class Result:
     volume_ml: dict[str, float] = field(default_factory=dict)
     metrics: dict[str, Metrics] = field(default_factory=dict)
     scenario: Scenario | None = None
+    parts_mg: dict[str, float] = field(default_factory=dict)  # in the tank at the end, per part
 
     def trace(self, loop: Loop) -> list[float]:
         """The recorded values of ``loop``'s variable."""
@@ -351,7 +354,7 @@ def excursion(result: Result) -> float:
 
 
 _LOOP_PUMPS: Mapping[str, tuple[str, ...]] = {
-    "tds": ("nutrient", "refill"),
+    "tds": ("nutrient", "refill", "nutrient_a", "nutrient_b", "nutrient_c"),
     "ph": ("ph_up", "ph_down"),
 }
 
@@ -365,34 +368,27 @@ async def simulate(
     poll_s: float = POLL_S,
     loops: tuple[Loop, ...] = ("tds", "ph"),
     params_override: Mapping[str, float] | None = None,
+    read: Callable[[Reservoir], dict[str, float | None]] | None = None,
 ) -> Result:
     """Run ``controller`` in auto mode on ``tank`` as the daemon would, in simulated time.
 
     ``envelope`` carries what an earlier run learned (else a fresh one);
-    ``duration_s`` defaults to the cycle limit plus :data:`OBSERVE_S`.
+    ``duration_s`` defaults to the cycle limit plus :data:`OBSERVE_S`;
+    ``read`` turns the plant's probes into what the gateway sees (default: the
+    engineering values of ``plant.sensors()``; sim/grower.py calibrates raw ones).
     """
-    params = replace(tank.params, **(params_override or {}))
-    plant = Reservoir.from_state(
-        tds=tank.start_tds, ph=tank.start_ph, params=params, seed=tank.seed
+    rig = Rig(
+        tank, controller, loops=loops, envelope=envelope, params_override=params_override,
+        poll_s=poll_s, read=read,
     )
-    settings = tank.settings(loops)
-    duration = settings.max_cycle_s + OBSERVE_S if duration_s is None else duration_s
-    watch = SensorWatch()
-    guard = SafetyGuard(SafetyLimits(), actuators=PUMPS, watch=watch)
-    env = envelope if envelope is not None else PhEnvelope(tank.told)
-    cycle = ControlCycle(settings, controller, tank.told, actuators=PUMPS, envelope=env)
+    plant, cycle, env = rig.plant, rig.cycle, rig.envelope
+    duration = rig.settings.max_cycle_s + OBSERVE_S if duration_s is None else duration_s
     triggers = Triggers((), INTERVAL_S)
     result = Result(tank, controller.name)
-    off_at: dict[str, float] = {}
-    t = 0.0
-    next_poll = 0.0
-    while t < duration:
-        if t >= next_poll - 1e-9:
-            next_poll += poll_s
-            reading = plant.sensors()
-            for key in tank.hidden:
-                reading.pop(key, None)
-            watch.update(t, reading)
+    while rig.t < duration:
+        if rig.poll_due:
+            t = rig.t
+            reading = rig.read()
             truth = plant.truth(at_probe=True)
             result.times.append(t)
             result.tds.append(truth["tds"])
@@ -401,7 +397,7 @@ async def simulate(
                 if cycle.outcome is not None:
                     result.outcomes.append(cycle.outcome)
                 cycle.start(t)
-            doses = await cycle.tick(t, reading)
+            poll = await rig.control(reading)
             first_ends = cycle.state == "idle" and not result.outcomes  # only it counts
             if first_ends and cycle.outcome == "done" and result.first_cycle_s is None:
                 result.first_cycle_s = t
@@ -409,29 +405,14 @@ async def simulate(
                 result.ph_loop_s = t
             if result.tds_done_s is None:
                 result.tds_done_s = next((w for lp, w in cycle.loops_done if lp == "tds"), None)
-            for dose in doses:
-                try:
-                    permit = guard.permit(dose, t, strict=False)
-                except SafetyRefusal as exc:
-                    result.refusals.append((t, dose.actuator, exc.reason))
-                    continue
-                guard.record(permit.dose, t)
-                cycle.ran(permit.dose)
-                plant.set_pump(permit.dose.actuator, permit.dose.duty)
-                off_at[permit.dose.actuator] = t + permit.dose.ms / 1000.0
-                result.doses.append((t, permit.dose.actuator, permit.dose.duty, permit.dose.ms))
-        # Advance to the next event: a poll, a pump's end, or one integration step.
-        target = min([next_poll, t + STEP_S, duration, *off_at.values()])
-        plant.step(target - t)
-        t = target
-        for actuator, when in list(off_at.items()):
-            if when <= t + 1e-9:
-                plant.set_pump(actuator, 0)
-                del off_at[actuator]
+            result.refusals.extend((t, d.actuator, r.reason) for d, r in poll.refused)
+            result.doses.extend((t, d.actuator, d.duty, d.ms) for d in poll.ran)
+        rig.advance(duration)
     if cycle.outcome is not None or cycle.state != "idle":
         result.outcomes.append("running" if cycle.state != "idle" else cycle.outcome or "idle")
     result.locked = env.locked
     result.volume_ml = plant.dosed_ml
+    result.parts_mg = plant.parts_mg()
     # The pH step starts where the pH loop found it: the nutrient doses of the TDS loop
     # before it move the pH too (the stock is acidic), and that is not the pH loop's doing.
     ph_start = tank.start_ph
@@ -648,6 +629,7 @@ class Summary:
     controller: str
     tanks: int
     passed: int  # every target
+    passed_by_config: dict[str, tuple[int, int]]  # config -> (passed, tanks)
     completes: int
     settles: dict[str, int]
     overshoot_ok: dict[str, int]
@@ -679,6 +661,13 @@ def summarize(results: Iterable[Result]) -> list[Summary]:
                 controller=name,
                 tanks=len(rs),
                 passed=sum(1 for r in rs if not misses(r)),
+                passed_by_config={
+                    config: (
+                        sum(1 for r in rs if r.tank.config == config and not misses(r)),
+                        sum(1 for r in rs if r.tank.config == config),
+                    )
+                    for config in dict.fromkeys(r.tank.config for r in rs)
+                },
                 completes=sum(1 for r in rs if r.first_cycle_s is not None),
                 settles={lp: sum(1 for r in rs if r.metrics[lp].settled) for lp in ("tds", "ph")},
                 overshoot_ok={
@@ -756,15 +745,18 @@ def _sse(loop: str, m: Metrics) -> str:
 def matrix(summaries: Sequence[Summary]) -> str:
     """The sweep's pass matrix: per controller, tanks meeting each target."""
     lines = [
-        "| controller | tanks | all targets | cycle completes | TDS settles | pH settles "
+        "| controller | tanks | all targets | by config | cycle completes | TDS settles "
+        "| pH settles "
         f"| TDS overshoot ≤ {MAX_OVERSHOOT_PCT:g} % | pH overshoot ≤ {MAX_OVERSHOOT_PCT:g} % "
         f"| TDS error ≤ {MAX_SSE['tds']:g} % | pH error ≤ {MAX_SSE['ph']:g} "
         f"| pH safe (≤ {MAX_EXCURSION_PH:g} beyond band, no lock) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summaries:
+        by_config = ", ".join(f"{c} {p}/{n}" for c, (p, n) in s.passed_by_config.items())
         lines.append(
-            f"| {s.controller} | {s.tanks} | {s.passed} | {s.completes} | {s.settles['tds']} "
+            f"| {s.controller} | {s.tanks} | {s.passed} | {by_config} | {s.completes} "
+            f"| {s.settles['tds']} "
             f"| {s.settles['ph']} | {s.overshoot_ok['tds']} | {s.overshoot_ok['ph']} "
             f"| {s.sse_ok['tds']} | {s.sse_ok['ph']} | {s.safe} |"
         )
@@ -868,13 +860,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--jobs", type=int, default=1, metavar="N",
         help="processes for the sweep and the week (default 1)",
     )
+    parser.add_argument(
+        "--grower", type=float, default=None, metavar="DAYS",
+        help="days the grower's tank (two parts, EC, calibrated) is held (default 1; "
+        "--quick: 0, not run)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     """``hydrogate evaluate``: print the tables; with ``--out`` write the report and plots."""
     from sim import report  # noqa: PLC0415 (prose lives apart from the machinery)
+    from sim.grower import grower, grower_table  # noqa: PLC0415 (it imports this module)
 
     started = time.monotonic()
+    grower_days = args.grower if args.grower is not None else (0.0 if args.quick else 1.0)
     scenarios = [s for s in SCENARIOS if not args.quick or s.name in QUICK_SCENARIOS]
     names = list(QUICK_CONTROLLERS if args.quick else CONTROLLERS)
     sweep_names = list(SWEEP_CONTROLLERS)
@@ -908,7 +907,8 @@ def run(args: argparse.Namespace) -> int:
                 days=args.week,
                 jobs=args.jobs,
             )
-        return report.Report(results, tanks, swept, held)
+        grown = await grower(days=grower_days) if grower_days > 0 else []
+        return report.Report(results, tanks, swept, held, grown)
 
     try:
         outcome = asyncio.run(everything())
@@ -922,6 +922,9 @@ def run(args: argparse.Namespace) -> int:
     if outcome.weeks:
         print()
         print(week_table(outcome.weeks))
+    if outcome.grower:
+        print()
+        print(grower_table(outcome.grower))
     print(f"\nevaluated in {time.monotonic() - started:.1f} s", file=sys.stderr)
     if args.out is not None:
         img_dir = args.out / "img"
@@ -949,4 +952,6 @@ def _command(args: argparse.Namespace) -> str:
         words.append(f"--sweep {args.sweep} --seed {args.seed}")
     if args.week:
         words.append(f"--week {args.week:g} --week-tanks {args.week_tanks}")
+    if args.grower is not None:
+        words.append(f"--grower {args.grower:g}")
     return " ".join(words)

@@ -275,6 +275,9 @@ class SimNode:
         #: Frames sent, by kind (a reply's op, or the event name); and replies lost on purpose.
         self.sent: Counter[str] = Counter()
         self.replies_dropped = 0
+        #: Every switch of an actuator on the node's clock: (time, actuator, duty; 0 = off),
+        #: so tests can tell what ran when (and that two pumps never overlapped).
+        self.switches: list[tuple[float, str, int]] = []
 
         self._start = clock()
         self._plant_t = self._start
@@ -477,14 +480,18 @@ class SimNode:
             return
         was_on = name in self._running
         self._running[name] = (duty, self._clock() + ms / 1000.0)
+        self.switches.append((self._clock(), name, duty))
         if self.plant.has_pump(name):
             self.plant.set_pump(name, duty)
         if not was_on:
             self._emit({"event": "actuator", "actuator": name, "on": 1, "duty": duty})
 
     def _off(self, name: str) -> None:
-        if self._running.pop(name, None) is None:
+        entry = self._running.pop(name, None)
+        if entry is None:
             return
+        # At the deadline when a timer ran out (tick() applies timers at their deadlines).
+        self.switches.append((min(self._clock(), entry[1]), name, 0))
         if self.plant.has_pump(name):
             self.plant.set_pump(name, 0)
         self._emit({"event": "actuator", "actuator": name, "on": 0})

@@ -26,6 +26,20 @@ Plants take up nutrients (TDS falls; nitrate uptake releases base, so pH
 rises) and water evaporates or transpires (volume falls, TDS rises) faster in
 warm, dry air. Air temperature and humidity follow an optional diurnal cycle.
 
+A multi-part nutrient has a pump per part (``nutrient_a``, ``nutrient_b``,
+``nutrient_c``), each part its own composition (dissolved mass, phosphate,
+free acid: part A like calcium nitrate, part B the phosphates and sulfates),
+and the tank keeps each part's dissolved mass apart (:meth:`Reservoir.parts_mg`),
+so a wrong ratio shows in the tank, in its TDS per ml and in its pH.
+
+The probes can be taken out of the tank and put into a buffer or a standard
+solution (:meth:`Reservoir.immerse`), as a grower calibrating them does; they
+approach its value with ``probe_response_s``. The pH probe's electrode
+potential (``ph_v``, volts) follows a slope (% of Nernst) and an offset (mV at
+pH 7) at the water's temperature; the conductivity probe reads
+``tds_probe_gain`` times the truth (a cell constant off), so calibrations can
+be tested against known errors.
+
 Simplifications, on purpose: closed carbonate system (no CO2 exchange with
 air), activities equal concentrations, constants at 25 °C, the pH solutions
 add no dissolved mass unless ``ph_up_ppm`` / ``ph_down_ppm`` say so.
@@ -42,6 +56,8 @@ from typing import Final
 import numpy as np
 
 __all__ = [
+    "ALL_PUMPS",
+    "PARTS",
     "PUMPS",
     "PH_ADC_OFFSET",
     "PH_ADC_SLOPE",
@@ -51,12 +67,17 @@ __all__ = [
     "PlantParams",
     "Reservoir",
     "SimError",
+    "nernst_mv",
     "ph_to_adc",
     "tds_to_volts",
 ]
 
 PUMPS: Final = ("nutrient", "ph_up", "ph_down", "refill")
-"""The actuators the reservoir has a pump for, by their NodeLink names."""
+"""The actuators of a single-stock reservoir, by their NodeLink names."""
+PARTS: Final = ("nutrient_a", "nutrient_b", "nutrient_c")
+"""The pumps of a multi-part nutrient."""
+ALL_PUMPS: Final = PUMPS + PARTS
+"""Every pump the reservoir has."""
 
 TDS_POLY: Final = (913.98, -2556.2, 2437.0, -416.27, 69.331)
 """Thesis order-4 TDS calibration (volts -> ppm), highest order first."""
@@ -70,6 +91,8 @@ ADC_VREF: Final = 3.3
 ADC_MAX: Final = 4095
 
 _LN10: Final = math.log(10.0)
+_NERNST_MV_PER_K: Final = _LN10 * 8.314462618 / 96485.33212 * 1000.0  # ln10·R/F, mV/K
+_KELVIN: Final = 273.15
 _KW: Final = 1e-14
 _K_CARB: Final = (10**-6.35, 10**-10.33)
 _K_PHOS: Final = (10**-2.15, 10**-7.20, 10**-12.35)
@@ -104,6 +127,9 @@ class PlantParams:
     ph_up_flow_ml_s: float = 1.58
     ph_down_flow_ml_s: float = 1.58
     refill_flow_ml_s: float = 1.58
+    nutrient_a_flow_ml_s: float = 1.58
+    nutrient_b_flow_ml_s: float = 1.58
+    nutrient_c_flow_ml_s: float = 1.58
 
     # What each pump adds.
     stock_ppm: float = 10_000.0
@@ -117,6 +143,16 @@ class PlantParams:
     ph_down_mol_l: float = 0.15  # strong acid
     ph_up_ppm: float = 0.0
     ph_down_ppm: float = 0.0
+    # The parts of a multi-part nutrient; A:B 1:1 is the stock above, split by chemistry.
+    part_a_ppm: float = 12_000.0  # calcium nitrate, iron: no phosphate
+    part_a_phosphate_mol_l: float = 0.0
+    part_a_acid_mol_l: float = 0.002
+    part_b_ppm: float = 8_000.0  # phosphates, sulfates, potassium, magnesium
+    part_b_phosphate_mol_l: float = 0.032
+    part_b_acid_mol_l: float = 0.010
+    part_c_ppm: float = 4_000.0  # a supplement: no phosphate, no acid
+    part_c_phosphate_mol_l: float = 0.0
+    part_c_acid_mol_l: float = 0.0
 
     # Mixing between the well-mixed tank and the probes.
     dead_time_s: float = 25.0
@@ -145,6 +181,14 @@ class PlantParams:
     noise_humidity: float = 0.5
     tds_temp_coefficient: float = 0.02
 
+    # The probes' own errors: the conductivity probe reads this many times the truth; the
+    # pH electrode's slope (% of Nernst) and offset (mV at pH 7); their response time
+    # when moved into a buffer or standard solution.
+    tds_probe_gain: float = 1.0
+    ph_probe_slope_pct: float = 100.0
+    ph_probe_offset_mv: float = 0.0
+    probe_response_s: float = 3.0
+
     # Numerics.
     max_substep_s: float = 0.5
 
@@ -168,13 +212,18 @@ class PlantParams:
         try:
             return float(getattr(self, f"{_pump_key(pump)}_flow_ml_s"))
         except AttributeError as exc:
-            raise PlantError(f"unknown pump {pump!r} (known: {', '.join(PUMPS)})") from exc
+            raise PlantError(f"unknown pump {pump!r} (known: {', '.join(ALL_PUMPS)})") from exc
 
 
 def _pump_key(pump: str) -> str:
-    if pump not in PUMPS:
-        raise PlantError(f"unknown pump {pump!r} (known: {', '.join(PUMPS)})")
+    if pump not in ALL_PUMPS:
+        raise PlantError(f"unknown pump {pump!r} (known: {', '.join(ALL_PUMPS)})")
     return pump
+
+
+def nernst_mv(temp_c: float) -> float:
+    """The ideal pH electrode's slope at ``temp_c``: mV per pH unit (59.16 at 25 °C)."""
+    return _NERNST_MV_PER_K * (temp_c + _KELVIN)
 
 
 # --- chemistry ---------------------------------------------------------------
@@ -321,8 +370,14 @@ class Reservoir:
         self.params = p
         self._rng = np.random.default_rng(seed)
         self._t = 0.0
-        self._duty: dict[str, int] = dict.fromkeys(PUMPS, 0)
-        self._dosed_ml: dict[str, float] = dict.fromkeys(PUMPS, 0.0)
+        self._duty: dict[str, int] = dict.fromkeys(ALL_PUMPS, 0)
+        self._on: dict[str, int] = {}  # the pumps running, and their duty
+        self._dosed_ml: dict[str, float] = dict.fromkeys(ALL_PUMPS, 0.0)
+        # Each part's dissolved mass, divided by _parts_scale: uptake and overflow take from
+        # every part alike, so they scale that one number instead of each part.
+        self._parts_mg: dict[str, float] = dict.fromkeys(PARTS, 0.0)
+        self._parts_scale = 1.0
+        self._immersed: dict[str, tuple[float, float, float, float]] = {}  # see immerse()
 
         # What one litre pumped by each pump adds: (mg, base mol, carbonate mol, phosphate mol).
         refill_base, _ = _required_base(p.refill_ph, p.refill_carbonate_mol_l, 0.0)
@@ -337,7 +392,11 @@ class Reservoir:
             "ph_down": (p.ph_down_ppm, -p.ph_down_mol_l, 0.0, 0.0),
             "refill": (p.refill_ppm, refill_base, p.refill_carbonate_mol_l, 0.0),
         }
-        self._flow_l_s = {k: p.flow_ml_s(k) / 1000.0 for k in PUMPS}
+        for part, letter in zip(PARTS, "abc", strict=True):
+            phos = float(getattr(p, f"part_{letter}_phosphate_mol_l"))
+            acid = float(getattr(p, f"part_{letter}_acid_mol_l"))
+            self._inflow[part] = (float(getattr(p, f"part_{letter}_ppm")), phos - acid, 0.0, phos)
+        self._flow_l_s = {k: p.flow_ml_s(k) / 1000.0 for k in ALL_PUMPS}
 
         # Tank: made of fresh water plus stock, brought to initial_ph by its base balance.
         vol = p.volume_l
@@ -391,6 +450,10 @@ class Reservoir:
         if isinstance(duty, bool) or not isinstance(duty, int) or not 0 <= duty <= 255:
             raise PlantError(f"duty must be an integer 0..255, got {duty!r}")
         self._duty[actuator] = duty
+        if duty:
+            self._on[actuator] = duty
+        else:
+            self._on.pop(actuator, None)
 
     def has_pump(self, actuator: str) -> bool:
         """Whether the reservoir has a pump called ``actuator``."""
@@ -405,6 +468,10 @@ class Reservoir:
     def dosed_ml(self) -> dict[str, float]:
         """Volume each pump has delivered since the start, in ml."""
         return dict(self._dosed_ml)
+
+    def parts_mg(self) -> dict[str, float]:
+        """Dissolved mass (mg) in the tank that each nutrient part brought (after uptake)."""
+        return {part: mg * self._parts_scale for part, mg in self._parts_mg.items()}
 
     @property
     def time_s(self) -> float:
@@ -433,18 +500,19 @@ class Reservoir:
         air, rh = self._climate(self._t)
 
         # Pumps: each adds its liquid's mass, base, carbonate, phosphate and heat.
-        for pump, duty in self._duty.items():
-            if duty:
-                litres = self._flow_l_s[pump] * duty / 255.0 * h
-                mass, base, carb, phos = self._inflow[pump]
-                vol = self._vol + litres
-                self._temp = (self._temp * self._vol + p.refill_temp * litres) / vol
-                self._vol = vol
-                self._mass += mass * litres
-                self._base += base * litres
-                self._carb += carb * litres
-                self._phos += phos * litres
-                self._dosed_ml[pump] += litres * 1000.0
+        for pump, duty in self._on.items():
+            litres = self._flow_l_s[pump] * duty / 255.0 * h
+            mass, base, carb, phos = self._inflow[pump]
+            vol = self._vol + litres
+            self._temp = (self._temp * self._vol + p.refill_temp * litres) / vol
+            self._vol = vol
+            self._mass += mass * litres
+            self._base += base * litres
+            self._carb += carb * litres
+            self._phos += phos * litres
+            self._dosed_ml[pump] += litres * 1000.0
+            if pump in self._parts_mg:
+                self._parts_mg[pump] += mass * litres / self._parts_scale
 
         # Plant uptake: a parcel of nutrient (mass and phosphate with its cation),
         # plus the base that nitrate uptake releases.
@@ -453,6 +521,7 @@ class Reservoir:
         taken_phos = self._phos * frac
         self._mass -= taken_mg
         self._phos -= taken_phos
+        self._parts_scale -= self._parts_scale * frac
         self._base += p.uptake_base_mol_per_g * taken_mg / 1000.0 - taken_phos
 
         # Evaporation and transpiration: water only, never below a puddle.
@@ -467,6 +536,7 @@ class Reservoir:
             self._base *= keep
             self._carb *= keep
             self._phos *= keep
+            self._parts_scale *= keep
 
         # Water temperature relaxes toward the air.
         self._temp += (air - self._temp) * -math.expm1(-h / p.water_temp_lag_s)
@@ -565,6 +635,40 @@ class Reservoir:
             "humidity": rh,
         }
 
+    # --- probes out of the tank ----------------------------------------------
+
+    def immerse(self, probe: str, value: float, temp_c: float) -> None:
+        """Put a probe (with the temperature probe) into a calibration solution at ``temp_c``.
+
+        ``probe`` is ``"ph"`` (``value``: the buffer's pH at ``temp_c``) or
+        ``"ec"`` (``value``: the standard's conductivity at 25 °C, µS/cm). The
+        reading moves from what the probe read to the solution's value with
+        ``probe_response_s``, as a real probe settles.
+        """
+        if probe not in ("ph", "ec") or not (math.isfinite(value) and math.isfinite(temp_c)):
+            raise PlantError(f"cannot immerse {probe!r} in {value!r} at {temp_c!r} °C")
+        now = self._sensed_truth()
+        start = now["ph"] if probe == "ph" else now["tds"]
+        target = value if probe == "ph" else value / 2.0  # µS/cm -> ppm on the 500 scale
+        self._immersed[probe] = (target, temp_c, start, self._t)
+
+    def withdraw(self, probe: str) -> None:
+        """Put a probe back into the tank."""
+        self._immersed.pop(probe, None)
+
+    def _sensed_truth(self) -> dict[str, float]:
+        """What the probes feel, noise-free: the tank's probe line, or a calibration solution."""
+        true = self.truth(at_probe=True)
+        if not self._immersed:
+            return true
+        tau = max(self.params.probe_response_s, 1e-9)
+        key = {"ph": "ph", "ec": "tds"}
+        for probe, (target, temp_c, start, since) in self._immersed.items():
+            w = math.exp(-(self._t - since) / tau)
+            true[key[probe]] = target + (start - target) * w
+            true["water_temp"] = temp_c
+        return true
+
     def sensors(self) -> dict[str, float]:
         """One noisy reading of every probe, in engineering units and as raw values.
 
@@ -572,15 +676,22 @@ class Reservoir:
         ``water_temp``, ``water_level`` (L), ``air_temp``, ``humidity``.
         Raw keys, by inverting the thesis calibration maps: ``tds_v`` (the
         probe voltage of the *uncompensated* reading, so the gateway's
-        ``EC25 = EC / (1 + 0.02 (T - 25))`` recovers ``tds``) and ``ph_adc``.
+        ``EC25 = EC / (1 + 0.02 (T - 25))`` recovers ``tds``) and ``ph_adc``;
+        and ``ph_v``, the pH electrode's potential in volts (its slope and
+        offset at the water's temperature). The conductivity probe reads
+        ``tds_probe_gain`` times the truth.
         """
         p = self.params
         z = self._rng.standard_normal(6)
-        true = self.truth(at_probe=True)
-        tds = max(0.0, true["tds"] + p.noise_tds * float(z[0]))
+        true = self._sensed_truth()
+        temp = true["water_temp"]
+        tds = max(0.0, true["tds"] * p.tds_probe_gain + p.noise_tds * float(z[0]))
         ph = true["ph"] + p.noise_ph * float(z[1])
-        water_temp = true["water_temp"] + p.noise_water_temp * float(z[2])
-        uncompensated = tds * (1.0 + p.tds_temp_coefficient * (self._temp - 25.0))
+        water_temp = temp + p.noise_water_temp * float(z[2])
+        uncompensated = tds * (1.0 + p.tds_temp_coefficient * (temp - 25.0))
+        electrode_mv = p.ph_probe_offset_mv - p.ph_probe_slope_pct / 100.0 * nernst_mv(temp) * (
+            ph - 7.0
+        )
         return {
             "tds": tds,
             "ph": ph,
@@ -590,4 +701,5 @@ class Reservoir:
             "humidity": min(max(true["humidity"] + p.noise_humidity * float(z[5]), 0.0), 100.0),
             "tds_v": _quantize_volts(tds_to_volts(uncompensated)),
             "ph_adc": float(ph_to_adc(ph)),
+            "ph_v": electrode_mv / 1000.0,
         }

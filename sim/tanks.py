@@ -84,6 +84,7 @@ class Tank:
     timing: Mapping[str, float] = field(default_factory=dict)
     seed: int = 1
     hidden: tuple[str, ...] = ()  # sensor keys this tank's node does not have
+    pumps: tuple[str, ...] = PUMPS  # the actuators its node has
 
     def settings(self, loops: tuple[Loop, ...] = ("tds", "ph")) -> CycleSettings:
         """The cycle settings a plant engineer would give this tank (defaults, timings scaled)."""

@@ -227,3 +227,14 @@ def test_an_unsynchronised_clock_nothing_will_ever_sync_is_trusted(
     assert (alone, attended) in {(True, True), (None, False), (False, False)}
     if alone is None:
         assert TimeKeeper(FakeClock(), probe=lambda: alone).unattended
+
+
+def test_a_stamp_given_back_is_free_again() -> None:
+    s = Stamps()
+    assert s.unique("a", 5000) == 5000
+    assert s.unique("a", 5000) == 4999
+    s.give_back("a", 4999)
+    assert s.unique("a", 5000) == 4999
+    s.give_back("a", 5000)  # the newest: the one before is the newest again
+    assert s.last("a") == 4999
+    assert s.unique("a", 5000) == 5000

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime
 import json
 import shutil
@@ -149,7 +150,7 @@ def test_contract_example_parses_to_the_expected_dataclasses() -> None:
                     ph_setpoint=6.0,
                     controller="fuzzy",
                     crop="lettuce",
-                    tds_band=(560.0, 840.0),
+                    tds_band=(400.0, 600.0),  # the table's 560-840 are ppm on the 700 scale
                     ph_band=(6.0, 7.0),
                     schedule=(datetime.time(9), datetime.time(15), datetime.time(21)),
                     interval=30.0,
@@ -576,7 +577,7 @@ BAD = [
         "nodes.0.safety.tds_range",
         [0, 700],
         "nodes[0].control.tds_setpoint",
-        "800 is outside safety.tds_range [0, 700]",
+        "800 ppm is outside safety.tds_range [0, 700]",
     ),
     ("nodes.0.safety", [], "nodes[0].safety", "must be a mapping, not a list"),
     (
@@ -685,20 +686,21 @@ def test_crop_gives_setpoints_and_bands_and_explicit_setpoints_win() -> None:
     config = parse_config(base())
     preset = config.nodes[1].control
     assert preset is not None
-    assert (preset.tds_setpoint, preset.ph_setpoint) == (700.0, 6.5)
-    assert (preset.tds_band, preset.ph_band, preset.crop) == ((560.0, 840.0), (6.0, 7.0), "lettuce")
+    # The table's 560-840 ppm are on the 700 scale: 0.8-1.2 mS/cm, 400-600 ppm (500 scale).
+    assert (preset.tds_setpoint, preset.ph_setpoint) == (500.0, 6.5)
+    assert (preset.tds_band, preset.ph_band, preset.crop) == ((400.0, 600.0), (6.0, 7.0), "lettuce")
     explicit = config.nodes[0].control
     assert explicit is not None
     assert (explicit.tds_setpoint, explicit.ph_setpoint, explicit.tds_band) == (
         800.0,
         6.0,
-        (560.0, 840.0),
+        (400.0, 600.0),
     )
     one = parse_config(
         changed(base(), "nodes.1.control", {"crop": "lettuce", "ph_setpoint": 6.2})
     ).nodes[1]
     assert one.control is not None and (one.control.tds_setpoint, one.control.ph_setpoint) == (
-        700.0,
+        500.0,
         6.2,
     )
 
@@ -706,10 +708,10 @@ def test_crop_gives_setpoints_and_bands_and_explicit_setpoints_win() -> None:
 @pytest.mark.parametrize(
     ("name", "canonical", "ph", "tds"),
     [
-        ("Brussels sprouts", "brussels_sprouts", 6.5, 1925.0),
-        ("kangkung", "water_spinach", 6.0, 1225.0),
-        ("pak-choi", "pak_choi", 7.0, 1225.0),
-        ("broccoli", "broccoli", 6.4, 2205.0),
+        ("Brussels sprouts", "brussels_sprouts", 6.5, 1375.0),  # 1925 ppm on the 700 scale
+        ("kangkung", "water_spinach", 6.0, 875.0),
+        ("pak-choi", "pak_choi", 7.0, 875.0),
+        ("broccoli", "broccoli", 6.4, 1575.0),
     ],
 )
 def test_crop_names_and_aliases(name: str, canonical: str, ph: float, tds: float) -> None:
@@ -721,7 +723,9 @@ def test_crop_names_and_aliases(name: str, canonical: str, ph: float, tds: float
 def test_crop_table_matches_the_reference() -> None:
     assert len(CROPS) == 16
     lettuce = find_crop("lettuce")
-    assert lettuce is not None and (lettuce.ph, lettuce.ppm) == ((6.0, 7.0), (560.0, 840.0))
+    assert lettuce is not None and (lettuce.ph, lettuce.ppm()) == ((6.0, 7.0), (560.0, 840.0))
+    assert (lettuce.ec, lettuce.ppm("ppm500"), lettuce.ppm("ppm640")) == (
+        (0.8, 1.2), (400.0, 600.0), (512.0, 768.0))
     assert find_crop("endive") is not None and find_crop("endive").ph == (5.5, 5.5)  # type: ignore[union-attr]
     for crop in CROPS.values():  # every preset must pass the config's own setpoint bounds
         assert 3 <= crop.ph_setpoint <= 9 and 50 <= crop.tds_setpoint <= 5000
@@ -998,7 +1002,7 @@ def test_update_without_prefix_and_with_safety_ranges() -> None:
     with pytest.raises(ConfigError) as info:
         apply_control_update(control(), {"tds_setpoint": 2500}, safety=safety, path_prefix="tank-a")
     assert info.value.errors == [
-        ("tank-a.tds_setpoint", "2500 is outside safety.tds_range [0, 2000]")
+        ("tank-a.tds_setpoint", "2500 ppm is outside safety.tds_range [0, 2000]")
     ]
     assert (
         apply_control_update(control(), {"tds_setpoint": 1500}, safety=safety).tds_setpoint == 1500
@@ -1015,7 +1019,11 @@ def test_update_must_be_a_mapping_and_crop_is_not_a_runtime_key() -> None:
 
 
 def test_control_settings_hold_exactly_the_runtime_keys() -> None:
-    assert tuple(control_settings(control())) == RUNTIME_KEYS
+    # The setpoint goes once, in the node's unit: ec_setpoint with units.conductivity ec.
+    assert tuple(control_settings(control())) == tuple(
+        k for k in RUNTIME_KEYS if k != "ec_setpoint")
+    in_ec = dataclasses.replace(control(), conductivity="ec")
+    assert tuple(control_settings(in_ec)) == tuple(k for k in RUNTIME_KEYS if k != "tds_setpoint")
 
 
 def test_control_settings_round_trip_through_json() -> None:
@@ -1051,11 +1059,12 @@ def test_summary() -> None:
         "gateway      greenhouse-1 (health every 60 s)",
         "storage      /var/lib/hydrogate/hydrogate.sqlite (at most 2000000 rows or 2 GiB, synced every 1 s)",
         "thingsboard  thingsboard.example.com:8883 tls, max payload 64 KiB",
+        "units        conductivity ppm500 (telemetry key tds)",
         "nodes        2",
         "  tank-a: tcp://192.168.1.50:3333, poll 5 s, calibrated: ph, tds; "
         "auto fuzzy, tds 800 ppm, pH 6 (lettuce), every 30 s, at 09:00 15:00 21:00",
         "  tank-b: serial:///dev/ttyUSB0?baud=115200, poll 5 s, calibrated: none; "
-        "auto adaptive, tds 700 ppm, pH 6.5 (lettuce), every 30 s",
+        "auto adaptive, tds 500 ppm, pH 6.5 (lettuce), every 30 s",
     ]
     offline = parse_config(
         changed(changed(base(), "thingsboard", DELETE), "nodes.1.control", DELETE)

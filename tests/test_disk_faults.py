@@ -306,3 +306,21 @@ async def test_a_large_file_gets_the_cheap_checks_and_they_catch_truncation_and_
     async with Store.open(path, max_rows=None, max_bytes=None) as store:
         assert 1000 <= store.stats.depth <= 3000
     assert list(tmp_path.glob("gw.sqlite.damaged-*"))
+
+
+async def test_the_wal_never_fills_a_small_disk_by_itself(small_disk: Path) -> None:
+    """Once a WAL has filled the disk it can never be checkpointed (the file would have
+    to grow): it is checkpointed early enough, as the free space shrinks."""
+    path = small_disk / "gw.sqlite"
+    wal = Path(f"{path}-wal")
+    largest = 0
+    async with Store.open(path, max_rows=3000, max_bytes=None, sync_interval=0.1) as store:
+        for second in range(60):  # ~6 MB of readings through a 4 MiB disk
+            for i in range(300):
+                store.append("tank-a", 1_800_000_000_000 + second * 1000 + i,
+                             {"seq": i, "pad": "x" * 200})
+            await store.flush()
+            largest = max(largest, wal.stat().st_size)
+            assert store.storage == "ok", f"after {second} s"
+        assert store.stats.depth == 3000
+    assert largest <= (4 << 20) // 4 + (256 << 10)

@@ -14,10 +14,9 @@ from hypothesis import strategies as st
 
 from rules import envelope as env
 from rules.controller import Decision, DecisionContext, Dose, PlantConstants
-from rules.cycle import ControlCycle
 from rules.envelope import Anchor, EnvelopeError, PhEnvelope
-from rules.safety import SafetyGuard, SafetyLimits, SafetyRefusal, SensorWatch
-from sim.plant import PUMPS, Reservoir, _required_base
+from sim.plant import _required_base
+from sim.rig import Rig
 from sim.tanks import draw
 
 PLANT = PlantConstants(tank_volume_l=10.0, flow_ml_s={"ph_up": 1.0, "ph_down": 1.0})
@@ -201,41 +200,24 @@ async def run_adversary(seed: int, hours: float = 2.0) -> tuple[float, float, fl
     tank = draw(rng, "prop", rng.choice(("right", "wrong", "unset")), seed=seed)
     start = tank.ph_setpoint + rng.uniform(-0.45, 0.45)
     # Only decisions move the pH here: no uptake, no evaporation, no TDS loop.
-    params = replace(tank.params, uptake_per_h=0.0, evaporation_l_per_h=0.0)
-    plant = Reservoir.from_state(tds=tank.tds_setpoint, ph=start, params=params, seed=seed)
-    settings_ = tank.settings(loops=("ph",))
-    watch = SensorWatch()
-    guard = SafetyGuard(SafetyLimits(), actuators=PUMPS, watch=watch)
-    cycle = ControlCycle(settings_, Adversary(rng), tank.told, actuators=PUMPS)
-    off_at: dict[str, float] = {}
+    rig = Rig(
+        tank,
+        Adversary(rng),
+        loops=("ph",),
+        params_override={"uptake_per_h": 0.0, "evaporation_l_per_h": 0.0},
+        start_tds=tank.tds_setpoint,
+        start_ph=start,
+    )
     worst = 0.0
-    t, next_poll = 0.0, 0.0
-    while t < hours * 3600.0:
-        if t >= next_poll - 1e-9:
-            next_poll += 2.0
-            reading = plant.sensors()
-            for key in tank.hidden:
-                reading.pop(key, None)
-            watch.update(t, reading)
-            if cycle.state == "idle":
-                cycle.start(t)
-            for dose in await cycle.tick(t, reading):
-                try:
-                    permit = guard.permit(dose, t, strict=False)
-                except SafetyRefusal:
-                    continue
-                guard.record(permit.dose, t)
-                cycle.ran(permit.dose)
-                plant.set_pump(permit.dose.actuator, permit.dose.duty)
-                off_at[permit.dose.actuator] = t + permit.dose.ms / 1000.0
-        target = min([next_poll, t + 0.5, *off_at.values()])
-        plant.step(target - t)
-        t = target
-        for actuator, when in list(off_at.items()):
-            if when <= t + 1e-9:
-                plant.set_pump(actuator, 0)
-                del off_at[actuator]
-        worst = max(worst, abs(plant.truth()["ph"] - tank.ph_setpoint))
+    end = hours * 3600.0
+    while rig.t < end:
+        if rig.poll_due:
+            reading = rig.read()
+            if rig.cycle.state == "idle":
+                rig.cycle.start(rig.t)
+            await rig.control(reading)
+        rig.advance(end)
+        worst = max(worst, abs(rig.plant.truth()["ph"] - tank.ph_setpoint))
     return tank.ph_setpoint, worst, abs(start - tank.ph_setpoint)
 
 

@@ -126,7 +126,8 @@ def test_quick_run_writes_report(tmp_path: Path, capsys: pytest.CaptureFixture[s
     parser = argparse.ArgumentParser()
     ev.add_arguments(parser)
     args = parser.parse_args(
-        ["--quick", "--sweep", "2", "--week", "0.1", "--week-tanks", "1", "--out", str(tmp_path)]
+        ["--quick", "--sweep", "2", "--week", "0.1", "--week-tanks", "1", "--grower", "0.2",
+         "--out", str(tmp_path)]
     )
     assert ev.run(args) == 0
     out = capsys.readouterr().out
@@ -135,6 +136,8 @@ def test_quick_run_writes_report(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "## Definitions" in doc and "| pH 7.2 → 6.0, TDS on target | fuzzy |" in doc
     assert "## The sweep: 2 tanks nobody tuned on" in doc and "| adaptive | 2 |" in doc
     assert "## A week on target" in doc and "--week 0.1 --week-tanks 1" in doc
+    assert "## A grower's tank: two parts, EC on a 700-scale meter" in doc
+    assert "--grower 0.2" in doc and "| A:B dosed (1:1 wanted) |" in doc
     pngs = sorted(p.name for p in (tmp_path / "img").iterdir())
     assert pngs == sorted(f"control_{name}.png" for name in ev.QUICK_SCENARIOS)
     assert all((tmp_path / "img" / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
@@ -210,3 +213,21 @@ async def test_a_day_on_target_with_uptake_and_evaporation() -> None:
     assert held.in_band["tds"] >= ev.MIN_WEEK_IN_BAND
     assert held.in_band["ph"] >= ev.MIN_WEEK_IN_BAND
     assert held.doses > 0  # it had something to correct
+
+
+async def test_the_grower_s_tank_is_held_on_target_once_calibrated() -> None:
+    """Issue 13: two parts in EC on a 700-scale meter, pumps and probes calibrated."""
+    from sim.grower import grower
+
+    installed, calibrated = await grower(days=0.5)
+    # As installed, the gateway holds what it reads: the tank is off and the ratio too.
+    assert installed.ec_held[1] < 0.5 and abs(installed.ratio_dosed - 1.25 / 0.85) < 0.05
+    assert calibrated.probe_ph is not None
+    assert calibrated.probe_ph[0] == pytest.approx(93.0, rel=0.01)
+    assert calibrated.probe_ph[1] == pytest.approx(18.0, abs=2.0)
+    assert calibrated.ec_held[1] >= ev.MIN_WEEK_IN_BAND
+    assert calibrated.ph_held[1] >= ev.MIN_WEEK_IN_BAND
+    assert calibrated.ratio_dosed == pytest.approx(1.0, rel=0.02)
+    assert calibrated.result.metrics["tds"].overshoot_pct <= ev.MAX_OVERSHOOT_PCT
+    assert calibrated.result.parts_mg["nutrient_a"] / calibrated.result.parts_mg[
+        "nutrient_b"] == pytest.approx(12 / 8, rel=0.02)

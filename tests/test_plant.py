@@ -190,6 +190,7 @@ def test_sensors_keys_noise_and_raw_values_invert_the_calibration() -> None:
         "humidity",
         "tds_v",
         "ph_adc",
+        "ph_v",
     }
     tds = np.array([s["tds"] for s in readings])
     assert tds.std() > 0.5  # noisy ...

@@ -232,6 +232,16 @@ async def test_result_survives_a_restart_until_the_plant_section_is_edited(tmp_p
         sock = tmp_path / "gw.sock"
         async with running_gateway(data) as gw:
             await until(lambda: "ph" in gw.runners["tank-a"].latest, what="pH")
+            # Keeping the result takes a while (a slow SD card): a reader polling get_state
+            # meanwhile must not see "done" before the result is there.
+            control = gw.runners["tank-a"].control
+            save = control.save_knowledge
+
+            async def slow_save() -> None:
+                await asyncio.sleep(1.0)
+                await save()
+
+            control.save_knowledge = slow_save  # type: ignore[method-assign]
             assert (await call(sock, "titrate", {"actuator": "ph_down"}, device="tank-a"))[
                 "success"]
             status = await titration_end(sock, "tank-a")
