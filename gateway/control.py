@@ -84,6 +84,8 @@ TICK_S = 1.0
 
 #: The key under which the node's pH safety envelope is kept in the store's learned table.
 ENVELOPE_KEY = "ph-envelope"
+#: The two ways of writing the conductivity setpoint: one setting, kept under the node's unit's.
+SETPOINT_KEYS = frozenset({"tds_setpoint", "ec_setpoint"})
 
 
 def _plant_constants(config: NodeConfig) -> PlantConstants:
@@ -384,7 +386,9 @@ class NodeControl:
         """What is in force, as the client attributes the gateway publishes for this node.
 
         ``effective_<key>`` for every run-time setting (``schedule`` as
-        ``"HH:MM,HH:MM"``), ``settings_source`` (which keys are not the
+        ``"HH:MM,HH:MM"``; the setpoint both as ``effective_tds_setpoint``, ppm
+        on the node's scale, and ``effective_ec_setpoint``, mS/cm, as
+        `get_state` gives it), ``settings_source`` (which keys are not the
         file's, and from where), ``settings_refused`` (the last refused
         update's reason, empty once a later one is applied). Empty for a
         node without a control section.
@@ -395,6 +399,9 @@ class NodeControl:
         attrs: dict[str, Any] = {
             f"effective_{k}": ",".join(v) if k == "schedule" else v for k, v in values.items()
         }
+        scale = units.ppm_scale(self._config.conductivity)
+        attrs["effective_tds_setpoint"] = units.from_internal(self.settings.tds_setpoint, scale)
+        attrs["effective_ec_setpoint"] = units.from_internal(self.settings.tds_setpoint, "ec")
         others = {k: v for k, v in self.settings_from().items() if v != "file"}
         attrs["settings_source"] = (
             "config file" if not others else "config file, except " + ", ".join(
@@ -437,7 +444,10 @@ class NodeControl:
         self.settings = updated
         self._rebuild(controller_changed=updated.controller != old.controller)
         current = settings_of(updated)
-        self._state.set({k: current[k] for k in data if k in current}, ts=now, source=origin)
+        given = set(data)
+        if given & SETPOINT_KEYS:  # kept under the key of the node's unit, whichever was sent
+            given |= SETPOINT_KEYS
+        self._state.set({k: current[k] for k in given if k in current}, ts=now, source=origin)
         self.refused = None
         await self._save_state()
         await self._restore_learned()
@@ -445,7 +455,7 @@ class NodeControl:
             "node %s: settings updated by %s: %s",
             self._node.name,
             source,
-            {k: current[k] for k in data if k in current},
+            {k: current[k] for k in given if k in current},
             extra=fields(node=self._node.name),
         )
         self._changed()

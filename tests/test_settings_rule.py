@@ -181,10 +181,12 @@ async def test_file_edits_and_later_attributes_across_reloads_and_restarts(
                     await asyncio.sleep(0.5)  # the response is in and handled
                     settings = gw.runners["tank-a"].control.settings
                     assert settings is not None and settings.tds_setpoint == 750
-                    # 4. A later attribute wins over the file again; an RPC too.
-                    await server.set("tank-a", tds_setpoint=820)
+                    # 4. A later attribute wins over the file again, here written in mS/cm
+                    # (the same setting; kept under the node's unit's key); an RPC too.
+                    await server.set("tank-a", ec_setpoint=1.64)
                     await rec.wait_for(lambda: published(rec, "tank-a")[-1].get(
                         "effective_tds_setpoint") == 820, what="820 in force")
+                    assert published(rec, "tank-a")[-1]["effective_ec_setpoint"] == 1.64
                     reply = await rec.rpc("tank-a", 1, "set_mode", {"mode": "auto"})
                     assert reply["data"]["success"]
                     # 5. A refused update is published with its reason; nothing changes.
