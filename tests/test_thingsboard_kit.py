@@ -261,7 +261,8 @@ async def test_a_real_gateway_serves_everything_the_kit_uses(
             # Every button of the tank state, as ThingsBoard sends it: doses first, then a
             # cycle (whose dose the hour budget shortens), abort, stop, acknowledge.
             order = {"actuate": 0, "force_on": 1, "force_stop": 2, "stop": 3, "acknowledge": 4}
-            for label, method, params in sorted(button_traffic(), key=lambda t: order[t[1]]):
+            mine = [b for b in button_traffic() if not for_parts_tank(b[1], b[2])]
+            for label, method, params in sorted(mine, key=lambda t: order[t[1]]):
                 rid += 1
                 if method == "force_on":
                     await asyncio.sleep(1.5)
@@ -307,11 +308,69 @@ async def test_a_real_gateway_serves_everything_the_kit_uses(
     assert replies["Acknowledge (pH lock)"]["released"] is True
 
     served = collect(rec)
+    for what, keys in (await parts_tank_in_ec(broker, tmp_path / "ec")).items():
+        served[what] |= keys
     refs = kit_references()
     for what in ("tank_timeseries", "gateway_timeseries", "tank_attribute", "tank_shared",
                  "gateway_attribute", "gateway_shared", "rpc"):
         missing = refs[what] - served[what] - THINGSBOARD_OWN
         assert not missing, f"the kit uses {what} the gateway never sent or served: {missing}"
+
+
+def for_parts_tank(method: str, params: Any) -> bool:
+    """Buttons for a multi-part nutrient's pumps and for calibrations: the second run's."""
+    return method in {"pump_calibrate", "probe_calibrate"} or str(
+        params.get("actuator", "")).startswith("nutrient_")
+
+
+async def parts_tank_in_ec(broker: Broker, tmp_path: Path) -> dict[str, set[str]]:
+    """A second gateway, in EC (``units.conductivity: ec``), with a three-part nutrient and a
+    raw pH probe: the buttons of the parts and of the calibrations, as ThingsBoard sends them."""
+    tmp_path.mkdir()
+    node = SimNode("tank-p", Reservoir.from_state(tds=600, ph=6.0, seed=7),
+                   sensors=("tds", "ph_v", "water_temp", "water_level", "air_temp", "humidity"),
+                   actuators=("nutrient", "nutrient_a", "nutrient_b", "nutrient_c", "ph_up",
+                              "ph_down", "refill"))
+    try:
+        entry = node_entry(
+            "tank-p", f"tcp://127.0.0.1:{await node.serve_tcp('127.0.0.1', 0)}",
+            control={"mode": "manual", "controller": "rb", "ec_setpoint": 1.6,
+                     "ph_setpoint": 6.0, "interval": 0},
+            safety={"max_actuation_ms": 12_000, "max_ms_per_hour": 600_000})
+        entry["plant"] = {"nutrient_ratio": {"nutrient_a": 1, "nutrient_b": 1, "nutrient_c": 1}}
+        entry["calibration"] = {"ph": {"source": "ph_v", "poly": [-1000.0 / 59.16, 7.0]}}
+        data = config_dict(tmp_path / "gw.sqlite", [entry], broker.port)
+        data["units"] = {"conductivity": "ec"}
+        order = {"actuate": 0, "pump_calibrate": 1, "probe_calibrate": 2}
+        steps = {"start": 0, "read": 1, "cancel": 2}
+        buttons = sorted((b for b in button_traffic() if for_parts_tank(b[1], b[2])),
+                         key=lambda b: (order[b[1]], b[2].get("probe", ""),
+                                        steps.get(b[2].get("step", ""), 0)))
+        async with Recorder(broker.port) as rec, running_gateway(data) as gw:
+            runner = gw.runners["tank-p"]
+            await rec.wait_for(lambda: runner.link_up and {"tds", "ph"} <= set(runner.latest),
+                               what="tank-p's readings")
+            rid = 300
+            for label, method, params in buttons:
+                if params.get("cancel"):
+                    continue  # sent after each pump's run, below
+                rid += 1
+                reply = await rec.rpc("tank-p", rid, method, params)
+                assert reply["data"]["success"], (label, reply["data"])
+                if method == "actuate":
+                    await asyncio.sleep(0.3)
+                    rid += 1
+                    assert (await rec.rpc("tank-p", rid, "stop"))["data"]["success"]
+                elif method == "pump_calibrate":  # "Cancel the pump calibration"
+                    rid += 1
+                    cancel = await rec.rpc("tank-p", rid, method, {"cancel": True})
+                    assert cancel["data"]["success"], cancel["data"]
+            await rec.wait_for(lambda: any(
+                e["values"].get("probe_calibration") == "cancelled"
+                for e in rec.entries().get("tank-p", [])), what="the probe calibration's end")
+        return collect(rec)
+    finally:
+        await node.close()
 
 
 def collect(rec: Recorder) -> dict[str, set[str]]:
@@ -344,13 +403,13 @@ def collect(rec: Recorder) -> dict[str, set[str]]:
 
 
 def test_adding_a_reading_or_an_actuator_is_one_line() -> None:
-    """Issue 13's EC keys and nutrient parts: the tables of make.py drive every widget."""
+    """The tables of make.py drive every widget: a reading or a pump added is one line."""
     m = make()
-    with _patched(m, READINGS=(*m.READINGS, ("ec", "EC", "mS/cm", 2, (0, 5))),
-                  ACTUATORS=(*m.ACTUATORS, "nutrient_a")):
+    with _patched(m, READINGS=(*m.READINGS, ("tds_700", "TDS (700)", "ppm", 0, (0, 3000))),
+                  ACTUATORS=(*m.ACTUATORS, "mixer")):
         text = json.dumps(m.dashboard())
-    assert '"name": "ec"' in text and '"name": "nutrient_a_ms"' in text
-    assert '"name": "nutrient_a_on"' in text
+    assert '"name": "tds_700"' in text and '"name": "mixer_ms"' in text
+    assert '"name": "mixer_on"' in text
 
 
 @contextlib.contextmanager

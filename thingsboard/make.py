@@ -55,20 +55,29 @@ WIDGET_TYPES = {
 }
 
 # ------------------------------------------------------------------ what is shown
-#: Readings of a tank: key, label, units, decimals, gauge range. Issue 13's EC units
-#: (``ec``, mS/cm) go here too.
+#: Readings of a tank: key, label, units, decimals, gauge range. Conductivity comes under
+#: one key, named by the gateway's ``units.conductivity``: ``tds`` (ppm) or ``ec`` (mS/cm).
 READINGS = (
     ("tds", "TDS", "ppm", 0, (0, 2000)),
     ("ph", "pH", "", 2, (0, 14)),
+    ("ec", "EC", "mS/cm", 2, (0, 5)),
     ("water_temp", "Water temperature", "°C", 1, (0, 40)),
     ("air_temp", "Air temperature", "°C", 1, (0, 45)),
     ("water_level", "Water level", "L", 1, (0, 30)),
     ("humidity", "Humidity", "%", 0, (0, 100)),
 )
-#: Actuators of a tank (NodeLink names). Issue 13's nutrient_a / nutrient_b go here.
-ACTUATORS = ("nutrient", "ph_up", "ph_down", "refill")
+#: Actuators of a tank (NodeLink names): one nutrient pump, or the parts of a multi-part
+#: nutrient (``plant.nutrient_ratio``), the pH pumps and the refill valve.
+ACTUATORS = ("nutrient", "nutrient_a", "nutrient_b", "nutrient_c", "ph_up", "ph_down", "refill")
 #: Manual doses offered as buttons: actuator, ms.
-DOSE_BUTTONS = (("nutrient", 2000), ("ph_up", 1000), ("ph_down", 1000), ("refill", 10000))
+DOSE_BUTTONS = (("nutrient", 2000), ("nutrient_a", 2000), ("nutrient_b", 2000),
+                ("nutrient_c", 2000), ("ph_up", 1000), ("ph_down", 1000), ("refill", 10000))
+#: Pump calibration (RPC ``pump_calibrate``): the pumps offered and how long each runs into
+#: the measuring cup (ms); the ml measured is answered in the RPC terminal.
+PUMP_CALIBRATION_MS = 10_000
+CALIBRATED_PUMPS = ("nutrient", "nutrient_a", "nutrient_b", "nutrient_c", "ph_up", "ph_down")
+#: Guided probe calibration (RPC ``probe_calibrate``): probe, label of its buffers.
+PROBES = (("ph", "pH probe (buffers 7.00, 4.01)"), ("ec", "EC probe (1413 µS/cm)"))
 #: Shared attributes the gateway takes as control settings: key, label, widget input.
 SETTINGS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("mode", "Mode", {"dataKeyValueType": "select",
@@ -79,12 +88,16 @@ SETTINGS: tuple[tuple[str, str, dict[str, Any]], ...] = (
                                                     for c in CONTROLLER_NAMES]}),
     ("tds_setpoint", "TDS setpoint (ppm)", {"dataKeyValueType": "double", "step": 10,
                                             "minValue": 50, "maxValue": 5000}),
+    ("ec_setpoint", "EC setpoint (mS/cm)", {"dataKeyValueType": "double", "step": 0.05,
+                                            "minValue": 0.1, "maxValue": 10}),
     ("ph_setpoint", "pH setpoint", {"dataKeyValueType": "double", "step": 0.05,
                                     "minValue": 3, "maxValue": 9}),
     ("schedule", "Schedule (HH:MM,HH:MM)", {"dataKeyValueType": "string"}),
     ("interval", "Interval (s, 0 = schedule only)", {"dataKeyValueType": "integer", "step": 1,
                                                      "minValue": 0, "maxValue": 86400}),
 )
+#: Readings shown in the gateway's list of tanks, and as round gauges on a tank.
+SUMMARY = ("tds", "ph", "ec")
 #: The gateway's health telemetry shown on its state.
 GATEWAY_HEALTH = (
     ("nodes_up", "Nodes up"), ("backlog", "Backlog (readings)"),
@@ -304,7 +317,7 @@ def _gateway_state(health: list[dict[str, Any]]) -> list[Placed]:
         key("severity", "timeseries", "Severity", 3),
         key("severity_reason", "timeseries", "Reason", 4),
         *(key(k, "timeseries", label, 5 + i, units=u, decimals=d)
-          for i, (k, label, u, d, _) in enumerate(READINGS[:2])),
+          for i, (k, label, u, d, _) in enumerate(r for r in READINGS if r[0] in SUMMARY)),
     ]
     return [
         (table("gateway", "tanks", title="Tanks", alias="tanks", keys=tank_columns,
@@ -327,15 +340,16 @@ def _gateway_state(health: list[dict[str, Any]]) -> list[Placed]:
 def _tank_state() -> list[Placed]:
     """One tank: gauges, charts, severity, doses, refusals, settings, buttons, alarms."""
     placed: list[Placed] = []
+    width = 24 // len(READINGS)
     for i, (k, label, units, decimals, (lo, hi)) in enumerate(READINGS):
-        fqn = ("system.analogue_gauges.radial_gauge_canvas_gauges" if i < 2
+        fqn = ("system.analogue_gauges.radial_gauge_canvas_gauges" if k in SUMMARY
                else "system.digital_gauges.gauge_justgage")
-        placed.append((widget("tank", f"gauge-{k}", fqn, title=label, size=(4, 4),
+        placed.append((widget("tank", f"gauge-{k}", fqn, title=label, size=(width, 4),
                               datasources=[source("tank", [key(k, "timeseries", label, i,
                                                                units=units,
                                                                decimals=decimals)])],
                               settings={"minValue": lo, "maxValue": hi, "units": units,
-                                        "valueDec": decimals}), 0, 4 * i))
+                                        "valueDec": decimals}), 0, width * i))
     doses = [key("controller", "timeseries", "Decided by", 0)]
     for i, a in enumerate(ACTUATORS):
         doses += [key(f"{a}_ms", "timeseries", f"{a} ms", 2 * i + 1),
@@ -357,12 +371,25 @@ def _tank_state() -> list[Placed]:
                rpc_button("tank", "Acknowledge (pH lock)", "acknowledge", {})]
     buttons += [rpc_button("tank", f"Dose {a} {ms / 1000:g} s", "actuate",
                            {"actuator": a, "ms": ms}) for a, ms in DOSE_BUTTONS]
+    calibration = [rpc_button("tank", f"Calibrate {a}: run {PUMP_CALIBRATION_MS / 1000:g} s",
+                              "pump_calibrate", {"actuator": a, "ms": PUMP_CALIBRATION_MS})
+                   for a in CALIBRATED_PUMPS]
+    calibration.append(rpc_button("tank", "Cancel the pump calibration", "pump_calibrate",
+                                  {"cancel": True}))
+    for probe, label in PROBES:
+        calibration += [rpc_button("tank", f"{label}: {word}", "probe_calibrate",
+                                   {"probe": probe, "step": step})
+                        for word, step in (("start", "start"), ("read the next", "read"),
+                                           ("cancel", "cancel"))]
+    control_end = 28 + 2 * -(-len(buttons) // 3)
+    calibration_end = control_end + 2 * -(-len(calibration) // 4)
 
     def ts(name: str, label: str, i: int, units: str = "") -> dict[str, Any]:
         return key(name, "timeseries", label, i, units=units)
 
     placed += [
-        (chart("tank", "tds", title="TDS", alias="tank", keys=[ts("tds", "TDS", 0, "ppm")],
+        (chart("tank", "tds", title="Conductivity", alias="tank",
+               keys=[ts("tds", "TDS", 0, "ppm"), ts("ec", "EC", 6, "mS/cm")],
                size=(12, 6)), 4, 0),
         (chart("tank", "ph", title="pH", alias="tank", keys=[ts("ph", "pH", 1)],
                size=(12, 6)), 4, 12),
@@ -395,11 +422,17 @@ def _tank_state() -> list[Placed]:
                           "fieldsAlignment": "row", "fieldsInRow": 2, "columnGap": 10,
                           "rowGap": 5, "widgetTitle": "Settings"}), 28, 0),
         *((b, 28 + 2 * (i // 3), 12 + 4 * (i % 3)) for i, b in enumerate(buttons)),
+        (card("tank", "calibrations", title="Calibrations", alias="tank",
+              keys=[ts("pump_calibration", "Pump", 0), ts("probe_calibration", "Probe", 1)],
+              size=(8, calibration_end - control_end)), control_end, 0),
+        *((b, control_end + 2 * (i // 4), 8 + 4 * (i % 4)) for i, b in enumerate(calibration)),
         (widget("tank", "terminal", "system.control_widgets.rpc_debug_terminal",
-                title='RPC terminal (e.g. actuate {"actuator":"nutrient","ms":1500})',
+                title='RPC terminal (e.g. actuate {"actuator":"nutrient","ms":1500}, or the'
+                      ' ml a pump calibration measured: pump_calibrate'
+                      ' {"actuator":"nutrient_a","ml":15.8})',
                 size=(12, 6), datasources=[], settings={"requestTimeout": 10000},
-                targetDeviceAliasIds=[_id("alias", "tank")]), 35, 0),
-        (alarms("tank", "Alarms", "tank", (12, 6)), 35, 12),
+                targetDeviceAliasIds=[_id("alias", "tank")]), calibration_end, 0),
+        (alarms("tank", "Alarms", "tank", (12, 6)), calibration_end, 12),
     ]
     return placed
 
