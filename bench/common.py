@@ -146,6 +146,25 @@ class Gateway:
                 return int(value)
         raise RuntimeError("no write_bytes in /proc/PID/io")
 
+    def wait_open(self, path: Path, timeout: float = 60.0) -> bool:
+        """Wait until the gateway has ``path`` open (its store is up); False if it never did.
+
+        Start-up (imports, config, preflight) takes from a fraction of a second to
+        several on a loaded machine; a fault injected before the store is open
+        tests nothing.
+        """
+        target = str(path.resolve())
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            fds = Path(f"/proc/{self.pid}/fd")
+            try:
+                if any(os.readlink(fd) == target for fd in fds.iterdir()):
+                    return True
+            except OSError:
+                pass  # a descriptor closed while listed, or the process just ended
+            time.sleep(0.05)
+        return False
+
     def kill(self, sig: int = signal.SIGKILL) -> None:
         """Send ``sig`` to the gateway itself (not strace) and wait for it to end."""
         if self.proc.poll() is None:

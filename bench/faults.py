@@ -164,6 +164,8 @@ def kill_loop(rounds: int, work: Path, rng: random.Random) -> dict[str, Any]:
                 broker_up = not broker_up
             gw = Gateway(config, level="WARNING")
             try:
+                if not gw.wait_open(db):
+                    raise RuntimeError(f"the gateway never opened {db}: see {gw.log}")
                 time.sleep(rng.uniform(1.0, 3.0))
             finally:
                 gw.kill()
