@@ -165,6 +165,8 @@ def one_cut(
                  level="INFO")
     try:
         until(lambda: "running" in gw.log_text(), 30, "the gateway to start")
+        if not gw.wait_open(db):  # a cut before the store is open would test nothing
+            raise RuntimeError(f"the gateway never opened {db}: see {gw.log}")
         time.sleep(seconds)
         t_cut = time.time()
         gw.kill()
