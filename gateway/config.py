@@ -163,6 +163,10 @@ class StorageConfig:
     #: once it is; after this long with the uplink connected and still no sync, the
     #: clock is trusted as it is (seconds; 0: never hold).
     clock_sync_wait: float = 600.0
+    #: Forwarded readings are kept this many days for `hydrogate export` (0: none kept)...
+    history_days: float = 7.0
+    #: ...in at most this many bytes (compressed); the oldest go first.
+    history_max_bytes: int = 256 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -426,10 +430,15 @@ def _storage(sec: Section, base_dir: Path | None) -> StorageConfig | None:
     commit_interval = sec.get("commit_interval", duration_range(0, 10), 0.02)
     sync_interval = sec.get("sync_interval", duration_range(0, 3600), 1.0)
     clock_sync_wait = sec.get("clock_sync_wait", duration_range(0, 7 * 86400), 600.0)
+    history_days = sec.get("history_days", num_range(0, 3660, unit="days"), 7.0)
+    history_max_bytes = sec.get("history_max_bytes", size_range(1 << 20), 256 << 20)
     sec.finish()
     if path is None:
         return None
-    return StorageConfig(path, max_rows, max_bytes, commit_interval, sync_interval, clock_sync_wait)
+    return StorageConfig(
+        path, max_rows, max_bytes, commit_interval, sync_interval, clock_sync_wait,
+        history_days, history_max_bytes,
+    )
 
 
 def _thingsboard(sec: Section, base_dir: Path | None) -> ThingsBoardConfig | None:

@@ -104,6 +104,9 @@ class StoreStats:
     pending: int
     unstored: int = 0
     storage: str = "ok"
+    #: Forwarded readings kept for export (gateway/storehistory.py): how many, compressed bytes.
+    history_readings: int = 0
+    history_bytes: int = 0
 
 
 class Actuation(NamedTuple):
@@ -131,6 +134,8 @@ class Store:
         commit_interval: float,
         sync_interval: float,
         clock: Clock | None = None,
+        history_days: float = 0.0,
+        history_max_bytes: int | None = None,
     ) -> None:
         """Use `Store.open`; this only records the settings."""
         if max_rows is not None and max_rows < 1:
@@ -161,6 +166,9 @@ class Store:
             on_dropped=self._tail_forget,
             on_restamped=self._restamped,
             on_evicted=self._tail_forget_upto,
+            history_days=history_days,
+            history_max_bytes=history_max_bytes,
+            wall=self._clock.time,
         )
         # Readings appended on the event loop, handed over as one list per commit_interval.
         self._rows: list[Row] = []
@@ -199,12 +207,16 @@ class Store:
         commit_interval: float = 0.02,
         sync_interval: float = 1.0,
         clock: Clock | None = None,
+        history_days: float = 0.0,
+        history_max_bytes: int | None = None,
     ) -> AsyncIterator[Store]:
         """Open (creating if needed) the store at ``path``; close it, committed, on exit.
 
         Raises StoreError if the folder does not exist or the file belongs to
         a newer gateway; a disk that refuses the file (read-only, full, ...)
-        leaves the store open and retrying.
+        leaves the store open and retrying. With ``history_days`` > 0,
+        forwarded readings are kept that long (and within
+        ``history_max_bytes``) for export (gateway/storehistory.py).
         """
         store = cls(
             path,
@@ -214,6 +226,8 @@ class Store:
             commit_interval=commit_interval,
             sync_interval=sync_interval,
             clock=clock,
+            history_days=history_days,
+            history_max_bytes=history_max_bytes,
         )
         await store._start()
         try:
@@ -355,6 +369,8 @@ class Store:
             pending=len(self._rows) + self._handed - w.taken + w.waiting,
             unstored=c["unstored"],
             storage=w.state,
+            history_readings=w.history_readings,
+            history_bytes=w.history_bytes,
         )
 
     # ------------------------------------------------------------ the clock
@@ -406,19 +422,45 @@ class Store:
         read: Callable[[sqlite3.Connection], Any] | None = None,
         fallback: Callable[[], Any] | None = None,
         deferrable: bool = False,
+        history: bool = False,
+        quiet: bool = False,
     ) -> Any:
         if self._closed or self._writer.failure is not None:
             raise StoreClosed("store is closed or failed") from self._writer.failure
         future: asyncio.Future[Any] = self._loop.create_future()
         self._hand_over()  # what was appended before this operation goes first
         self._writer.queue.put(
-            Op(future, write=write, read=read, fallback=fallback, deferrable=deferrable)
+            Op(future, write=write, read=read, fallback=fallback, deferrable=deferrable,
+               history=history, quiet=quiet)
         )
         return future
 
     async def flush(self) -> None:
         """Wait until everything appended before this call is committed (or the disk refused it)."""
         await self._submit(read=lambda conn: None, fallback=lambda: None)
+
+    async def flush_history(self) -> None:
+        """Commit everything appended so far and write the forwarded readings waiting for the
+        history (they otherwise wait up to a minute), so that an export sees them."""
+        await self._submit(read=lambda conn: None, fallback=lambda: None, history=True)
+
+    async def oldest(self) -> int | None:
+        """The ``ts`` (ms) of the oldest reading not forwarded yet, or None if there is none.
+
+        Reads only what is committed (nothing is committed for it): cheap
+        enough to ask every second.
+        """
+
+        def read(conn: sqlite3.Connection) -> int | None:
+            row = conn.execute("SELECT ts FROM outbox ORDER BY id LIMIT 1").fetchone()
+            return None if row is None else int(row[0])
+
+        on_disk: int | None = await self._submit(read=read, fallback=lambda: None, quiet=True)
+        if on_disk is not None:
+            return on_disk
+        for row in self._tail.values():  # deleted from here once acknowledged
+            return row.ts
+        return self._rows[0][2] if self._rows else None
 
     async def peek(
         self, limit: int, after_id: int = 0, max_bytes: int | None = None

@@ -28,7 +28,7 @@ from typing import Any
 
 log = logging.getLogger("hydrogate.store")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 #: Page size of new files (bytes).
 PAGE_SIZE = 1024
 #: Files with another page size are converted (VACUUM) at start when no larger than this.
@@ -97,10 +97,27 @@ DROP TABLE outbox;
 ALTER TABLE outbox_v3 RENAME TO outbox;
 CREATE INDEX outbox_held ON outbox (id) WHERE mono IS NOT NULL;
 """
+# Version 4: forwarded readings kept for `hydrogate export` (gateway/history.py), outside
+# the outbox. One row is a chunk of one device's entries, committed together: a zlib'd
+# JSON array of entries (as the outbox keeps them) sorted by ts, with its first and last
+# ts and how many it holds. Chunks keep the bytes written per reading small (a handful
+# of pages per commit, whatever the number of readings) and the file a fifth of the size.
+_HISTORY = """
+CREATE TABLE history (
+    id INTEGER PRIMARY KEY,
+    device TEXT NOT NULL,
+    ts_first INTEGER NOT NULL,
+    ts_last INTEGER NOT NULL,
+    n INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    data BLOB NOT NULL
+);
+CREATE INDEX history_device_ts ON history (device, ts_first);
+"""
 #: The schema of a new file (version SCHEMA_VERSION).
-_SCHEMA = _OUTBOX + _REST + _LEARNED
+_SCHEMA = _OUTBOX + _REST + _LEARNED + _HISTORY
 #: Each script brings a file from the version it is keyed by to the next one.
-_MIGRATIONS: Mapping[int, str] = {1: _LEARNED, 2: _V3}
+_MIGRATIONS: Mapping[int, str] = {1: _LEARNED, 2: _V3, 3: _HISTORY}
 _TABLES = {"outbox", "meta", "settings", "actuations"}
 
 # Result codes (primary, the low byte of sqlite_errorcode).
@@ -267,6 +284,7 @@ class Salvage:
     settings: list[tuple[str, str, str]] = field(default_factory=list)
     actuations: list[tuple[str, str, float, int]] = field(default_factory=list)
     learned: list[tuple[str, str, str, str, float]] = field(default_factory=list)
+    history: list[tuple[int, str, int, int, int, int, bytes]] = field(default_factory=list)
     #: Parts that could not be read (e.g. ``outbox rows 1000-1999``).
     lost: list[str] = field(default_factory=list)
 
@@ -312,7 +330,8 @@ def salvage(path: Path, *, chunk: int = 1000) -> Salvage:
             out.lost.append("everything (not readable as a database)")
             return out
     try:
-        if not {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}:
+        names = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+        if not names:
             out.lost.append("everything (no tables)")
             return out
         _salvage_meta(conn, out)
@@ -322,7 +341,11 @@ def salvage(path: Path, *, chunk: int = 1000) -> Salvage:
             ("actuations", "SELECT node, actuator, ts, ms FROM actuations", out.actuations),
             ("learned", "SELECT node, controller, state, plant, updated FROM learned",
              out.learned),
+            ("history", "SELECT id, device, ts_first, ts_last, n, size, data FROM history",
+             out.history),
         ):
+            if name == "history" and name not in names:  # a file older than version 4
+                continue
             try:
                 target.extend(conn.execute(sql))
             except sqlite3.Error as exc:
@@ -484,6 +507,11 @@ def restore(conn: sqlite3.Connection, found: Salvage) -> int:
             "INSERT OR REPLACE INTO learned (node, controller, state, plant, updated)"
             " VALUES (?, ?, ?, ?, ?)",
             found.learned,
+        )
+        conn.executemany(
+            "INSERT OR IGNORE INTO history (id, device, ts_first, ts_last, n, size, data)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            found.history,
         )
         conn.execute("COMMIT")
     except BaseException:

@@ -29,6 +29,7 @@ moved aside and what still reads is carried into a fresh one.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import contextlib
 import itertools
@@ -44,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gateway import storefile
+from gateway import storefile, storehistory
 from gateway.storefile import COUNTERS, DamagedFile, NewerSchema, error_kind
 
 log = logging.getLogger("hydrogate.store")
@@ -71,6 +72,12 @@ RESTAMP_CHUNK = 20_000
 MAX_ITEMS = 10_000
 #: How long actuations stay in the ledger (the safety budget looks back one hour).
 ACTUATION_KEEP_S = 86_400.0
+#: How long the writer's connection waits for a lock (ms): sqlite3.connect's default.
+BUSY_TIMEOUT_MS = 5000
+#: A checkpoint that found a reader on an older snapshot is tried again after this (seconds).
+CHECKPOINT_BUSY_S = 1.0
+#: The history is pruned (days, bytes) at least this often (seconds), with other work.
+PRUNE_S = 60.0
 #: An eviction episode ends once the outbox is back under this share of its limits.
 EVICTION_HYSTERESIS = 0.9
 
@@ -122,13 +129,14 @@ class _Waiting:
     """Readings in memory, not committed: whole batches (consecutive ids), and those of
     them ThingsBoard acknowledged meanwhile (never to be written)."""
 
-    __slots__ = ("acked", "batches", "bytes", "count", "first", "held", "last", "since")
+    __slots__ = ("acked", "batches", "bytes", "count", "first", "held", "last", "since", "starts")
 
     def __init__(self) -> None:
         self.clear()
 
     def clear(self) -> None:
         self.batches: list[list[Row]] = []
+        self.starts: list[int] = []  # each batch's first id (ids within a batch are consecutive)
         self.count = 0
         self.bytes = 0  # entry text added (an upper bound: acknowledged rows stay counted)
         self.since: float | None = None  # when the oldest waiting reading arrived
@@ -148,19 +156,24 @@ class _Waiting:
             self.first = rows[0][0]
             self.since = batch.arrived
         self.batches.append(rows)
+        self.starts.append(rows[0][0])
         self.count += len(rows)
         self.bytes += sum(map(len, map(_ENTRY, rows)))
         self.last = rows[-1][0]
         self.held = self.held or batch.held
 
-    def take(self, rid: int) -> bool:
-        """Mark ``rid`` acknowledged if it waits here (then it is never written)."""
-        if self.first <= rid <= self.last and rid not in self.acked:
-            self.acked.add(rid)
-            if not len(self):
-                self.clear()
-            return True
-        return False
+    def take(self, rid: int) -> Row | None:
+        """Mark ``rid`` acknowledged if it waits here (then it is never written); its row."""
+        if not self.first <= rid <= self.last or rid in self.acked:
+            return None
+        rows = self.batches[bisect.bisect_right(self.starts, rid) - 1]
+        index = rid - rows[0][0]
+        if index >= len(rows) or rows[index][0] != rid:
+            return None
+        self.acked.add(rid)
+        if not len(self):
+            self.clear()
+        return rows[index]
 
     def rows(self) -> list[Row]:
         """The rows to write, in id order."""
@@ -174,6 +187,7 @@ class _Waiting:
         dropped: list[int] = []
         while self.batches and len(dropped) < n:
             rows = self.batches.pop(0)
+            self.starts.pop(0)
             self.count -= len(rows)
             dropped.extend(r[0] for r in rows if r[0] not in self.acked)
             self.acked.difference_update(r[0] for r in rows)
@@ -196,6 +210,10 @@ class Op:
     stop: bool = False
     #: May wait in memory while the disk refuses (answered at once, written later).
     deferrable: bool = False
+    #: Write the readings waiting for the history now (a read of it follows).
+    history: bool = False
+    #: A read of what is committed only: answered at once, nothing committed for it.
+    quiet: bool = False
 
 
 @dataclass
@@ -239,6 +257,11 @@ class _Tx:
     depth: int = 0
     bytes: int = 0
     evicted_upto: int = 0
+    history: bool = False  # the history table changed
+    history_bytes: int = 0
+    history_readings: int = 0
+    history_pending: bool = False  # the readings waiting for the history were written
+    pruned: bool = False
 
 
 class Writer:
@@ -263,8 +286,14 @@ class Writer:
         on_dropped: Callable[[list[int]], None],
         on_restamped: Callable[[int, bool], None],
         on_evicted: Callable[[int], None],
+        history_days: float = 0.0,
+        history_max_bytes: int | None = None,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         self.path = path
+        self.history_days = history_days
+        self.history_max_bytes = history_max_bytes
+        self._wall = wall
         self.max_rows = max_rows
         self.max_bytes = max_bytes
         self.sync_interval = sync_interval
@@ -284,6 +313,10 @@ class Writer:
         self.state = "starting"  # ok | full | read-only | I/O error | cannot open | ...
         self.problem = ""
         self.failure: BaseException | None = None
+        # The history table (gateway/storehistory.py): what it holds, what was lost.
+        self.history_bytes = 0
+        self.history_readings = 0
+        self.history_dropped = 0  # acknowledged readings memory could not keep for it
         # Writer-only state.
         self._conn: sqlite3.Connection | None = None
         self._ro: sqlite3.Connection | None = None
@@ -309,6 +342,13 @@ class Writer:
         self._episode_evicted = 0
         self._hold_saved = False
         self._costs: collections.deque[float] = collections.deque(maxlen=16)
+        # Readings acknowledged before their commit, waiting to go to the history.
+        self._history: list[storehistory.Pending] = []
+        self._history_size = 0
+        self._history_since: float | None = None
+        self._history_now = False  # asked for (flush_history)
+        self._last_prune = 0.0
+        self._checkpoint_after = 0.0
 
     # ------------------------------------------------------------- lifecycle
     def open(self) -> Opened:
@@ -408,6 +448,11 @@ class Writer:
         self.depth, self.bytes = int(count), int(size)
         (top,) = conn.execute("SELECT MAX(id) FROM outbox").fetchone()
         self._max_id = max(self._max_id, marked - 1, top or 0)
+        if "history_bytes" in meta and "history_readings" in meta:
+            self.history_bytes = int(meta["history_bytes"] or 0)
+            self.history_readings = int(meta["history_readings"] or 0)
+        else:  # migrated or salvaged: counted once, then kept in meta
+            self.history_bytes, self.history_readings = storehistory.totals(conn)
         if meta.get("hold_boot") not in (None, self.boot):
             n = conn.execute("UPDATE outbox SET mono = NULL WHERE mono IS NOT NULL").rowcount
             conn.execute("DELETE FROM meta WHERE key = 'hold_boot'")
@@ -451,7 +496,7 @@ class Writer:
                 )
             return
         with contextlib.suppress(sqlite3.Error):
-            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            checkpoint(self._conn)
 
     def _close(self) -> None:
         if self._ro is not None:
@@ -479,6 +524,8 @@ class Writer:
             due.append(self._unsynced_since + hold)
         if self._meta_dirty or self._deferred:
             due.append(self._last_meta + COUNTERS_S)
+        if self._history_since is not None:
+            due.append(self._history_since + storehistory.HOLD_S)
         if self.state != "ok":
             due = [max(t, self._retry_at) for t in due] or [self._retry_at]
         elif self._wal is not None:
@@ -522,7 +569,11 @@ class Writer:
                 self._releases.append(item)
             else:
                 assert isinstance(item, Op)
+                if item.quiet and item.write is None and not item.stop:
+                    self._reads([item], results)
+                    continue
                 stop = stop or item.stop
+                self._history_now = self._history_now or item.history
                 urgent.append(item)
         self.waiting = len(self._waiting)
         if results:
@@ -557,11 +608,25 @@ class Writer:
             return True
         waiting = self._waiting
         later: list[int] = []
+        keep = self._history if self.history_days > 0 and item.counter == "forwarded" else None
+        size = 0
         for rid in item.ids:
-            if waiting.take(rid):
-                item.gone += 1
-            else:
+            row = waiting.take(rid)
+            if row is None:
                 later.append(rid)
+                continue
+            item.gone += 1
+            if keep is not None:
+                keep.append((row[1], row[2], row[3]))
+                size += len(row[3])
+        if size:
+            self._history_size += size
+            if self._history_since is None:
+                self._history_since = now
+            if len(self._history) > MAX_PENDING and self.state != "ok":
+                excess = len(self._history) - MAX_PENDING
+                self.history_dropped += excess
+                del self._history[:excess]
         if item.gone:
             self.counts["received"] += item.gone
             self.counts[item.counter] += item.gone
@@ -592,6 +657,7 @@ class Writer:
             )
             or (self._deletes_since is not None and self._deletes_since + self.sync_interval <= now)
             or ((self._meta_dirty or bool(self._deferred)) and self._last_meta + COUNTERS_S <= now)
+            or self._history_due(now, final=False)
             or self.state != "ok"
         )
         if due:  # a re-stamp goes one chunk per turn: what is queued is answered between
@@ -636,7 +702,10 @@ class Writer:
             or self._last_meta + COUNTERS_S <= now
             or (held and not self._hold_saved)
         )
-        if not (rows or deletes or writes or self._deferred or self._releases or meta):
+        history_now = self._history_due(now, final=final)
+        if not (
+            rows or deletes or writes or self._deferred or self._releases or meta or history_now
+        ):
             self._reads(ops, results)  # nothing to write: no transaction
             self._post(self._on_results, results)
             return
@@ -651,17 +720,29 @@ class Writer:
                 tx.counts["received"] = len(rows)
                 tx.depth = len(rows)
                 tx.bytes = sum(map(len, map(_ENTRY, rows))) + sum(map(len, map(_DEVICE, rows)))
+            moved: list[storehistory.Pending] = []
+            keep = self.history_days > 0
             for d in deletes:
-                n, size = _delete_ids(conn, d.ids)
+                if keep and d.counter == "forwarded":
+                    n, size = _move_ids(conn, d.ids, moved)
+                else:
+                    n, size = _delete_ids(conn, d.ids)
                 d.gone += n
                 tx.counts[d.counter] += n
                 tx.depth -= n
                 tx.bytes -= size
             answers = [(op, op.write(conn)) for op in (*self._deferred, *writes)]  # type: ignore[misc]
             restamped = self._restamp(conn, tx) if self._releases else None
+            if keep:
+                self._write_history(conn, tx, moved, now, pending=history_now or bool(moved))
             self._evict(conn, tx)
             if meta or tx.counts["evicted"]:
                 self._save_meta(conn, tx, rows, held)
+            if tx.history:
+                conn.executemany(_UPSERT_META, [
+                    ("history_bytes", self.history_bytes + tx.history_bytes),
+                    ("history_readings", self.history_readings + tx.history_readings),
+                ])
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             if conn.in_transaction:
@@ -701,6 +782,13 @@ class Writer:
             self._last_meta = now
             self._meta_dirty = False
             self._last_ts = {}
+        if tx.history_pending:
+            self._history = []
+            self._history_size = 0
+            self._history_since = None
+            self._history_now = False
+        if tx.pruned:
+            self._last_prune = now
         self._waiting.clear()
         self.waiting = 0
         self._deletes = []
@@ -821,6 +909,45 @@ class Writer:
         tx.depth -= rows
         tx.bytes -= freed_bytes
 
+    # ------------------------------------------------------------- history
+    def _history_due(self, now: float, *, final: bool) -> bool:
+        """Whether the readings waiting for the history go into this transaction."""
+        if not self._history:
+            return False
+        since = self._history_since if self._history_since is not None else now
+        return (
+            final
+            or self._history_now
+            or since + storehistory.HOLD_S <= now
+            or self._history_size >= COMMIT_BYTES
+        )
+
+    def _write_history(
+        self, conn: sqlite3.Connection, tx: _Tx, moved: list[storehistory.Pending],
+        now: float, *, pending: bool,
+    ) -> None:
+        """Chunks of forwarded readings into the history; the oldest pruned now and then."""
+        rows = [*self._history, *moved] if pending else moved
+        if rows:
+            added, readings = storehistory.insert(conn, storehistory.chunks(rows))
+            tx.history_bytes += added
+            tx.history_readings += readings
+            tx.history = True
+        tx.history_pending = pending
+        if rows or self._last_prune + PRUNE_S <= now:
+            cutoff = int((self._wall() - self.history_days * 86_400) * 1000)
+            freed, readings = storehistory.prune(
+                conn,
+                cutoff_ms=cutoff,
+                max_bytes=self.history_max_bytes,
+                total_bytes=self.history_bytes + tx.history_bytes,
+            )
+            if freed or readings:
+                tx.history_bytes -= freed
+                tx.history_readings -= readings
+                tx.history = True
+            tx.pruned = True
+
     def _save_meta(self, conn: sqlite3.Connection, tx: _Tx, rows: list[Row], held: bool) -> None:
         """Counters, the next id, the newest stamp per device and the held rows' boot."""
         max_id = max(self._max_id, rows[-1][0] if rows else 0)
@@ -837,6 +964,8 @@ class Writer:
         """Make a committed transaction's changes visible in the counters; log evictions."""
         for key in COUNTERS:
             self.counts[key] += tx.counts[key]
+        self.history_bytes += tx.history_bytes
+        self.history_readings += tx.history_readings
         self.depth += tx.depth
         self.bytes += tx.bytes
         evicted = tx.counts["evicted"]
@@ -896,12 +1025,16 @@ class Writer:
         idle = self.depth == 0 and not len(self._waiting)
         if size < limit and not (idle and self._last_checkpoint + IDLE_CHECKPOINT_S <= now):
             return
+        if now < self._checkpoint_after:
+            return
         try:
-            (busy, _, _) = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            busy = checkpoint(conn)
         except sqlite3.Error as exc:
             self._degrade(exc, now)
             return
         self._last_checkpoint = now
+        # A reader (an export, a backup) holds an older snapshot: try again later.
+        self._checkpoint_after = now + CHECKPOINT_BUSY_S if busy else 0.0
         if not busy:  # SQLite synced the WAL before copying it
             self._unsynced_since = None
 
@@ -938,7 +1071,7 @@ class Writer:
             self._close()
         if kind == "full" and self._conn is not None:
             with contextlib.suppress(sqlite3.Error):  # a smaller WAL may be all it takes
-                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                checkpoint(self._conn)
         if len(self._waiting) > MAX_PENDING:
             self._drop_oldest(len(self._waiting) - MAX_PENDING)
 
@@ -996,6 +1129,39 @@ def _delete_ids(conn: sqlite3.Connection, ids: list[int]) -> tuple[int, int]:
         n, b = _delete_range(conn, first, last)
         rows += n
         size += b
+    return rows, size
+
+
+def checkpoint(conn: sqlite3.Connection) -> bool:
+    """``wal_checkpoint(TRUNCATE)`` that never waits for readers; True if one held it back.
+
+    With the connection's busy timeout SQLite would wait (up to 5 s) for a
+    reader on an older snapshot, e.g. a `hydrogate export` or `backup` of
+    the live file, and stall the writer meanwhile; without it, it copies
+    what it can now and says busy.
+    """
+    conn.execute("PRAGMA busy_timeout = 0")
+    try:
+        (busy, _, _) = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    finally:
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    return bool(busy)
+
+
+def _move_ids(
+    conn: sqlite3.Connection, ids: list[int], out: list[storehistory.Pending]
+) -> tuple[int, int]:
+    """Delete forwarded outbox rows, appending them to ``out`` for the history; (rows, bytes)."""
+    rows = size = 0
+    for first, last in ranges(ids):
+        found = conn.execute(
+            "SELECT device, ts, entry FROM outbox WHERE id BETWEEN ? AND ?", (first, last)
+        ).fetchall()
+        if found:
+            conn.execute("DELETE FROM outbox WHERE id BETWEEN ? AND ?", (first, last))
+            out.extend(found)
+            rows += len(found)
+            size += sum(len(device) + len(entry) for device, _, entry in found)
     return rows, size
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.store import InvalidMessage, Store, StoreClosed, StoreError
+from gateway.store import SCHEMA_VERSION, InvalidMessage, Store, StoreClosed, StoreError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -465,17 +465,18 @@ async def test_a_version_1_file_is_migrated_and_keeps_its_rows(
         await store.save_learned("tank-a", "adaptive", {"gain": 0.5}, PLANT)
     assert any("migrated from version 1 to 2" in r.getMessage() for r in caplog.records)
     assert any("migrated from version 2 to 3" in r.getMessage() for r in caplog.records)
+    assert any("migrated from version 3 to 4" in r.getMessage() for r in caplog.records)
 
     conn = sqlite3.connect(path)
     try:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
         assert conn.execute("SELECT node, controller FROM learned").fetchall() == [
             ("tank-a", "adaptive")
         ]
     finally:
         conn.close()
     caplog.clear()
-    async with Store.open(path, max_rows=None, max_bytes=None) as store:  # already version 3
+    async with Store.open(path, max_rows=None, max_bytes=None) as store:  # current version
         assert await store.load_learned("tank-a", "adaptive") == ({"gain": 0.5}, PLANT)
         assert store.stats.depth == 2
     assert not any("migrated" in r.getMessage() for r in caplog.records)
@@ -487,10 +488,10 @@ async def test_a_new_file_has_the_current_schema(tmp_path: Path) -> None:
         pass
     conn = sqlite3.connect(path)
     try:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         assert conn.execute("PRAGMA page_size").fetchone()[0] == 1024
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        assert {"outbox", "meta", "settings", "actuations", "learned"} <= tables
+        assert {"outbox", "meta", "settings", "actuations", "learned", "history"} <= tables
     finally:
         conn.close()
 
