@@ -6,9 +6,12 @@ control cycle exists only when the node has a `control:` section; manual
 doses and `stop` work on every node.
 
 Settings changed at run time (shared attributes, `set_mode`) are validated
-as a whole, applied at once and persisted in the store together with the
-config file's own values: after a restart the run-time values win, unless the
-config file itself was edited since, in which case the file wins.
+as a whole, applied at once and persisted in the store, each with when it
+was set; the config file's values are persisted with when each was edited.
+Key by key, the newer wins (gateway/settings.py): an edit of the file wins
+over run-time values set before it, a later run-time value over the file.
+After every change (start, reload, attribute, RPC, refusal) the gateway is
+told (``on_change``), so that it publishes what is in force.
 
 What a controller learned about the tank (`rules.controller.Learner`) is
 saved in the store whenever it changes, keyed by node and controller name,
@@ -36,7 +39,7 @@ import dataclasses
 import json
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from drivers.errors import LinkError
@@ -47,6 +50,7 @@ from gateway.errors import CommandError
 from gateway.probecal import CONTROLLED, NodeProbeCalibration
 from gateway.pumpcal import NodePumpCalibration
 from gateway.service import fields
+from gateway.settings import RPC, THINGSBOARD, SettingsState
 from gateway.store import Store, StoreClosed, StoreError
 from gateway.titration import NodeTitration
 from rules import units
@@ -172,9 +176,24 @@ def _limits(config: NodeConfig) -> SafetyLimits:
 class NodeControl:
     """Safety, manual doses and (with a `control:` section) the automatic cycle."""
 
-    def __init__(self, node: NodeRunner, config: NodeConfig, *, store: Store, clock: Clock) -> None:
+    def __init__(
+        self,
+        node: NodeRunner,
+        config: NodeConfig,
+        *,
+        store: Store,
+        clock: Clock,
+        config_mtime: float | None = None,
+    ) -> None:
         self._node = node
         self._config = config
+        #: When the config file was last modified (wall s): the date of its edits.
+        self.config_mtime = config_mtime
+        #: Called after every change of the settings in force or a refused update.
+        self.on_change: Callable[[], None] | None = None
+        self._state = SettingsState()
+        #: The last refused update (``ts`` ms, ``reason``, ``source``), until one is applied.
+        self.refused: dict[str, Any] | None = None
         self._store = store
         self._clock = clock
         self.plant = _plant_constants(config)
@@ -186,6 +205,10 @@ class NodeControl:
         self._cycle: ControlCycle | None = None
         self._triggers: Triggers | None = None
         self.last_dose_text: str | None = None
+        #: The last dose commanded and the last one refused, for `hydrogate status`:
+        #: ``{"ts": ms, "actuator", "ms", "duty", "controller"}`` / ``{"ts": ms, "reason"}``.
+        self.last_dose: dict[str, Any] | None = None
+        self.last_refusal: dict[str, Any] | None = None
         self._reported_lock: str | None = None
         self._last_failure: str | None = None
         # Learned state (Learner controllers): restore due after every new
@@ -289,57 +312,134 @@ class NodeControl:
         base = self._config.control
         if base is None:
             return
-        saved = await self._store.load_settings(self._node.name)
-        if not saved:
-            return
-        if saved.get("base") != settings_of(base):
+        node = self._node.name
+        try:
+            self._state = SettingsState.restore(await self._store.load_settings(node))
+        except (ValueError, TypeError, KeyError) as exc:
+            log.warning("node %s: saved run-time settings ignored: %s", node, exc,
+                        extra=fields(node=node))
+            self._state = SettingsState()
+        mtime = self.config_mtime if self.config_mtime is not None else self._clock.time()
+        edited = self._state.see_file(settings_of(base), mtime)
+        if edited:
             log.info(
-                "node %s: config file changed since the last run-time settings; the file wins",
-                self._node.name,
+                "node %s: config file edited (%s): it wins over values set at run time before"
+                " the edit", node, ", ".join(sorted(edited)), extra=fields(node=node),
+            )
+        self._in_force()
+        await self._save_state()
+        runtime = {k: v for k, v in self._state.sources().items() if v != "file"}
+        if runtime:
+            log.info(
+                "node %s: run-time settings in force: %s",
+                node,
+                ", ".join(f"{k}={settings_of(self.settings)[k]!r} ({v})"  # type: ignore[arg-type]
+                          for k, v in sorted(runtime.items())),
+                extra=fields(node=node),
+            )
+        self._changed()
+
+    def _in_force(self) -> None:
+        """Compute the settings in force: the file, and the run-time values that win over it."""
+        base = self._config.control
+        if base is None:
+            return
+        winners = self._state.winners()
+        try:
+            settings = apply_control_update(base, winners, safety=self._config.safety)
+        except ConfigError as exc:
+            reason = "; ".join(f"{p}: {m}" for p, m in exc.errors)
+            log.warning(
+                "node %s: run-time settings %s no longer fit the config file (%s); the file's"
+                " values are used", self._node.name, sorted(winners), reason,
                 extra=fields(node=self._node.name),
             )
-            await self._store.save_settings(self._node.name, {})
-            return
+            self._state.drop(winners)
+            self.refused = {"ts": int(self._clock.time() * 1000), "reason": reason,
+                            "source": "saved run-time settings"}
+            settings = base
+        old = self.settings
+        self.settings = settings
+        if old != settings:
+            self._rebuild(controller_changed=old is None or old.controller != settings.controller)
+
+    async def _save_state(self) -> None:
         try:
-            self.settings = apply_control_update(
-                base, saved.get("current", {}), safety=self._config.safety
+            await self._store.save_settings(self._node.name, self._state.to_saved())
+        except StoreClosed:
+            pass  # the gateway is stopping
+        except StoreError as exc:
+            log.error("node %s: settings not saved: %s", self._node.name, exc,
+                      extra=fields(node=self._node.name))
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
+
+    def settings_from(self) -> dict[str, str]:
+        """Where each setting in force comes from: ``file``, ``thingsboard`` or ``rpc``."""
+        return self._state.sources()
+
+    def published(self) -> dict[str, Any]:
+        """What is in force, as the client attributes the gateway publishes for this node.
+
+        ``effective_<key>`` for every run-time setting (``schedule`` as
+        ``"HH:MM,HH:MM"``), ``settings_source`` (which keys are not the
+        file's, and from where), ``settings_refused`` (the last refused
+        update's reason, empty once a later one is applied). Empty for a
+        node without a control section.
+        """
+        if self.settings is None:
+            return {}
+        values = settings_of(self.settings)
+        attrs: dict[str, Any] = {
+            f"effective_{k}": ",".join(v) if k == "schedule" else v for k, v in values.items()
+        }
+        others = {k: v for k, v in self.settings_from().items() if v != "file"}
+        attrs["settings_source"] = (
+            "config file" if not others else "config file, except " + ", ".join(
+                f"{k} ({v})" for k, v in sorted(others.items())
             )
-        except ConfigError as exc:
-            log.warning("node %s: saved settings ignored: %s", self._node.name, exc)
-            return
-        self._rebuild()
-        log.info(
-            "node %s: run-time settings restored: %s",
-            self._node.name,
-            settings_of(self.settings),
-            extra=fields(node=self._node.name),
         )
+        refused = self.refused
+        attrs["settings_refused"] = "" if refused is None else (
+            f"{refused['reason']} ({refused['source']})"
+        )
+        return attrs
 
     def _to_mono(self, wall_s: float) -> float:
         return self._clock.monotonic() - (self._clock.time() - wall_s)
 
-    async def update_settings(self, data: Mapping[str, Any], *, source: str) -> dict[str, Any]:
-        """Validate and apply an update as a whole; raises CommandError if any value is bad."""
+    async def update_settings(
+        self, data: Mapping[str, Any], *, source: str, origin: str = RPC
+    ) -> dict[str, Any]:
+        """Validate and apply an update as a whole; raises CommandError if any value is bad.
+
+        ``origin`` (`THINGSBOARD` or `RPC`) is recorded with the values, which
+        win over the config file until it is edited again.
+        """
         if self.settings is None or self._config.control is None:
             raise CommandError(f"node {self._node.name} has no control section")
+        now = self._clock.time()
         try:
             updated = apply_control_update(self.settings, data, safety=self._config.safety)
         except ConfigError as exc:
+            reason = "; ".join(f"{p}: {m}" for p, m in exc.errors)
             log.warning(
-                "node %s: %s refused: %s",
-                self._node.name,
-                source,
-                "; ".join(f"{p}: {m}" for p, m in exc.errors),
+                "node %s: %s refused: %s", self._node.name, source, reason,
                 extra=fields(node=self._node.name),
             )
+            self.refused = {"ts": int(now * 1000), "reason": reason, "source": source}
+            await self._save_state()
+            self._changed()
             raise CommandError(str(exc)) from exc
         old = self.settings
         self.settings = updated
         self._rebuild(controller_changed=updated.controller != old.controller)
         current = settings_of(updated)
-        await self._store.save_settings(
-            self._node.name, {"base": settings_of(self._config.control), "current": current}
-        )
+        self._state.set({k: current[k] for k in data if k in current}, ts=now, source=origin)
+        self.refused = None
+        await self._save_state()
         await self._restore_learned()
         log.info(
             "node %s: settings updated by %s: %s",
@@ -348,7 +448,28 @@ class NodeControl:
             {k: current[k] for k in data if k in current},
             extra=fields(node=self._node.name),
         )
+        self._changed()
         return current
+
+    async def server_update(
+        self, data: Mapping[str, Any], deleted: Iterable[str] = (), *, response: bool = False
+    ) -> None:
+        """Shared attributes from ThingsBoard: a push (``response`` False) or the answer to the
+        request of a session start, whose values count only where they are new (see
+        gateway/settings.py). Raises CommandError when the new values are refused."""
+        state = self._state
+        new = state.news(data, response=response)
+        state.heard(data)
+        gone = state.deleted(deleted)
+        if gone:
+            log.info("node %s: shared attributes %s deleted: the config file's values apply",
+                     self._node.name, ", ".join(gone), extra=fields(node=self._node.name))
+            self._in_force()
+            self._changed()
+        if new:
+            await self.update_settings(new, source="shared attributes", origin=THINGSBOARD)
+        elif data or gone:
+            await self._save_state()
 
     # ------------------------------------------------------------ plant constants
     def config_plant(self) -> dict[str, Any]:
@@ -776,6 +897,8 @@ class NodeControl:
             entry["safety_clamped"] = f"{granted.actuator}: {permit.clamped_reason}"
         node.record(ts, entry)
         self.last_dose_text = f"{granted.actuator} {granted.ms} ms ({controller})"
+        self.last_dose = {"ts": ts, "actuator": granted.actuator, "ms": granted.ms,
+                          "duty": granted.duty, "controller": controller}
         log.info(
             "node %s: %s %d ms at duty %d (%s)",
             node.name, granted.actuator, granted.ms, granted.duty, controller,
@@ -791,6 +914,7 @@ class NodeControl:
                          controller=controller),
         )
         self._node.record(ts, {"safety_refused": str(exc)})
+        self.last_refusal = {"ts": ts, "reason": str(exc), "controller": controller}
 
     async def _stop_for(self, actuator: str) -> dict[str, Any]:
         """``actuate`` with duty 0: switch ``actuator`` off with NodeLink ``stop``.
@@ -895,7 +1019,8 @@ class NodeControl:
             return {"released": await self.acknowledge("RPC acknowledge")}
         if method == "set_mode":
             mode = params.get("mode") if isinstance(params, Mapping) else params
-            current = await self.update_settings({"mode": mode}, source="RPC set_mode")
+            current = await self.update_settings({"mode": mode}, source="RPC set_mode",
+                                                 origin=RPC)
             return {"mode": current["mode"]}
         raise CommandError(f"unknown method {method!r}")
 

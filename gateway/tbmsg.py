@@ -437,6 +437,20 @@ def _trim(data: Mapping[str, Any], need: int, max_payload: int) -> dict[str, Any
     return out
 
 
+def client_attributes(device: str, values: Mapping[str, Any], max_payload: int) -> bytes:
+    """``{"<device>":{...}}`` for ``v1/gateway/attributes`` (the device's client attributes).
+
+    Validated like telemetry values (``None`` left out); raises InvalidMessage
+    if nothing is left or the payload would exceed ``max_payload``.
+    """
+    payload = _dumps({check_device(device): clean_entry_values(values)}).encode()
+    if len(payload) > max_payload:
+        raise InvalidMessage(
+            f"client attributes of {device}: {len(payload)} bytes exceed {max_payload}"
+        )
+    return payload
+
+
 def gateway_telemetry(values: Mapping[str, Any]) -> bytes:
     """The gateway device's own telemetry (``{"k": v, ...}``, stamped by the server)."""
     return _dumps(clean_entry_values(values)).encode()
@@ -569,10 +583,17 @@ def _id(obj: Mapping[str, Any]) -> int:
     return rid
 
 
-def parse_attribute_update(payload: object) -> AttributeUpdate:
-    """Parse ``{"device":..,"data":{..}}`` from ``v1/gateway/attributes``."""
+def parse_attribute_update(payload: object) -> AttributeUpdate | None:
+    """Parse ``{"device":..,"data":{..}}`` from ``v1/gateway/attributes``.
+
+    Returns None for our own client attributes (``{"tank-a":{..},..}``, no
+    ``device``): the topic is shared by both directions and a plain MQTT
+    broker hands them back to us.
+    """
     obj = _load_object(payload)
     _check_depth(obj, "attribute update")
+    if obj and "device" not in obj and all(isinstance(v, dict) for v in obj.values()):
+        return None
     device = _device(obj)
     data = obj.get("data")
     if not isinstance(data, dict):

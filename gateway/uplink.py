@@ -77,8 +77,10 @@ MAX_REQUEST_ID = 2**31 - 1
 class UplinkHandler(Protocol):
     """What the daemon provides to answer the server."""
 
-    def on_attributes(self, device: str, data: Mapping[str, Any]) -> None:
-        """Shared attributes of ``device`` changed (or arrived in a response).
+    def on_attributes(
+        self, device: str, data: Mapping[str, Any], *, response: bool = False
+    ) -> None:
+        """Shared attributes of ``device`` changed (``response``: or arrived in a response).
 
         ``data`` is as the server sent it: key -> value, and for deletions a
         ``"deleted"`` key listing the removed keys.
@@ -118,6 +120,7 @@ class _Session:
     announced: set[str] = field(default_factory=set)
     requests: dict[int, tuple[str, list[str]]] = field(default_factory=dict)
     inflight_rows: int = 0
+    attributes_sent: dict[str, bytes] = field(default_factory=dict)
 
 
 class Uplink:
@@ -151,6 +154,11 @@ class Uplink:
         self._clock = clock
         self._limit = tbmsg.payload_limit(config.max_payload_bytes)
         self._rpc_limit = tbmsg.payload_limit(config.max_payload_bytes, tbmsg.RPC)
+        self._attr_limit = tbmsg.payload_limit(config.max_payload_bytes, tbmsg.ATTRIBUTES)
+        # Client attributes per device (what is in force): the latest only, published at
+        # every session start and whenever they change.
+        self._attributes: dict[str, bytes] = {}
+        self._attributes_changed = asyncio.Event()
         #: Faults of server input, by kind; shared with the daemon's when it passes one.
         self.faults = faults if faults is not None else FaultLog(log)
         self._started = clock()
@@ -166,6 +174,45 @@ class Uplink:
     def connected(self) -> bool:
         """True while a session is established."""
         return self._session is not None
+
+    def in_state_s(self) -> float:
+        """Seconds since the session came up (when connected) or since the outage began."""
+        since = self._connected_at if self._session is not None else self._down_since
+        return max(0.0, self._clock() - (self._started if since is None else since))
+
+    def set_client_attributes(self, device: str, values: Mapping[str, Any]) -> None:
+        """Publish ``values`` as ``device``'s client attributes (now, or when connected).
+
+        Only the latest values of a device are kept: a change while
+        disconnected is published at the next session start. Values that
+        cannot be sent (invalid, over ``max_payload_bytes``) are logged and
+        dropped, never stored.
+        """
+        try:
+            payload = tbmsg.client_attributes(device, values, self._attr_limit)
+        except InvalidMessage as exc:
+            log.warning("client attributes of %s not published: %s", device, exc,
+                        extra=fields(node=device))
+            return
+        if self._attributes.get(device) != payload:
+            self._attributes[device] = payload
+            self._attributes_changed.set()
+
+    def forget_client_attributes(self, device: str) -> None:
+        """``device`` left: its client attributes are no longer published."""
+        self._attributes.pop(device, None)
+
+    async def _publish_attributes(self, session: _Session) -> None:
+        """Publish every device's client attributes not sent yet in this session."""
+        while True:
+            self._attributes_changed.clear()
+            for device, payload in list(self._attributes.items()):
+                if session.attributes_sent.get(device) == payload:
+                    continue
+                await self._announce(session, [device])
+                await self._publish(session.client, tbmsg.ATTRIBUTES, payload)
+                session.attributes_sent[device] = payload
+            await self._attributes_changed.wait()
 
     # ------------------------------------------------------------- reconnects
     async def run(self) -> None:
@@ -262,6 +309,7 @@ class Uplink:
                 tg.create_task(self._receive(session, tg), name="uplink-receive")
                 await self._request_attributes(session)
                 tg.create_task(self._drain(session), name="uplink-drain")
+                tg.create_task(self._publish_attributes(session), name="uplink-attributes")
                 if self._health_interval > 0:
                     tg.create_task(self._health(session), name="uplink-health")
         except asyncio.CancelledError:
@@ -463,6 +511,8 @@ class Uplink:
             tg.create_task(self._answer(session, tg, request), name="uplink-rpc")
         elif topic == tbmsg.ATTRIBUTES:
             update = tbmsg.parse_attribute_update(payload)
+            if update is None:  # our own client attributes, echoed by a plain broker
+                return
             self._give_attributes(update.device, update.data)
         elif topic == tbmsg.ATTRIBUTES_RESPONSE:
             response = tbmsg.parse_attribute_response(payload)
@@ -473,13 +523,18 @@ class Uplink:
                 )
             values = response.resolve(asked[1])
             if values:
-                self._give_attributes(response.device, values)
+                self._give_attributes(response.device, values, response=True)
         else:
             raise MalformedMessage(f"message on unexpected topic {topic}", reason="topic")
 
-    def _give_attributes(self, device: str, data: Mapping[str, Any]) -> None:
+    def _give_attributes(
+        self, device: str, data: Mapping[str, Any], *, response: bool = False
+    ) -> None:
         try:
-            self._handler.on_attributes(device, data)
+            if response:
+                self._handler.on_attributes(device, data, response=True)
+            else:
+                self._handler.on_attributes(device, data)
         except Exception as exc:  # noqa: BLE001 - a handler bug must not end the session
             self._failed("attributes", f"attribute handler failed for {device}", exc, device)
 

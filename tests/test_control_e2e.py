@@ -117,11 +117,12 @@ async def test_attributes_and_set_mode_apply_whole_and_persist(
                 assert state["tds_setpoint"] == 900
                 assert state["mode"] == "auto"
                 assert state["schedule"] == ["09:00", "21:00"]
-            # Editing the config file itself wins over run-time settings.
+            # Editing a key of the config file wins over the run-time value set before;
+            # the keys the edit left alone keep their run-time values (gateway/settings.py).
             data["nodes"][0]["control"]["tds_setpoint"] = 750
             async with running_gateway(data) as gw:
                 state = (await rec.rpc("tank-a", 3, "get_state"))["data"]
-                assert state["tds_setpoint"] == 750 and state["mode"] == "manual"
+                assert state["tds_setpoint"] == 750 and state["mode"] == "auto"
     finally:
         await node.close()
 

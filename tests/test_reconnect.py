@@ -88,7 +88,7 @@ def test_refusals_and_dns_failures_back_off(error: BaseException) -> None:
 
 def _uplink(store: Store, port: int, token: str = "tok") -> Uplink:
     class Quiet:
-        def on_attributes(self, device: str, data: Any) -> None:
+        def on_attributes(self, device: str, data: Any, *, response: bool = False) -> None:
             pass
 
         async def on_rpc(self, device: str, method: str, params: Any) -> dict[str, Any]:

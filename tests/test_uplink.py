@@ -34,7 +34,7 @@ class Handler:
     def __init__(self) -> None:
         self.attributes: list[tuple[str, dict[str, Any]]] = []
 
-    def on_attributes(self, device: str, data: Mapping[str, Any]) -> None:
+    def on_attributes(self, device: str, data: Mapping[str, Any], *, response: bool = False) -> None:
         self.attributes.append((device, dict(data)))
         if data.get("explode"):
             raise RuntimeError("handler bug")
