@@ -30,6 +30,7 @@ from gateway.faults import FaultLog, quote
 from gateway.localrpc import LocalServer, socket_path
 from gateway.node import NodeRunner
 from gateway.service import NODE, monotonic_usec, notify, run_watchdog, watchdog_interval
+from gateway.status import StatusWatcher, collect
 from gateway.store import Store, StoreError
 from gateway.tasks import cancel_and_wait
 from gateway.uplink import Uplink
@@ -83,6 +84,12 @@ class Gateway:
         #: Faults of outside input (server messages, node frames), by kind: the
         #: uplink, every node task and the handlers here count into this one.
         self.faults = FaultLog(log)
+        #: When the config file was last modified: the date of its edits (gateway/settings.py).
+        self.config_mtime = self._mtime()
+        #: Why the last reload was refused (the running config is not the file's), or None.
+        self.reload_refused: str | None = None
+        #: The counters over time (drain rate, backlog trend) and systemd's STATUS= line.
+        self.status_watcher = StatusWatcher(self, notify)
 
     # ------------------------------------------------------------ lifecycle
     def request_stop(self) -> None:
@@ -113,6 +120,8 @@ class Gateway:
             commit_interval=cfg.storage.commit_interval,
             sync_interval=cfg.storage.sync_interval,
             clock=self.clock,
+            history_days=cfg.storage.history_days,
+            history_max_bytes=cfg.storage.history_max_bytes,
         ) as store:
             self.store = store
             await self._clock_at_start(store)
@@ -123,12 +132,13 @@ class Gateway:
                     self._start_node(node)
                 self._start_uplink()
                 self._start_local()
+                self._tasks["status"] = tg.create_task(self.status_watcher.run(), name="status")
                 interval = watchdog_interval()
                 if interval is not None:
                     self._tasks["watchdog"] = tg.create_task(
                         run_watchdog(interval, store.flush), name="watchdog"
                     )
-                notify(f"READY=1\nSTATUS={self._status()}")
+                self._ready_status()
                 self.ready.set()
                 log.info(
                     "hydrogate %s running: %d nodes, buffer %s, %s",
@@ -212,15 +222,20 @@ class Gateway:
             if self._reload.is_set() and not self._stop.is_set():
                 self._reload.clear()
                 notify(f"RELOADING=1\nMONOTONIC_USEC={monotonic_usec()}")
-                error = await self.reload()
-                status = self._status() if error is None else f"reload refused: {error}"
-                notify(f"READY=1\nSTATUS={status}")
+                self.reload_refused = await self.reload()
+                self._ready_status()
 
-    def _status(self) -> str:
-        """The one-line state systemctl status shows."""
-        tb = self.config.thingsboard
-        where = f"ThingsBoard {tb.host}:{tb.port}" if tb else "offline (buffer only)"
-        return f"running {len(self.config.nodes)} nodes, {where}"
+    def _ready_status(self) -> None:
+        """READY=1 with the one-line state systemctl status shows (gateway/status.py)."""
+        line = self.status_watcher.line()
+        notify(f"READY=1\nSTATUS={line}")
+        self.status_watcher.sent(line)
+
+    def _mtime(self) -> float | None:
+        try:
+            return None if self.config_path is None else self.config_path.stat().st_mtime
+        except OSError:
+            return None
 
     async def _shutdown(self) -> None:
         runners = list(self.runners.values())
@@ -245,7 +260,9 @@ class Gateway:
 
     def _start_node(self, node: NodeConfig) -> None:
         assert self._tg is not None and self.store is not None
-        runner = NodeRunner(node, store=self.store, clock=self.clock, faults=self.faults)
+        runner = NodeRunner(node, store=self.store, clock=self.clock, faults=self.faults,
+                            config_mtime=self.config_mtime)
+        runner.control.on_change = lambda: self._publish_settings(node.name)
         self.runners[node.name] = runner
         self._tasks[f"node:{node.name}"] = self._tg.create_task(
             runner.run(), name=f"node:{node.name}", context=node_context(node.name)
@@ -266,7 +283,19 @@ class Gateway:
             health_extra=self.health_extra,
             faults=self.faults,
         )
+        for name in self.runners:
+            self._publish_settings(name)
         self._tasks["uplink"] = self._tg.create_task(self.uplink.run(), name="uplink")
+
+    def _publish_settings(self, name: str) -> None:
+        """Hand the uplink what is in force on a node (its client attributes; sent at once if
+        connected, else at the next session start, so never lost across a reconnect)."""
+        runner = self.runners.get(name)
+        if runner is None or self.uplink is None:
+            return
+        attrs = runner.control.published()
+        if attrs:
+            self.uplink.set_client_attributes(name, attrs)
 
     def _start_local(self) -> None:
         """The local control socket (gateway/localrpc.py), for `hydrogate` commands."""
@@ -300,6 +329,7 @@ class Gateway:
             more = f" (+{len(exc.errors) - 1} more)" if len(exc.errors) > 1 else ""
             return f"{first[0]}: {first[1]}{more}"
         old = self.config
+        self.config_mtime = self._mtime()
         if new.storage != old.storage:
             log.warning("storage settings changed: they take effect at the next restart")
         self.config = new
@@ -331,6 +361,7 @@ class Gateway:
                 NODE.reset(token)
         await self._stop_task(f"node:{name}")
         if left and self.uplink is not None:
+            self.uplink.forget_client_attributes(name)
             await self.uplink.device_removed(name)
         log.info("node %s %s", name, "removed" if left else "restarted with new settings",
                  extra={"NODE": name})
@@ -345,8 +376,10 @@ class Gateway:
         other = "tds_setpoint" if runner.config.conductivity == "ec" else "ec_setpoint"
         return [k for k in SHARED_KEYS if k != other]
 
-    def on_attributes(self, device: str, data: Mapping[str, Any]) -> None:
-        """Shared attributes changed on the server: apply them as a whole."""
+    def on_attributes(
+        self, device: str, data: Mapping[str, Any], *, response: bool = False
+    ) -> None:
+        """Shared attributes changed on the server (``response``: asked for at a session start)."""
         runner = self.runners.get(device)
         if runner is None:
             self.faults.refused(
@@ -354,32 +387,38 @@ class Gateway:
                 f"attributes for unknown device {quote(device)} ignored",
             )
             return
-        if ACKNOWLEDGE in data and self._tg is not None:
+        if ACKNOWLEDGE in data and not response and self._tg is not None:
             self._tg.create_task(
                 self._isolated(device, "acknowledge",
                                runner.control.acknowledge("shared attribute acknowledge")),
                 name=f"acknowledge:{device}",
             )
         update = {k: v for k, v in data.items() if k in SHARED_KEYS}
+        raw_deleted = data.get("deleted")
+        deleted = [k for k in raw_deleted if k in SHARED_KEYS] if isinstance(
+            raw_deleted, list) else []
         ignored = sorted(set(data) - set(update) - {"deleted", ACKNOWLEDGE})
         if ignored:
             shown = ", ".join(quote(k, 40) for k in ignored[:5])
             more = f" and {len(ignored) - 5} more" if len(ignored) > 5 else ""
             log.info("device %s: attributes %s%s are not settings, ignored", device, shown, more)
-        if not update or runner.control.settings is None or self._tg is None:
+        if not (update or deleted) or runner.control.settings is None or self._tg is None:
             return
         self._tg.create_task(
-            self._apply_attributes(runner, update),
+            self._apply_attributes(runner, update, deleted, response=response),
             name=f"attributes:{device}",
             context=node_context(device),
         )
 
-    async def _apply_attributes(self, runner: NodeRunner, update: Mapping[str, Any]) -> None:
+    async def _apply_attributes(
+        self, runner: NodeRunner, update: Mapping[str, Any], deleted: list[str], *,
+        response: bool,
+    ) -> None:
         """Apply one update; whatever it holds, this task ends quietly (never the daemon)."""
         try:
-            await runner.control.update_settings(update, source="shared attributes")
+            await runner.control.server_update(update, deleted, response=response)
         except CommandError:
-            pass  # refused as a whole and logged by update_settings
+            pass  # refused as a whole, logged and published by update_settings
         except StoreError as exc:  # e.g. arriving while the store closes: never fatal
             log.error("node %s: settings applied but not saved: %s", runner.name, exc)
         except Exception as exc:  # noqa: BLE001 - an attribute update must never stop the daemon
@@ -421,7 +460,15 @@ class Gateway:
                 "uptime_s": round(time.monotonic() - self.started, 1),
                 "nodes": list(self.runners),
             }
-        return {"success": False, "error": f"unknown gateway method {method!r} (known: ping)"}
+        if method == "status":
+            return {"success": True, **await collect(self, self.status_watcher.sampler)}
+        if method == "flush":  # `hydrogate export`: what waits in memory for the history
+            if self.store is None:
+                return {"success": False, "error": "the buffer is not open"}
+            await self.store.flush_history()
+            return {"success": True}
+        return {"success": False,
+                "error": f"unknown gateway method {method!r} (known: ping, status, flush)"}
 
     def health_extra(self) -> Mapping[str, Any]:
         """Per-node figures added to the gateway's own health telemetry."""
@@ -435,6 +482,9 @@ class Gateway:
             stats = self.store.stats
             extra["storage"] = stats.storage
             extra["unstored"] = stats.unstored
+            extra["backlog"] = stats.depth + stats.pending
+            extra["history_readings"] = stats.history_readings
+        extra.update(self.status_watcher.health())
         extra["clock_synced"] = self.timekeeper.synchronized
         for name, runner in self.runners.items():
             extra[f"{name}_link_errors"] = runner.stats.total_errors()

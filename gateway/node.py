@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import re
 from collections.abc import Coroutine, Mapping
 from dataclasses import replace
 from typing import Any
@@ -51,6 +52,8 @@ log = logging.getLogger("hydrogate.node")
 MAX_FAILED_READS = 3
 #: Severity is assessed at most this often (seconds): it is for people, not pumps.
 SEVERITY_PERIOD_S = 1.0
+#: Actuator names whose on/off state is sent as ``<actuator>_on`` telemetry.
+_PLAIN_KEY = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")
 
 
 class NodeRunner:
@@ -64,6 +67,7 @@ class NodeRunner:
         clock: Clock,
         backoff: Backoff | None = None,
         faults: FaultLog | None = None,
+        config_mtime: float | None = None,
     ) -> None:
         self.config = config
         self.name = config.name
@@ -74,6 +78,9 @@ class NodeRunner:
         self.stats = LinkStats()
         self.link_up = False
         self.link_reason = "not connected yet"
+        #: When (wall s) the link last went up or down (or the task started).
+        self.link_since = clock.time()
+        self._link_sent: bool | None = None  # the link state last sent as telemetry
         self.fw: str | None = None
         self.sensors: tuple[str, ...] = ()
         self.actuators: tuple[str, ...] = ()
@@ -92,7 +99,9 @@ class NodeRunner:
         self._link: Link | None = None
         self._session_tg: asyncio.TaskGroup | None = None
         self._reading_event = asyncio.Event()
-        self.control = NodeControl(self, config, store=store, clock=clock)
+        self.control = NodeControl(
+            self, config, store=store, clock=clock, config_mtime=config_mtime
+        )
 
     # ------------------------------------------------------------------ link
     async def run(self) -> None:
@@ -207,6 +216,7 @@ class NodeRunner:
     def _set_up(self) -> None:
         self._backoff.reset()
         if not self.link_up:
+            self.link_since = self._clock.time()
             log.info(
                 "node %s link up (%s, fw %s, actuators %s)",
                 self.name,
@@ -223,12 +233,29 @@ class NodeRunner:
             log.warning(
                 "node %s link down: %s", self.name, reason, extra=fields(node=self.name)
             )
+        if self.link_up:
+            self.link_since = self._clock.time()
         self.link_up = False
         self.link_reason = reason
+        self._send_link()
         if self._link is None:  # still connected (no reading yet): what runs is still known
             self.running = {}
 
     # -------------------------------------------------------------- readings
+    def _send_link(self) -> None:
+        """Telemetry ``link`` (``up``/``down``) and ``link_reason`` whenever the state changes.
+
+        Sent from the first state on (a node down since the start is down for
+        ThingsBoard too), so the profile's alarm can follow it.
+        """
+        if self._link_sent is self.link_up:
+            return
+        self._link_sent = self.link_up
+        self.record(int(self._clock.time() * 1000), {
+            "link": "up" if self.link_up else "down",
+            "link_reason": self.link_reason or "ok",
+        })
+
     def _on_event(self, event: Event) -> None:
         body = event.body
         if event.event == "report":
@@ -236,7 +263,14 @@ class NodeRunner:
         elif event.event == "actuator":
             actuator = body.get("actuator")
             if isinstance(actuator, str):
-                self.running[actuator] = 1 if body.get("on") else 0
+                on = 1 if body.get("on") else 0
+                if (
+                    self.running.get(actuator) != on  # the node's own word on its pumps
+                    and actuator in self.actuators
+                    and _PLAIN_KEY.fullmatch(actuator)
+                ):
+                    self.record(int(self._clock.time() * 1000), {f"{actuator}_on": on})
+                self.running[actuator] = on
         elif event.event == "boot":
             log.info(  # after every power-up of the site too: not by itself a problem
                 "node %s (re)started (fw %s)",
@@ -312,6 +346,7 @@ class NodeRunner:
                 return
         if self._link is not None:  # a report may arrive before the session is set up
             self._set_up()
+            self._send_link()
         self.readings += 1
         self.latest_ts = ts
         for key, value in values.items():

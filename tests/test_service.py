@@ -190,7 +190,7 @@ async def test_the_daemon_says_ready_and_pings_while_its_writer_lives(
     path.write_text(yaml.safe_dump(one_node(tmp_path / "gw.sqlite")))
     async with gateway_from(path) as gw:
         ready = await notify_socket.wait_for(lambda m: m.startswith("READY=1"), "READY=1")
-        assert "STATUS=running 1 nodes, offline (buffer only)" in ready
+        assert "STATUS=0/1 nodes up · backlog 0 · offline (buffer only)" in ready
         await asyncio.sleep(0.3)
         assert notify_socket.pings_since(0) >= 3
         assert gw.store is not None
@@ -243,7 +243,7 @@ async def test_reload_says_reloading_then_ready_with_what_was_refused(
                                                            "health_interval": 2})))
         start = len(notify_socket.drain())
         gw.request_reload()
-        await notify_socket.wait_for(lambda m: m.startswith("READY=1\nSTATUS=running"),
+        await notify_socket.wait_for(lambda m: re.match(r"READY=1\nSTATUS=\d/1 nodes up", m),
                                      "READY after a good reload", start=start)
         assert gw.config.gateway.health_interval == 2
 

@@ -417,7 +417,7 @@ def test_reload_fails_for_a_refused_file_and_the_old_config_keeps_running(
     write_config(ns, good)
     ns.systemctl("reload", UNIT)
     ns.wait_for("applied", lambda: ns.show(UNIT, "StatusText")["StatusText"].startswith(
-        "running 1 nodes"), timeout=20)
+        "1/1 nodes up"), timeout=20)
     assert ns.show(UNIT, "MainPID")["MainPID"] == pid
 
 
