@@ -1,4 +1,5 @@
-"""The `hydrogate` command: run, check-config, demo, calibrate, evaluate, node, titrate, pump."""
+"""The `hydrogate` command: run, check-config, demo, calibrate, evaluate, node, titrate,
+pump, status, export, backup."""
 
 from __future__ import annotations
 
@@ -124,6 +125,9 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "node": ("gateway.nodetool.cli", "node"),
     "titrate": ("gateway.cli_titrate", "titrate"),
     "pump": ("gateway.cli_pump", "pump"),
+    "status": ("gateway.cli_status", "status"),
+    "export": ("gateway.cli_export", "export"),
+    "backup": ("gateway.cli_backup", "backup"),
 }
 
 
@@ -165,6 +169,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         "node": "tools for NodeLink nodes: probe URL, deploy firmware, write node.json",
         "titrate": "measure a pH solution's strength on the running tank (guided titration)",
         "pump": "pump calibrate NODE ACTUATOR --ms N: measure a pump's real flow",
+        "status": "the running daemon's state: nodes, values, control, uplink, buffer",
+        "export": "one node's readings from the buffer and the local history, as CSV or JSONL",
+        "backup": "a consistent copy of the database, while the daemon runs",
     }
     for name, (module, _) in LAZY_COMMANDS.items():
         lazy = sub.add_parser(name, help=helps[name])
