@@ -6,7 +6,7 @@
 #   sudo scripts/install.sh --upgrade   the same, said explicitly
 #
 # Every release is a virtualenv of its own in /opt/hydrogate/releases/, built from
-# Debian's python3 with --system-site-packages: numpy, PyYAML, pyserial-asyncio and
+# Debian's python3 with --system-site-packages: numpy, PyYAML, pyserial-asyncio, tqdm and
 # systemd come from Debian (nothing compiles on a Pi); pip adds only what Debian lacks
 # (aiomqtt, paho-mqtt, orjson) and a TFLite runtime if one can be installed here.
 # /opt/hydrogate/venv is a symlink to the current release. An upgrade builds the new
@@ -48,7 +48,7 @@ esac
 
 # --- Debian's packages: everything that would otherwise compile or download big wheels.
 debs=(python3 python3-venv python3-pip python3-numpy python3-yaml python3-serial-asyncio
-      python3-systemd)
+      python3-systemd python3-tqdm)
 missing=()
 for p in "${debs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -21,7 +21,7 @@ fi
 # The tests install hydrogate as scripts/install.sh does on a Pi (Debian's python3 and
 # its packages, Debian's pip) and run it under a real systemd in a namespace.
 [ "$want_test" = 1 ] && pkgs+=(systemd util-linux python3-pip python3-numpy python3-yaml
-  python3-serial-asyncio python3-systemd)
+  python3-serial-asyncio python3-systemd python3-tqdm)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

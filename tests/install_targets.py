@@ -2,7 +2,7 @@
 
 A target is an interpreter, not a board: CPython 3.11 of Debian 12 / Raspberry Pi
 OS bookworm (glibc 2.36) with the wheel tags pip computes there. What Debian
-packages (numpy, PyYAML, pyserial-asyncio, systemd-python) is taken from the
+packages (numpy, PyYAML, pyserial-asyncio, systemd-python, tqdm) is taken from the
 Debian venv given (``--system-site-packages`` over Debian's own python3 with those
 packages installed), exactly as scripts/install.sh builds the release venv, so
 pip treats them as installed; the rest must come as wheels for the target.

@@ -29,8 +29,8 @@ from tests.install_targets import (
 CACHE = ROOT / ".cache" / "install"
 DEBIAN_PYTHON = CACHE / "debian-venv" / "bin" / "python"
 #: Distributions Debian bookworm ships (python3-numpy, -yaml, -serial-asyncio, -serial,
-#: -systemd): pip must find them installed, never fetch them.
-FROM_DEBIAN = {"numpy", "pyyaml", "pyserial-asyncio", "pyserial", "systemd-python"}
+#: -systemd, -tqdm): pip must find them installed, never fetch them.
+FROM_DEBIAN = {"numpy", "pyyaml", "pyserial-asyncio", "pyserial", "systemd-python", "tqdm"}
 #: What pip may add on top of Debian (bookworm has no aiomqtt 2 and no orjson;
 #: its paho-mqtt 1.6 is older than aiomqtt 2 needs).
 FROM_PYPI = {"aiomqtt", "paho-mqtt", "orjson", "typing-extensions"}
@@ -73,7 +73,7 @@ def _debian_version(debian_python: Path, dist: str) -> str:
 def test_debian_packages_meet_the_floors(debian_python: Path) -> None:
     floors = {Requirement(r).name.lower(): Requirement(r)
               for r in runtime_requirements(TARGETS[0])}
-    for dist in ("numpy", "pyyaml", "pyserial-asyncio", "systemd-python"):
+    for dist in ("numpy", "pyyaml", "pyserial-asyncio", "systemd-python", "tqdm"):
         version = _debian_version(debian_python, dist)
         assert floors[dist].specifier.contains(version), (dist, version, floors[dist])
 

@@ -176,8 +176,9 @@ def test_the_unit_passes_verify_and_rates_at_most_2(ns: SystemdNamespace) -> Non
 def test_the_install_uses_debian_packages_and_a_small_release(ns: SystemdNamespace) -> None:
     venv = "/opt/hydrogate/venv"
     probe = ns.run([f"{venv}/bin/python", "-c", (
-        "import numpy, yaml, serial_asyncio, systemd, aiomqtt, orjson, models.runtime as r;"
-        "print(numpy.__file__, yaml.__file__, serial_asyncio.__file__, systemd.__file__);"
+        "import numpy, yaml, serial_asyncio, systemd, tqdm, aiomqtt, orjson, models.runtime as r;"
+        "print(numpy.__file__, yaml.__file__, serial_asyncio.__file__, systemd.__file__,"
+        " tqdm.__file__);"
         "print(r.interpreter_backend()[0])")])
     debian, backend = probe.stdout.splitlines()
     assert all(p.startswith("/usr/lib/python3/dist-packages/") for p in debian.split()), debian
