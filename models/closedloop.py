@@ -76,11 +76,11 @@ from types import MappingProxyType
 import numpy as np
 import numpy.typing as npt
 
-from models.policy import FEATURES, OUTPUT_SCALE, TARGETS, PhQuery, TdsQuery
-from models.policy import RANGES as FEATURE_RANGES
-from models.runtime import InputRangeError, ModelSpec
 from rules.controller import PlantConstants
 from rules.ml import MlController
+from rules.mlpolicy import FEATURES, OUTPUT_SCALE, TARGETS, PhQuery, TdsQuery
+from rules.mlpolicy import RANGES as FEATURE_RANGES
+from rules.mlruntime import InputRangeError, ModelSpec
 from sim.plant import Reservoir
 from sim.rig import Rig
 from sim.tanks import Config, Tank, draw
