@@ -10,14 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from gateway.cli_calibrate import add_fit_arguments, run_fit
 from rules.calibration import (
     CalibrationError,
     Calibrator,
-    add_arguments,
     compensate,
     fit_poly,
     fit_two_point,
-    run,
 )
 
 TDS_V = [0.04, 0.49, 0.86, 1.12, 1.29, 1.44, 1.58]
@@ -191,9 +190,9 @@ def test_bad_maps_are_refused() -> None:
 
 def cli(argv: list[str]) -> tuple[int, str]:
     parser = argparse.ArgumentParser()
-    add_arguments(parser)
+    add_fit_arguments(parser)
     out = io.StringIO()
-    code = run(parser.parse_args(argv), out=out)
+    code = run_fit(parser.parse_args(argv), out=out)
     return code, out.getvalue()
 
 
