@@ -22,15 +22,15 @@ import dataclasses
 import datetime
 import math
 import re
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any, TypeVar
-from urllib.parse import SplitResult, parse_qs, urlsplit
 
 import yaml
 
+from drivers.errors import BadUrl
+from drivers.transport import canonical_url
 from gateway import crops
 from gateway.validators import (
     ErrorList,
@@ -84,9 +84,6 @@ RUNTIME_KEYS: tuple[str, ...] = (
 """Control settings that ThingsBoard may change at run time (``tds_setpoint`` or
 ``ec_setpoint``: the same setpoint, in ppm on the configured scale or in mS/cm)."""
 
-DEFAULT_TCP_PORT = 3333
-DEFAULT_BAUD = 115200
-STANDARD_BAUDS = (1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200, 230400, 460800, 921600)
 NODE_WATCHDOG_S = 30.0
 """A node stops its actuators after this long without a frame (NODELINK.md)."""
 FLOW_ACTUATORS = ("nutrient", "ph_up", "ph_down", "refill")
@@ -324,73 +321,18 @@ class Config:
 # --- node URLs ---------------------------------------------------------------------------------
 
 
-def _tcp_url(parts: SplitResult) -> str:
-    try:
-        port = parts.port
-    except ValueError as err:
-        raise Invalid(f"has a bad port: {err}") from err
-    if port is None and parts.netloc.endswith(":"):
-        raise Invalid("has an empty port")
-    if not parts.hostname:
-        raise Invalid("needs a host: tcp://host:port")
-    if parts.username is not None or parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise Invalid("must be tcp://host:port with nothing else")
-    port = DEFAULT_TCP_PORT if port is None else port
-    if not 1 <= port <= 65535:
-        raise Invalid(f"port must be between 1 and 65535, not {port}")
-    host = host_name(parts.hostname)
-    return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
-
-
-SERIAL_OPTIONS = ["baud", "dtr", "rts"]
-
-
-def _serial_url(parts: SplitResult) -> str:
-    if parts.netloc:
-        raise Invalid("must name an absolute device path: serial:///dev/ttyUSB0 (three slashes)")
-    if not parts.path.startswith("/") or parts.path == "/" or parts.fragment:
-        raise Invalid("must be serial:///dev/<device>?baud=N")
-    options = parse_qs(parts.query, keep_blank_values=True)
-    for name in options:
-        if name not in SERIAL_OPTIONS:
-            raise Invalid(f"has an unknown option {name!r}{suggest(name, SERIAL_OPTIONS)}")
-    values = options.get("baud", [str(DEFAULT_BAUD)])
-    if (
-        len(values) != 1
-        or not re.fullmatch("[0-9]{1,7}", values[0])
-        or int(values[0]) not in STANDARD_BAUDS
-    ):
-        bauds = ", ".join(map(str, STANDARD_BAUDS))
-        raise Invalid(f"baud must be one of {bauds}; not {','.join(values)!r}")
-    url = f"serial://{parts.path}?baud={int(values[0])}"
-    for line in ("dtr", "rts"):  # modem lines held while open (drivers/serial.py); default 0
-        level = options.get(line, ["0"])
-        if len(level) != 1 or level[0] not in ("0", "1"):
-            raise Invalid(f"{line} must be 0 (released, the default) or 1; not {','.join(level)!r}")
-        if level[0] == "1":
-            url += f"&{line}=1"
-    return url
-
-
-URL_SCHEMES: Mapping[str, Callable[[SplitResult], str]] = MappingProxyType(
-    {"tcp": _tcp_url, "serial": _serial_url}
-)
-"""How each transport's URL is checked and normalised, by scheme."""
-
-
 def node_url(value: Any) -> str:
-    """``tcp://host[:port]`` (default port 3333) or ``serial:///dev/X[?baud=N]`` (115200)."""
+    """``tcp://host[:port]`` (default port 3333) or ``serial:///dev/X[?baud=N]`` (115200).
+
+    The drivers' own parser decides (drivers/transport.py, one rule per scheme
+    in drivers/tcp.py and drivers/serial.py): the config accepts exactly the
+    URLs the node tasks can open, and stores them written out in full.
+    """
     text = string(value).strip()
     try:
-        parts = urlsplit(text)
-    except ValueError as err:
-        raise Invalid(f"is not a valid URL: {err}") from err
-    check = URL_SCHEMES.get(parts.scheme.lower())
-    if check is None:
-        raise Invalid(
-            f"must be tcp://host:port or serial:///dev/...?baud=N; {text!r} has an unknown scheme"
-        )
-    return check(parts)
+        return canonical_url(text)
+    except BadUrl as exc:
+        raise Invalid(exc.reason) from None
 
 
 # --- sections ----------------------------------------------------------------------------------

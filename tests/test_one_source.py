@@ -1,0 +1,149 @@
+"""Facts written once: every other place that needs them derives them, or is checked against them.
+
+- node URLs: the drivers' parser (drivers/transport.py and the rule of each
+  scheme) is the one rule; the config validates with it, so a URL the node
+  tasks can open is a URL the config accepts, and the other way round;
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from urllib.parse import urlsplit
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from drivers.errors import BadUrl
+from drivers.serial import STANDARD_BAUDS, serial_options
+from drivers.transport import canonical_url, parse_url
+from gateway.config import ConfigError, parse_config
+from gateway.validators import Invalid
+
+# --- node URLs -------------------------------------------------------------------------------
+
+BAUDS = [*STANDARD_BAUDS, 0, 1, 300, 14400, 74880, 76800, 115201, 250000, 1000000, 11520]
+URLS = [
+    *(f"serial:///dev/ttyUSB0?baud={b}" for b in BAUDS),
+    "serial:///dev/ttyUSB0",
+    "serial:///dev/ttyUSB0?baud=0115200",
+    "serial:///dev/ttyUSB0?baud=+9600",
+    "serial:///dev/ttyUSB0?baud=9600&baud=9600",
+    "serial:///dev/ttyUSB0?baud",
+    "serial:///dev/ttyUSB0?dtr=1&rts=1",
+    "serial:///dev/ttyUSB0?rts=0&baud=9600",
+    "serial:///dev/ttyUSB0?dtr=2",
+    "serial:///dev/ttyUSB0?parity=E",
+    "serial:///dev/ttyUSB0#x",
+    "serial:///",
+    "serial://dev/ttyUSB0",
+    "serial:dev/ttyUSB0",
+    "tcp://192.168.1.50:3333",
+    "tcp://192.168.1.50",
+    "tcp://192.168.1.50:",
+    "tcp://Node-7.local:4000",
+    "tcp://[::1]:3333",
+    "tcp://[::1]",
+    "tcp://[::ffff:10.0.0.1]:1",
+    "tcp://host:0",
+    "tcp://host:65535",
+    "tcp://host:65536",
+    "tcp://host:x",
+    "tcp://host:3333/",
+    "tcp://host:3333/x",
+    "tcp://host:3333?baud=9600",
+    "tcp://user@host",
+    "tcp://bad_host!:3333",
+    "tcp://-host:3333",
+    "tcp://",
+    "udp://10.0.0.1:3333",
+    "http://x:1",
+    "/dev/ttyUSB0",
+    "",
+]
+
+
+def drivers_accept(url: str) -> str | None:
+    """The URL as the drivers write it out, or ``None`` when they refuse it."""
+    try:
+        parse_url(url)
+        return canonical_url(url)
+    except BadUrl:
+        return None
+
+
+def config_accepts(url: str) -> str | None:
+    """The URL as the config stores it, or ``None`` when the config refuses it."""
+    data = {"gateway": {"name": "gw"}, "storage": {"path": "/tmp/hydrogate-test.db"},
+            "thingsboard": {"host": "localhost", "access_token": "t"},
+            "nodes": [{"name": "n", "url": url}]}
+    try:
+        return parse_config(data).nodes[0].url
+    except ConfigError as exc:
+        assert [path for path, _ in exc.errors] == ["nodes[0].url"], exc.errors
+        return None
+
+
+def _host(host: str | None) -> object:
+    """A host as compared: an address by its value (``::ffff:10.0.0.1`` is ``::ffff:a00:1``)."""
+    try:
+        return ipaddress.ip_address(host or "")
+    except ValueError:
+        return host
+
+
+def check_both_ways(url: str) -> None:
+    by_drivers = drivers_accept(url)
+    assert config_accepts(url) == by_drivers
+    if by_drivers is not None:
+        assert drivers_accept(by_drivers) == by_drivers  # written out in full: a fixed point
+        before, after = urlsplit(url), urlsplit(by_drivers)
+        assert (before.scheme, _host(before.hostname), before.path.rstrip("/")) == (
+            after.scheme, _host(after.hostname), after.path.rstrip("/")
+        )
+        if before.scheme == "serial":
+            assert serial_options(before) == serial_options(after)
+
+
+@pytest.mark.parametrize("url", URLS)
+def test_config_and_drivers_accept_the_same_urls(url: str) -> None:
+    check_both_ways(url)
+
+
+def test_the_cases_cover_both_answers_and_every_standard_baud() -> None:
+    accepted = {u for u in URLS if drivers_accept(u) is not None}
+    assert 10 < len(accepted) < len(URLS) - 10
+    assert {serial_options(urlsplit(u)).baud for u in accepted if u.startswith("serial")} == set(
+        STANDARD_BAUDS
+    )
+    assert drivers_accept("serial:///dev/ttyUSB0?baud=74880") is None  # the old disagreement
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    scheme=st.sampled_from(["tcp", "serial", "TCP", "udp"]),
+    host=st.sampled_from(["", "h", "10.0.0.1", "[::1]", "a_b", "x-", "node.local."]),
+    port=st.one_of(st.none(), st.integers(-1, 70000).map(str), st.sampled_from(["", "x"])),
+    path=st.sampled_from(["", "/", "/dev/ttyUSB0", "/dev/pts/7", "dev"]),
+    query=st.lists(
+        st.tuples(st.sampled_from(["baud", "dtr", "rts", "bad"]),
+                  st.one_of(st.sampled_from(BAUDS).map(str), st.sampled_from(["0", "1", "", "x"]))),
+        max_size=3,
+    ),
+)
+def test_generated_urls_get_the_same_answer(
+    scheme: str, host: str, port: str | None, path: str, query: list[tuple[str, str]]
+) -> None:
+    netloc = host if port is None else f"{host}:{port}"
+    url = f"{scheme}://{netloc}{path}"
+    if query:
+        url += "?" + "&".join(f"{k}={v}" for k, v in query)
+    check_both_ways(url)
+
+
+def test_host_names_follow_the_drivers_rule() -> None:
+    from gateway.validators import host_name
+
+    assert host_name("[::ffff:10.0.0.1]") == "::ffff:a00:1"
+    with pytest.raises(Invalid, match="host name or IP address"):
+        host_name("bad_host!")
