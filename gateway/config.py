@@ -59,36 +59,23 @@ from gateway.validators import (
     suggest,
 )
 from rules import units
-from rules.controller import NUTRIENT_PARTS
+from rules.controller import (
+    ACTUATORS,
+    BUILTIN_NAMES,
+    DEFAULT_FLOW_ML_S,
+    NUTRIENT_PARTS,
+    PH_PUMPS,
+)
 
 K = TypeVar("K")
 V = TypeVar("V")
 
-CONTROLLER_NAMES: tuple[str, ...] = ("fuzzy", "rb", "ml", "adaptive", "closeloop", "mamdani")
-"""Controller names the config accepts unless the caller passes its own registry.
-
-``rules/`` registers controllers by name; the daemon may pass those names as
-``controllers=`` to :func:`parse_config` and :func:`apply_control_update`.
-This tuple is the default for callers (and tests) that have no registry.
-"""
-
-RUNTIME_KEYS: tuple[str, ...] = (
-    "mode",
-    "controller",
-    "tds_setpoint",
-    "ec_setpoint",
-    "ph_setpoint",
-    "schedule",
-    "interval",
-)
-"""Control settings that ThingsBoard may change at run time (``tds_setpoint`` or
-``ec_setpoint``: the same setpoint, in ppm on the configured scale or in mS/cm)."""
+CONTROLLER_NAMES: tuple[str, ...] = BUILTIN_NAMES
+"""Controller names the config accepts unless the caller passes its own registry: the
+built-in controllers of rules/controller.py (``rules.controller.BUILTIN``, the one list)."""
 
 NODE_WATCHDOG_S = 30.0
 """A node stops its actuators after this long without a frame (NODELINK.md)."""
-FLOW_ACTUATORS = ("nutrient", "ph_up", "ph_down", "refill")
-PH_PUMPS = ("ph_up", "ph_down")
-DEFAULT_FLOW_ML_S = 1.58
 DEFAULT_STOCK_PPM = 10000.0
 DEFAULT_TDS_RANGE = (0.0, 5000.0)
 
@@ -218,7 +205,7 @@ class CalibrationMap:
 
 
 def _default_flows() -> FrozenMap[str, float]:
-    return FrozenMap((name, DEFAULT_FLOW_ML_S) for name in FLOW_ACTUATORS)
+    return FrozenMap((name, DEFAULT_FLOW_ML_S) for name in ACTUATORS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -491,7 +478,7 @@ def _plant(sec: Section, conductivity: str) -> PlantConfig:
     ratios.finish()
     flows = sec.section("flow_ml_s")
     rate = num_range(0, 1000, lo_open=True, unit="ml/s")
-    flow = {name: flows.get(name, rate, DEFAULT_FLOW_ML_S) for name in FLOW_ACTUATORS}
+    flow = {name: flows.get(name, rate, DEFAULT_FLOW_ML_S) for name in ACTUATORS}
     for part in NUTRIENT_PARTS:  # a part has a flow when given, or when the ratio names it
         given = flows.optional(part, rate)
         if given is not None or ratio[part] is not None:
@@ -532,6 +519,12 @@ def _runtime_validators(controllers: Collection[str]) -> dict[str, Validator[Any
         "schedule": schedule,
         "interval": _interval,
     }
+
+
+RUNTIME_KEYS: tuple[str, ...] = tuple(_runtime_validators(CONTROLLER_NAMES))
+"""Control settings that ThingsBoard may change at run time, the keys of the validators
+above (``tds_setpoint`` or ``ec_setpoint``: the same setpoint, in ppm on the configured
+scale or in mS/cm). The daemon takes these shared attributes and no others."""
 
 
 def _crop(value: Any) -> crops.Crop:

@@ -55,6 +55,7 @@ from gateway.store import Store, StoreClosed, StoreError
 from gateway.titration import NodeTitration
 from rules import units
 from rules.controller import (
+    ACTUATORS,
     PH_PUMPS,
     Controller,
     ControllerError,
@@ -279,7 +280,7 @@ class NodeControl:
             cycle_settings,
             self._controller,
             self.plant,
-            actuators=self._node.actuators or ("nutrient", "ph_up", "ph_down", "refill"),
+            actuators=self._node.actuators or ACTUATORS,
             envelope=self.envelope,
         )
         triggers = self._triggers

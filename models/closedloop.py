@@ -76,7 +76,7 @@ from types import MappingProxyType
 import numpy as np
 import numpy.typing as npt
 
-from rules.controller import PlantConstants
+from rules.controller import NUTRIENT, PH_UP, PlantConstants
 from rules.ml import MlController
 from rules.mlpolicy import FEATURES, OUTPUT_SCALE, TARGETS, PhQuery, TdsQuery
 from rules.mlpolicy import RANGES as FEATURE_RANGES
@@ -275,7 +275,7 @@ def landing(plant: Reservoir, actuator: str, key: str, aim: float, max_s: float)
     probe settles. ``None``: not within ``max_s``; 0: already there (or past it).
     """
     before = plant.truth()[key]
-    sign = 1.0 if actuator in ("nutrient", "ph_up") else -1.0
+    sign = 1.0 if actuator in (NUTRIENT, PH_UP) else -1.0
     if (aim - before) * sign <= 0.0:
         return 0.0
     plant.set_pump(actuator, 255)

@@ -55,6 +55,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from rules.controller import (
+    NUTRIENT,
+    REFILL,
     ControllerError,
     ControllerOptions,
     Decision,
@@ -359,7 +361,7 @@ class MlController:
             raise ControllerError(f"ml: unusable learned state: {exc}") from exc
         low, high = FACTOR_RANGE
         if any(
-            p not in ("nutrient", "refill")
+            p not in (NUTRIENT, REFILL)
             or not 0 < len(rows) <= FACTOR_MEMORY
             or not all(math.isfinite(r) and low <= r <= high and w > 0 and math.isfinite(w)
                        for r, w in rows)

@@ -39,7 +39,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from rules.controller import Controller, ControllerError, Learner, create
+from rules.controller import (
+    NUTRIENT,
+    NUTRIENT_PARTS,
+    PH_PUMPS,
+    REFILL,
+    Controller,
+    ControllerError,
+    Learner,
+    create,
+)
 from rules.cycle import Loop, Triggers
 from rules.envelope import PhEnvelope
 from sim.plant import Reservoir
@@ -245,7 +254,7 @@ class Result:
     @property
     def first_ph_dose_s(self) -> float | None:
         """When the first pH dose ran."""
-        return next((t for t, a, _, _ in self.doses if a in ("ph_up", "ph_down")), None)
+        return next((t for t, a, _, _ in self.doses if a in PH_PUMPS), None)
 
     @property
     def excursion(self) -> float:
@@ -350,8 +359,8 @@ def excursion(result: Result) -> float:
 
 
 _LOOP_PUMPS: Mapping[str, tuple[str, ...]] = {
-    "tds": ("nutrient", "refill", "nutrient_a", "nutrient_b", "nutrient_c"),
-    "ph": ("ph_up", "ph_down"),
+    "tds": (NUTRIENT, REFILL, *NUTRIENT_PARTS),
+    "ph": PH_PUMPS,
 }
 
 

@@ -3,21 +3,30 @@
 - node URLs: the drivers' parser (drivers/transport.py and the rule of each
   scheme) is the one rule; the config validates with it, so a URL the node
   tasks can open is a URL the config accepts, and the other way round;
+- controller names: ``rules.controller.BUILTIN`` (the registry's table); the
+  config accepts those, each module registers its own, the docs list them;
+- run-time settings: the config's validators (``RUNTIME_KEYS``); the daemon
+  takes those shared attributes and the docs list them;
+- actuator names: rules/controller.py; no other module writes a list of them.
 """
 
 from __future__ import annotations
 
+import ast
 import ipaddress
+import re
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import rules.controller
 from drivers.errors import BadUrl
 from drivers.serial import STANDARD_BAUDS, serial_options
 from drivers.transport import canonical_url, parse_url
-from gateway.config import ConfigError, parse_config
+from gateway.config import CONTROLLER_NAMES, RUNTIME_KEYS, ConfigError, parse_config
 from gateway.validators import Invalid
 
 # --- node URLs -------------------------------------------------------------------------------
@@ -147,3 +156,73 @@ def test_host_names_follow_the_drivers_rule() -> None:
     assert host_name("[::ffff:10.0.0.1]") == "::ffff:a00:1"
     with pytest.raises(Invalid, match="host name or IP address"):
         host_name("bad_host!")
+
+
+# --- controller names, run-time keys, actuators -------------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _doc_row(doc: str, key: str) -> set[str]:
+    """The backticked words in the value cells of the table row ``| `key` | ...`` of ``doc``."""
+    rows = [line for line in (ROOT / "docs" / doc).read_text(encoding="utf-8").splitlines()
+            if line.startswith(f"| `{key}` |")]
+    assert len(rows) == 1, (doc, key, rows)
+    return set(re.findall(r"`([a-z_]+)`", rows[0].split("|", 2)[2]))
+
+
+def _doc_table_keys(doc: str, heading: str) -> list[str]:
+    """The first column's keys of the first table under ``heading`` in ``doc``."""
+    text = (ROOT / "docs" / doc).read_text(encoding="utf-8")
+    section = text[text.index(heading):]
+    keys = []
+    for line in section.splitlines()[1:]:
+        if keys and not line.startswith("|"):
+            break
+        if m := re.match(r"\| `([a-z_]+)` \|", line):
+            keys.append(m.group(1))
+    return keys
+
+
+def test_the_registry_holds_exactly_the_builtin_controllers_each_from_its_module() -> None:
+    assert rules.controller.names() == tuple(sorted(rules.controller.BUILTIN))
+    for name, module in rules.controller.BUILTIN.items():
+        factory = rules.controller._REGISTRY[name]
+        assert factory.__module__ == module, (name, factory.__module__)
+    assert tuple(rules.controller.BUILTIN) == CONTROLLER_NAMES
+
+
+def test_the_docs_list_the_builtin_controllers() -> None:
+    names = set(rules.controller.BUILTIN)
+    assert _doc_row("configuration.md", "controller") == names
+    assert _doc_row("thingsboard.md", "controller") == names
+
+
+def test_the_daemon_takes_the_configs_runtime_keys_and_the_docs_list_them() -> None:
+    from gateway import daemon
+
+    assert daemon.SHARED_KEYS is RUNTIME_KEYS
+    assert set(RUNTIME_KEYS) == {"mode", "controller", "tds_setpoint", "ec_setpoint",
+                                 "ph_setpoint", "schedule", "interval"}  # CONTRACT: these names
+    assert _doc_table_keys("thingsboard.md", "## Shared attributes") == list(RUNTIME_KEYS)
+
+
+ACTUATOR_NAMES = frozenset(
+    {*rules.controller.ACTUATORS, *rules.controller.NUTRIENT_PARTS}
+)
+
+
+def test_no_module_writes_its_own_list_of_actuators() -> None:
+    """A tuple, list or set of two or more actuator names written out is a second source."""
+    found = []
+    for pkg in ("gateway", "drivers", "rules", "models", "sim"):
+        for path in sorted((ROOT / pkg).rglob("*.py")):
+            if path == ROOT / "rules" / "controller.py":
+                continue
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+                    names = [e.value for e in node.elts
+                             if isinstance(e, ast.Constant) and e.value in ACTUATOR_NAMES]
+                    if len(names) >= 2:
+                        found.append(f"{path.relative_to(ROOT)}:{node.lineno} {names}")
+    assert found == []
