@@ -68,6 +68,7 @@ from rules.controller import (
 )
 
 K = TypeVar("K")
+T = TypeVar("T")
 V = TypeVar("V")
 
 CONTROLLER_NAMES: tuple[str, ...] = BUILTIN_NAMES
@@ -77,7 +78,6 @@ built-in controllers of rules/controller.py (``rules.controller.BUILTIN``, the o
 NODE_WATCHDOG_S = 30.0
 """A node stops its actuators after this long without a frame (NODELINK.md)."""
 DEFAULT_STOCK_PPM = 10000.0
-DEFAULT_TDS_RANGE = (0.0, 5000.0)
 
 
 class ConfigError(Exception):
@@ -305,6 +305,34 @@ class Config:
     units: UnitsConfig = field(default_factory=UnitsConfig)
 
 
+class _Taker:
+    """``take(key, validator)``: ``sec.get`` with the default of ``cls``'s field ``key``."""
+
+    def __init__(self, sec: Section, cls: type[Any]) -> None:
+        self._sec = sec
+        self._cls = cls
+
+    def __call__(self, key: str, validator: Validator[T]) -> T:
+        value: T = self._sec.get(key, validator, _default(self._cls, key))
+        return value
+
+
+def _default(cls: type[Any], name: str) -> Any:
+    """The default of field ``name`` of the config dataclass ``cls``.
+
+    The dataclasses above are the one place a config default is written: the
+    section parsers below take their defaults from them, and the defaults
+    table of docs/configuration.md is checked against them
+    (tests/test_one_source.py).
+    """
+    spec = {f.name: f for f in dataclasses.fields(cls)}[name]
+    if spec.default is not dataclasses.MISSING:
+        return spec.default
+    if spec.default_factory is not dataclasses.MISSING:
+        return spec.default_factory()
+    raise TypeError(f"{cls.__name__}.{name} has no default")
+
+
 # --- node URLs ---------------------------------------------------------------------------------
 
 
@@ -343,8 +371,9 @@ def _socket_path(base_dir: Path | None) -> Validator[Path]:
 
 
 def _gateway(sec: Section, base_dir: Path | None) -> GatewayConfig | None:
+    take = _Taker(sec, GatewayConfig)
     name = sec.require("name", device_name)
-    health = sec.get("health_interval", duration_range(1, 86400), 60.0)
+    health = take("health_interval", duration_range(1, 86400))
     socket = sec.optional("socket", _socket_path(base_dir))
     sec.finish()
     if name is None:
@@ -353,14 +382,15 @@ def _gateway(sec: Section, base_dir: Path | None) -> GatewayConfig | None:
 
 
 def _storage(sec: Section, base_dir: Path | None) -> StorageConfig | None:
+    take = _Taker(sec, StorageConfig)
     path = sec.require("path", file_path(base_dir, must_exist=False))
-    max_rows = sec.get("max_rows", int_range(1, 1_000_000_000), 2_000_000)
+    max_rows = take("max_rows", int_range(1, 1_000_000_000))
     max_bytes = sec.optional("max_bytes", size_range(1 << 20))
-    commit_interval = sec.get("commit_interval", duration_range(0, 10), 0.02)
-    sync_interval = sec.get("sync_interval", duration_range(0, 3600), 1.0)
-    clock_sync_wait = sec.get("clock_sync_wait", duration_range(0, 7 * 86400), 600.0)
-    history_days = sec.get("history_days", num_range(0, 3660, unit="days"), 7.0)
-    history_max_bytes = sec.get("history_max_bytes", size_range(1 << 20), 256 << 20)
+    commit_interval = take("commit_interval", duration_range(0, 10))
+    sync_interval = take("sync_interval", duration_range(0, 3600))
+    clock_sync_wait = take("clock_sync_wait", duration_range(0, 7 * 86400))
+    history_days = take("history_days", num_range(0, 3660, unit="days"))
+    history_max_bytes = take("history_max_bytes", size_range(1 << 20))
     sec.finish()
     if path is None:
         return None
@@ -371,17 +401,19 @@ def _storage(sec: Section, base_dir: Path | None) -> StorageConfig | None:
 
 
 def _thingsboard(sec: Section, base_dir: Path | None) -> ThingsBoardConfig | None:
+    take = _Taker(sec, ThingsBoardConfig)
     host = sec.require("host", host_name)
-    tls = sec.get("tls", boolean, False)
-    port = sec.get("port", int_range(1, 65535), 8883 if tls else 1883)
+    tls = take("tls", boolean)
+    default_port = 8883 if tls else _default(ThingsBoardConfig, "port")
+    port = sec.get("port", int_range(1, 65535), default_port)
     token = _access_token(sec, base_dir)
     ca_file = sec.optional("ca_file", file_path(base_dir, must_exist=True))
     if ca_file is not None and not tls:
         sec.errors.add(sec.path_of("ca_file"), "is only used with tls: true")
-    max_payload = sec.get("max_payload_bytes", size_range(1024, 268_435_455), 65536)
+    max_payload = take("max_payload_bytes", size_range(1024, 268_435_455))
     client_id = sec.optional("client_id", string)
-    keepalive = sec.get("keepalive", int_range(1, 65535, unit="s"), 60)
-    device_type = sec.get("device_type", device_name, "hydro-node")
+    keepalive = take("keepalive", int_range(1, 65535, unit="s"))
+    device_type = take("device_type", device_name)
     sec.finish()
     if host is None or token is None:
         return None
@@ -470,7 +502,8 @@ def _calibration(sec: Section) -> FrozenMap[str, CalibrationMap]:
 
 
 def _plant(sec: Section, conductivity: str) -> PlantConfig:
-    tank = sec.get("tank_volume_l", num_range(0, 100_000, lo_open=True, unit="L"), 10.0)
+    take = _Taker(sec, PlantConfig)
+    tank = take("tank_volume_l", num_range(0, 100_000, lo_open=True, unit="L"))
     stock = sec.optional("stock_ppm", num_range(0, 10_000_000, lo_open=True, unit="ppm"))
     ratios = sec.section("nutrient_ratio")
     share = num_range(0, 1_000_000, lo_open=True)
@@ -578,28 +611,29 @@ def _control(
     else:
         sec.errors.add(sec.path_of("ph_setpoint"), "is required (or give a crop)")
         setpoints["ph_setpoint"] = None
+    take = _Taker(sec, ControlConfig)
     config = ControlConfig(
         tds_setpoint=0.0,
         ph_setpoint=0.0,
-        mode=sec.get("mode", runtime["mode"], "auto"),
-        controller=sec.get("controller", runtime["controller"], "adaptive"),
+        mode=take("mode", runtime["mode"]),
+        controller=take("controller", runtime["controller"]),
         crop=None if crop is None else crop.name,
         tds_band=None if crop is None else crop.tds_band,
         ph_band=None if crop is None else crop.ph,
-        tds_tolerance_pct=sec.get("tds_tolerance_pct", num_range(0, 50, lo_open=True), 5.0),
-        ph_tolerance=sec.get("ph_tolerance", num_range(0, 2, lo_open=True), 0.15),
-        schedule=sec.get("schedule", runtime["schedule"], ()),
-        interval=sec.get("interval", runtime["interval"], 30.0),
-        rb_variant=sec.get("rb_variant", one_of("band", "target", "documented"), "band"),
-        tds_average_s=sec.get("tds_average_s", duration_range(1, 600), 10.0),
-        ph_average_s=sec.get("ph_average_s", duration_range(1, 600), 30.0),
-        mixing_wait_s=sec.get("mixing_wait_s", duration_range(0, 3600), 60.0),
-        tds_hold_s=sec.get("tds_hold_s", duration_range(0, 3600), 180.0),
-        ph_hold_s=sec.get("ph_hold_s", duration_range(0, 3600), 300.0),
-        max_cycle_s=sec.get("max_cycle_s", duration_range(60, 86400), 3600.0),
+        tds_tolerance_pct=take("tds_tolerance_pct", num_range(0, 50, lo_open=True)),
+        ph_tolerance=take("ph_tolerance", num_range(0, 2, lo_open=True)),
+        schedule=take("schedule", runtime["schedule"]),
+        interval=take("interval", runtime["interval"]),
+        rb_variant=take("rb_variant", one_of("band", "target", "documented")),
+        tds_average_s=take("tds_average_s", duration_range(1, 600)),
+        ph_average_s=take("ph_average_s", duration_range(1, 600)),
+        mixing_wait_s=take("mixing_wait_s", duration_range(0, 3600)),
+        tds_hold_s=take("tds_hold_s", duration_range(0, 3600)),
+        ph_hold_s=take("ph_hold_s", duration_range(0, 3600)),
+        max_cycle_s=take("max_cycle_s", duration_range(60, 86400)),
         tds_deadband_pct=sec.optional("tds_deadband_pct", num_range(0, 50)),
         ph_deadband=sec.optional("ph_deadband", num_range(0, 2)),
-        part_pause_s=sec.get("part_pause_s", duration_range(1, 3600), 30.0),
+        part_pause_s=take("part_pause_s", duration_range(1, 3600)),
         conductivity=conductivity,
     )
     for key, tolerance in (
@@ -629,18 +663,19 @@ def _control(
 
 
 def _safety(sec: Section, poll_interval: float, conductivity: str = "ppm500") -> SafetyConfig:
+    take = _Taker(sec, SafetyConfig)
     scale = units.ppm_scale(conductivity)
-    tds_range = sec.get("tds_range", number_pair(lo=0, hi=100_000), DEFAULT_TDS_RANGE)
+    tds_range = take("tds_range", number_pair(lo=0, hi=100_000))
     if sec.has("tds_range"):
         tds_range = (units.to_internal(tds_range[0], scale), units.to_internal(tds_range[1], scale))
     config = SafetyConfig(
-        max_actuation_ms=sec.get("max_actuation_ms", milliseconds(1, 600_000), 120_000),
-        max_ms_per_hour=sec.get("max_ms_per_hour", milliseconds(1, 3_600_000), 600_000),
-        stale_after_s=sec.get("stale_after_s", duration_range(0, 86400, lo_open=True), 60.0),
-        min_water_level_l=sec.get("min_water_level_l", num_range(0, 100_000, unit="L"), 1.0),
-        ph_range=sec.get("ph_range", number_pair(lo=0, hi=14), (2.0, 12.0)),
+        max_actuation_ms=take("max_actuation_ms", milliseconds(1, 600_000)),
+        max_ms_per_hour=take("max_ms_per_hour", milliseconds(1, 3_600_000)),
+        stale_after_s=take("stale_after_s", duration_range(0, 86400, lo_open=True)),
+        min_water_level_l=take("min_water_level_l", num_range(0, 100_000, unit="L")),
+        ph_range=take("ph_range", number_pair(lo=0, hi=14)),
         tds_range=tds_range,
-        stuck_after_s=sec.get("stuck_after_s", duration_range(0, 7 * 86400), 900.0),
+        stuck_after_s=take("stuck_after_s", duration_range(0, 7 * 86400)),
     )
     if sec.has("max_ms_per_hour") and config.max_ms_per_hour < config.max_actuation_ms:
         sec.errors.add(
@@ -704,9 +739,10 @@ def _recalibrate(sec: Section) -> RecalibrateConfig:
         value = sec.errors.check(sec.path_of("recalibrate_after_days"), days, raw)
         return RecalibrateConfig() if value is None else RecalibrateConfig(value, value, value)
     each = sec.section("recalibrate_after_days")
+    take_each = _Taker(each, RecalibrateConfig)
     config = RecalibrateConfig(
-        pumps=each.get("pumps", days, 30.0), ph=each.get("ph", days, 30.0),
-        ec=each.get("ec", days, 30.0),
+        pumps=take_each("pumps", days), ph=take_each("ph", days),
+        ec=take_each("ec", days),
     )
     each.finish()
     return config
@@ -716,13 +752,12 @@ def _node(
     sec: Section, controllers: Collection[str], conductivity: str = "ppm500"
 ) -> NodeConfig | None:
     name = sec.require("name", device_name)
+    take = _Taker(sec, NodeConfig)
     url = sec.require("url", node_url)
-    poll = sec.get("poll_interval", duration_range(0, 3600, lo_open=True), 5.0)
-    timeout = sec.get("timeout", duration_range(0, 60, lo_open=True), 1.0)
-    retries = sec.get("retries", int_range(0, 10), 2)
-    keepalive = sec.get(
-        "keepalive", duration_range(0, NODE_WATCHDOG_S, lo_open=True, hi_open=True), 10.0
-    )
+    poll = take("poll_interval", duration_range(0, 3600, lo_open=True))
+    timeout = take("timeout", duration_range(0, 60, lo_open=True))
+    retries = take("retries", int_range(0, 10))
+    keepalive = take("keepalive", duration_range(0, NODE_WATCHDOG_S, lo_open=True, hi_open=True))
     calibration = _calibration(sec.section("calibration"))
     plant = _plant(sec.section("plant"), conductivity) if "plant" in sec.data else None
     control = (
@@ -824,7 +859,8 @@ def parse_config(
 
 
 def _units(sec: Section) -> UnitsConfig:
-    conductivity = sec.get("conductivity", one_of(*units.UNITS), "ppm500")
+    take = _Taker(sec, UnitsConfig)
+    conductivity = take("conductivity", one_of(*units.UNITS))
     sec.finish()
     return UnitsConfig(conductivity)
 

@@ -7,15 +7,21 @@
   config accepts those, each module registers its own, the docs list them;
 - run-time settings: the config's validators (``RUNTIME_KEYS``); the daemon
   takes those shared attributes and the docs list them;
-- actuator names: rules/controller.py; no other module writes a list of them.
+- actuator names: rules/controller.py; no other module writes a list of them;
+- config defaults: the dataclasses of gateway/config.py; the parsers take
+  them from there and the defaults tables of docs/configuration.md are
+  checked against them.
 """
 
 from __future__ import annotations
 
 import ast
+import dataclasses
 import ipaddress
 import re
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
@@ -26,6 +32,7 @@ import rules.controller
 from drivers.errors import BadUrl
 from drivers.serial import STANDARD_BAUDS, serial_options
 from drivers.transport import canonical_url, parse_url
+from gateway import config
 from gateway.config import CONTROLLER_NAMES, RUNTIME_KEYS, ConfigError, parse_config
 from gateway.validators import Invalid
 
@@ -226,3 +233,129 @@ def test_no_module_writes_its_own_list_of_actuators() -> None:
                     if len(names) >= 2:
                         found.append(f"{path.relative_to(ROOT)}:{node.lineno} {names}")
     assert found == []
+
+
+# --- config defaults ----------------------------------------------------------------------------
+
+#: The tables of docs/configuration.md, by heading, and the dataclass whose defaults they show.
+DEFAULT_TABLES: dict[str, type[Any]] = {
+    "## `gateway`": config.GatewayConfig,
+    "## `storage`": config.StorageConfig,
+    "## `units`": config.UnitsConfig,
+    "## `thingsboard`": config.ThingsBoardConfig,
+    "## `nodes[]`": config.NodeConfig,
+    "### `nodes[].plant`": config.PlantConfig,
+    "### `nodes[].control`": config.ControlConfig,
+    "### `nodes[].safety`": config.SafetyConfig,
+}
+#: Fields that are not keys of their section's table: the node's unit comes from `units`,
+#: `safety` has its own table.
+NOT_IN_TABLE = {
+    (config.ControlConfig, "conductivity"),
+    (config.NodeConfig, "conductivity"),
+    (config.NodeConfig, "safety"),
+}
+_NUMBER = re.compile(r"-?[0-9][0-9,]*(?:\.[0-9]+)?")
+
+
+def _table(heading: str) -> dict[str, str]:
+    """``key → default cell`` of the table under ``heading`` (``a` / `b`` rows split in two)."""
+    text = (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
+    lines = text[text.index(heading + " ") if heading + " " in text else text.index(heading):]
+    rows: dict[str, str] = {}
+    for line in lines.splitlines()[1:]:
+        if line.startswith("#"):
+            break
+        cells = [c.strip() for c in line.split("|")[1:-1]]
+        if len(cells) < 3 or not cells[0].startswith("`"):
+            continue
+        keys = re.findall(r"`([a-z_]+)`", cells[0])
+        values = _outside_parentheses(cells[1], " / ") if len(keys) > 1 else [cells[1]]
+        if len(values) != len(keys):  # `access_token` / `access_token_file`: one cell for both
+            values = values * len(keys)
+        rows.update(zip(keys, values, strict=True))
+    return rows
+
+
+def _outside_parentheses(text: str, separator: str) -> list[str]:
+    """``text`` split at ``separator`` where it is not inside parentheses."""
+    parts, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if depth == 0 and text.startswith(separator, i):
+            parts.append(text[start:i])
+            start = i + len(separator)
+    return [*parts, text[start:]]
+
+
+def _written(cell: str) -> object:
+    """What a default cell says: a number, a bool, a word, a pair, or None for prose."""
+    if cell in ("false", "true"):
+        return cell == "true"
+    if m := re.fullmatch(r"`([a-z0-9_-]+)`", cell):
+        return m.group(1)
+    if cell == "`[]`":
+        return ()
+    if m := re.fullmatch(r"\[(.+), (.+)\]", cell):
+        return (float(m.group(1)), float(m.group(2)))
+    if m := _NUMBER.match(cell):
+        return float(m.group(0).replace(",", ""))
+    return None
+
+
+def _meant(value: object) -> object:
+    """A dataclass default as the doc would show it."""
+    if isinstance(value, bool | str) or value is None:
+        return value
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, tuple):
+        return tuple(_meant(v) for v in value)
+    if dataclasses.is_dataclass(value):  # recalibrate_after_days: one number for all
+        values = {_meant(v) for v in dataclasses.asdict(value).values()}  # type: ignore[arg-type]
+        return values.pop() if len(values) == 1 else values
+    if isinstance(value, Mapping):  # flow_ml_s: "1.58 each"; an empty map: prose ("none")
+        values = {_meant(v) for v in value.values()}
+        return values.pop() if len(values) == 1 else (values or None)
+    raise AssertionError(f"no rule for {value!r}")
+
+
+def _field_default(spec: dataclasses.Field[Any]) -> object:
+    if spec.default is not dataclasses.MISSING:
+        return spec.default
+    if spec.default_factory is not dataclasses.MISSING:
+        return spec.default_factory()
+    return dataclasses.MISSING
+
+
+@pytest.mark.parametrize("heading", list(DEFAULT_TABLES))
+def test_the_docs_defaults_are_the_codes(heading: str) -> None:
+    cls = DEFAULT_TABLES[heading]
+    rows = _table(heading)
+    wrong = []
+    for spec in dataclasses.fields(cls):
+        if (cls, spec.name) in NOT_IN_TABLE or spec.name not in rows:
+            default = _field_default(spec)
+            if (cls, spec.name) not in NOT_IN_TABLE and default is not dataclasses.MISSING and (
+                _meant(default) not in (None, ())
+            ):
+                wrong.append(f"{spec.name}: default {default!r} is not in the table")
+            continue
+        default = _field_default(spec)
+        cell = rows[spec.name]
+        if default is dataclasses.MISSING:
+            if "required" not in cell and "crop" not in cell:
+                wrong.append(f"{spec.name}: required in the code, {cell!r} in the doc")
+            continue
+        if _written(cell) != _meant(default):
+            wrong.append(f"{spec.name}: {_meant(default)!r} in the code, {cell!r} in the doc")
+    assert wrong == []
+
+
+def test_the_defaults_check_sees_a_drift() -> None:
+    assert _written("2,000,000") == 2_000_000.0 == _meant(2_000_000)
+    assert _written("1883, or 8883 with `tls`") == 1883.0
+    assert _written("[2, 12]") == _meant((2.0, 12.0))
+    assert _written("`adaptive`") == _meant("adaptive")
+    assert _written("5") != _meant(5.5)
+    assert _written("none") is None
