@@ -66,6 +66,8 @@ from rules.controller import (
     NUTRIENT_PARTS,
     PH_PUMPS,
 )
+from rules.cycle import CycleSettings
+from rules.safety import SafetyLimits
 
 K = TypeVar("K")
 T = TypeVar("T")
@@ -76,7 +78,7 @@ CONTROLLER_NAMES: tuple[str, ...] = BUILTIN_NAMES
 built-in controllers of rules/controller.py (``rules.controller.BUILTIN``, the one list)."""
 
 NODE_WATCHDOG_S = 30.0
-"""A node stops its actuators after this long without a frame (NODELINK.md)."""
+"""A node stops its actuators after this long without a frame (docs/nodelink.md, safety duties)."""
 DEFAULT_STOCK_PPM = 10000.0
 
 
@@ -232,6 +234,7 @@ class ControlConfig:
     only); ``schedule`` holds local times of day, sorted. ``tds_setpoint`` and
     ``tds_band`` are ppm on the 500 scale (rules/units.py) whatever
     ``conductivity`` (the node's unit, for settings shown and changed) says.
+    The cycle's defaults are the rules layer's own (``rules.cycle.CycleSettings``).
     """
 
     tds_setpoint: float
@@ -241,20 +244,20 @@ class ControlConfig:
     crop: str | None = None
     tds_band: tuple[float, float] | None = None
     ph_band: tuple[float, float] | None = None
-    tds_tolerance_pct: float = 5.0
-    ph_tolerance: float = 0.15
+    tds_tolerance_pct: float = CycleSettings.tds_tolerance_pct
+    ph_tolerance: float = CycleSettings.ph_tolerance
     schedule: tuple[datetime.time, ...] = ()
     interval: float = 30.0
     rb_variant: str = "band"
-    tds_average_s: float = 10.0
-    ph_average_s: float = 30.0
-    mixing_wait_s: float = 60.0
-    tds_hold_s: float = 180.0
-    ph_hold_s: float = 300.0
-    max_cycle_s: float = 3600.0
+    tds_average_s: float = CycleSettings.tds_average_s
+    ph_average_s: float = CycleSettings.ph_average_s
+    mixing_wait_s: float = CycleSettings.mixing_wait_s
+    tds_hold_s: float = CycleSettings.tds_hold_s
+    ph_hold_s: float = CycleSettings.ph_hold_s
+    max_cycle_s: float = CycleSettings.max_cycle_s
     tds_deadband_pct: float | None = None
     ph_deadband: float | None = None
-    part_pause_s: float = 30.0
+    part_pause_s: float = CycleSettings.part_pause_s
     conductivity: str = "ppm500"
 
 
@@ -264,16 +267,17 @@ class SafetyConfig:
 
     A reading outside ``ph_range``/``tds_range`` is physically implausible; a
     value that does not change at all for ``stuck_after_s`` is stuck (0: off).
-    ``tds_range`` is ppm on the 500 scale, whatever the file's unit.
+    ``tds_range`` is ppm on the 500 scale, whatever the file's unit. The defaults
+    are the rules layer's own (``rules.safety.SafetyLimits``).
     """
 
-    max_actuation_ms: int = 120_000
-    max_ms_per_hour: int = 600_000
-    stale_after_s: float = 60.0
-    min_water_level_l: float = 1.0
-    ph_range: tuple[float, float] = (2.0, 12.0)
-    tds_range: tuple[float, float] = (0.0, 5000.0)
-    stuck_after_s: float = 900.0
+    max_actuation_ms: int = SafetyLimits.max_actuation_ms
+    max_ms_per_hour: int = SafetyLimits.max_ms_per_hour
+    stale_after_s: float = SafetyLimits.stale_after_s
+    min_water_level_l: float = SafetyLimits.min_water_level_l
+    ph_range: tuple[float, float] = SafetyLimits.ph_range
+    tds_range: tuple[float, float] = SafetyLimits.tds_range
+    stuck_after_s: float = SafetyLimits.stuck_after_s
 
 
 @dataclass(frozen=True, slots=True)

@@ -971,7 +971,7 @@ class NodeControl:
         return state
 
     async def rpc(self, method: str, params: Any) -> dict[str, Any]:
-        """The control RPCs of CONTRACT.md; raises CommandError with the reason."""
+        """The control RPCs of docs/thingsboard.md; raises CommandError with the reason."""
         if method == "titrate":
             if self.pumps.pending is not None or self.probes.active is not None:
                 raise CommandError(f"{self.procedure()}: wait for it to end")

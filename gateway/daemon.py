@@ -37,7 +37,8 @@ from gateway.uplink import Uplink
 
 log = logging.getLogger("hydrogate")
 
-#: SIGTERM must finish within 10 s (CONTRACT.md); stopping actuators gets this much.
+#: SIGTERM must finish within 10 s (docs/references.md, "Interface"); stopping actuators
+#: gets this much.
 STOP_ACTUATORS_S = 5.0
 #: Seconds between two looks at the system clock (steps, synchronisation).
 CLOCK_CHECK_S = 0.5

@@ -4,7 +4,7 @@ Every controller (the thesis's fuzzy controllers, the close-loop baseline, the
 rule-based fallback, an ML model) is a small object with a ``name``, an async
 ``decide(ctx) -> Decision`` and a ``close()``. Controllers are registered by
 name with :func:`register` and built with :func:`create`, so the gateway picks
-one from the config string without an if/elif chain (STYLE.md habit 9).
+one from the config string without an if/elif chain.
 A controller that learns the tank as it doses may also implement
 :class:`Learner`, so that the gateway can keep that knowledge across restarts.
 

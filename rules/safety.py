@@ -114,7 +114,7 @@ class SafetyRefusal(SafetyError):
 
 @dataclass(frozen=True)
 class SafetyLimits:
-    """The node's safety limits (config ``nodes[].safety``; defaults as in CONTRACT.md).
+    """The node's safety limits (config ``nodes[].safety``; defaults: docs/references.md#interface).
 
     ``ph_range`` and ``tds_range`` are the physically possible values: a
     reading outside them is a broken probe or a bad calibration, not a tank

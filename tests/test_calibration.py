@@ -1,4 +1,4 @@
-"""Calibration maps and fits against the thesis's numbers (REFERENCE.md, thesis ch. 4)."""
+"""Calibration maps and fits against the thesis's numbers (docs/references.md, "Thesis: sensors and calibration")."""
 
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ def test_fit_errors_versus_thesis() -> None:
     assert abs(e3 - 7.237) < 0.25
     assert abs(e4 - 1.608) < 0.5
     assert e4 < e3
-    # The vendor formula (REFERENCE.md) gave 31 %.
+    # The vendor formula (docs/references.md) gave 31 %.
     v = np.array(TDS_V)
     vendor = (133.42 * v**3 - 255.86 * v**2 + 857.39 * v) * 0.5
     vendor_err = float(np.mean(np.abs(vendor - TDS_PPM) / TDS_PPM * 100))

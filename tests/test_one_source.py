@@ -359,3 +359,32 @@ def test_the_defaults_check_sees_a_drift() -> None:
     assert _written("`adaptive`") == _meant("adaptive")
     assert _written("5") != _meant(5.5)
     assert _written("none") is None
+
+
+# --- facts cited from inside the repository -----------------------------------------------------
+
+#: What is checked: the code, the tests, the benchmarks, the scripts and every document.
+CITING = ("gateway", "drivers", "rules", "models", "sim", "tests", "bench", "docs", "scripts",
+          "firmware", "systemd", "thingsboard", "config")
+#: A path or name of a document outside the repository (written split so this file is clean).
+OUTSIDE = re.compile("|".join([r"\.\./" + "shared", "/" + "work/", "seed " + r"0\d", r"\b[A-Z][A-Z_]+\.md\b"]))
+
+
+def test_sources_and_docs_cite_only_the_repository() -> None:
+    files = [ROOT / "README.md", ROOT / "pyproject.toml"]
+    for top in CITING:
+        files += [p for p in (ROOT / top).rglob("*") if p.is_file() and p.suffix in
+                  (".py", ".md", ".sh", ".toml", ".yaml", ".yml", ".service", ".json", "")]
+    found = []
+    for path in files:
+        if "node_modules" in path.parts or "__pycache__" in path.parts:
+            continue
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            continue
+        for n, line in enumerate(text.splitlines(), start=1):
+            for hit in OUTSIDE.findall(line):
+                if not (ROOT / hit).is_file():  # README.md is the repository's own
+                    found.append(f"{path.relative_to(ROOT)}:{n}: {hit}")
+    assert found == []
