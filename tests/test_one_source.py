@@ -182,7 +182,7 @@ def _doc_table_keys(doc: str, heading: str) -> list[str]:
     """The first column's keys of the first table under ``heading`` in ``doc``."""
     text = (ROOT / "docs" / doc).read_text(encoding="utf-8")
     section = text[text.index(heading):]
-    keys = []
+    keys: list[str] = []
     for line in section.splitlines()[1:]:
         if keys and not line.startswith("|"):
             break
