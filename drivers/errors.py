@@ -16,6 +16,15 @@ class TransportError(LinkError):
     """A transport URL is invalid, or its connection could not be opened."""
 
 
+class BadUrl(TransportError):
+    """A transport URL the drivers refuse; ``reason`` says why, without the URL."""
+
+    def __init__(self, url: str, reason: str) -> None:
+        super().__init__(f"{url!r}: {reason}")
+        self.url = url
+        self.reason = reason
+
+
 class LinkDown(LinkError):
     """The transport closed or failed; the link is unusable and must be reopened."""
 

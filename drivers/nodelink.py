@@ -2,7 +2,7 @@
 
 One message is one line, ``<json>*<crc>\\n``, where ``<crc>`` is the
 CRC-16/CCITT-FALSE of the JSON bytes as 4 hex digits; the full protocol is
-the NodeLink v1 specification (NODELINK.md) that firmware is written against.
+the NodeLink v1 specification (docs/nodelink.md) that firmware is written against.
 Nothing here does I/O, so the framing rules can be tested with tables and
 Hypothesis, and the link layer (drivers/link.py) only moves bytes.
 

@@ -19,7 +19,9 @@ modem lines (a pty, some adapters) refuses the ioctl, which is ignored.
 from __future__ import annotations
 
 import asyncio
+import difflib
 import errno
+import re
 from dataclasses import dataclass
 from typing import Final
 from urllib.parse import SplitResult, parse_qsl
@@ -30,6 +32,11 @@ import serial_asyncio
 from .transport import Streams, register
 
 DEFAULT_BAUD: Final = 115200
+#: The baud rates a node URL may name: the usual UART rates (a typo such as 11520 is
+#: refused rather than opening a port that only reads garbage).
+STANDARD_BAUDS: Final = (
+    1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200, 230400, 460800, 921600
+)
 OPTIONS: Final = ("baud", "dtr", "rts")
 _NO_MODEM_LINES: Final = (errno.EINVAL, errno.ENOTTY)
 
@@ -43,31 +50,39 @@ class SerialOptions:
     rts: bool = False
 
 
+def _hint(word: str) -> str:
+    close = difflib.get_close_matches(word, OPTIONS, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def serial_options(parts: SplitResult) -> SerialOptions:
-    """``baud`` (default 115200), ``dtr`` and ``rts`` (0 or 1, default 0); ``ValueError`` if bad."""
+    """``baud`` (one of :data:`STANDARD_BAUDS`, default 115200), ``dtr`` and ``rts`` (0 or 1,
+    default 0); ``ValueError`` saying what is wrong."""
     try:
         query = parse_qsl(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
     except ValueError as exc:
         raise ValueError(f"malformed query ({exc})") from exc
-    unknown = sorted({key for key, _ in query} - set(OPTIONS))
-    if unknown:
-        raise ValueError(f"unknown serial option(s) {', '.join(unknown)}")
-    values: dict[str, str] = {}
-    twice: set[str] = set()
+    values: dict[str, list[str]] = {}
     for key, value in query:
-        if key in values:
-            twice.add(key)
-        values[key] = value
-    text = values.get("baud", str(DEFAULT_BAUD))
-    if "baud" in twice or not (text.isascii() and text.isdigit()) or int(text) == 0:
-        raise ValueError("baud must be one positive integer, e.g. ?baud=115200")
+        values.setdefault(key, []).append(value)
+    for key in values:
+        if key not in OPTIONS:
+            raise ValueError(f"unknown serial option {key!r}{_hint(key)}")
+    baud = values.get("baud", [str(DEFAULT_BAUD)])
+    if len(baud) != 1 or not re.fullmatch("[0-9]{1,7}", baud[0]) or (
+        int(baud[0]) not in STANDARD_BAUDS
+    ):
+        bauds = ", ".join(map(str, STANDARD_BAUDS))
+        raise ValueError(f"baud must be one of {bauds}; not {','.join(baud)!r}")
     lines = {}
     for name in ("dtr", "rts"):
-        level = values.get(name, "0")
-        if name in twice or level not in ("0", "1"):
-            raise ValueError(f"{name} must be 0 (released) or 1 (asserted), not {level!r}")
-        lines[name] = level == "1"
-    return SerialOptions(int(text), lines["dtr"], lines["rts"])
+        level = values.get(name, ["0"])
+        if len(level) != 1 or level[0] not in ("0", "1"):
+            raise ValueError(
+                f"{name} must be 0 (released, the default) or 1 (asserted); not {','.join(level)!r}"
+            )
+        lines[name] = level[0] == "1"
+    return SerialOptions(int(baud[0]), lines["dtr"], lines["rts"])
 
 
 def serial_baud(parts: SplitResult) -> int:
@@ -75,13 +90,22 @@ def serial_baud(parts: SplitResult) -> int:
     return serial_options(parts).baud
 
 
-def check_serial_url(parts: SplitResult) -> None:
-    """An absolute device path, no host, and valid ``baud``/``dtr``/``rts`` options."""
-    if parts.netloc or not parts.path.startswith("/"):
-        raise ValueError("serial URL needs a device path, e.g. serial:///dev/ttyUSB0")
+def check_serial_url(parts: SplitResult) -> str:
+    """An absolute device path, no host, valid options: ``serial:///dev/X?baud=N`` in full.
+
+    The modem lines appear only when held asserted (``&dtr=1``, ``&rts=1``).
+    """
+    if parts.netloc or not parts.path.startswith("/") or parts.path == "/":
+        raise ValueError("needs an absolute device path: serial:///dev/ttyUSB0 (three slashes)")
     if parts.fragment:
-        raise ValueError("serial URL takes no fragment")
-    serial_options(parts)
+        raise ValueError("takes no fragment: serial:///dev/<device>?baud=N")
+    options = serial_options(parts)
+    url = f"serial://{parts.path}?baud={options.baud}"
+    if options.dtr:
+        url += "&dtr=1"
+    if options.rts:
+        url += "&rts=1"
+    return url
 
 
 def open_port(path: str, options: SerialOptions) -> serial.Serial:

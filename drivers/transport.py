@@ -19,12 +19,14 @@ from dataclasses import dataclass
 from typing import overload
 from urllib.parse import SplitResult, urlsplit
 
-from .errors import TransportError
+from .errors import BadUrl, TransportError
 
 Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 Opener = Callable[[SplitResult], Awaitable[Streams]]
-Check = Callable[[SplitResult], None]
-"""Validates a URL of its scheme; raises ``ValueError`` saying what is wrong."""
+Check = Callable[[SplitResult], str]
+"""Validates a URL of its scheme and returns its canonical form (defaults written out);
+raises ``ValueError`` saying what is wrong. The one place a scheme's URL rules live: the
+config (gateway/config.py) validates node URLs with it too."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,21 +73,28 @@ class TransportRegistry:
         return sorted(self._schemes)
 
     def parse_url(self, url: str) -> SplitResult:
-        """Split and validate ``url``; raise ``TransportError`` saying what is wrong."""
+        """Split and validate ``url``; raise :class:`BadUrl` saying what is wrong."""
+        return self._check(url)[0]
+
+    def canonical(self, url: str) -> str:
+        """``url`` validated and written out in full (e.g. the default port or baud rate)."""
+        return self._check(url)[1]
+
+    def _check(self, url: str) -> tuple[SplitResult, str]:
         try:
             parts = urlsplit(url)
         except ValueError as exc:
-            raise TransportError(f"{url!r}: not a valid URL ({exc})") from exc
+            raise BadUrl(url, f"not a valid URL ({exc})") from exc
         entry = self._schemes.get(parts.scheme)
         if entry is None:
             known = ", ".join(f"{s}://" for s in self.schemes()) or "none"
-            raise TransportError(f"{url!r}: unknown transport scheme (known: {known})")
-        if entry.check is not None:
-            try:
-                entry.check(parts)
-            except ValueError as exc:
-                raise TransportError(f"{url!r}: {exc}") from exc
-        return parts
+            raise BadUrl(url, f"unknown transport scheme (known: {known})")
+        if entry.check is None:
+            return parts, url
+        try:
+            return parts, entry.check(parts)
+        except ValueError as exc:
+            raise BadUrl(url, str(exc)) from exc
 
     async def open(self, url: str) -> Streams:
         """Open the transport ``url`` names; failures become ``TransportError``."""
@@ -102,6 +111,7 @@ REGISTRY = TransportRegistry()
 
 register = REGISTRY.register
 parse_url = REGISTRY.parse_url
+canonical_url = REGISTRY.canonical
 
 
 async def open_transport(url: str) -> Streams:

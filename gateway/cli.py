@@ -121,7 +121,7 @@ def _lazy(module: str, attr: str) -> Callable[..., object]:
 LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("gateway.demo", "demo"),
     "calibrate": ("gateway.cli_calibrate", "calibrate"),
-    "evaluate": ("sim.evaluate", "evaluate"),
+    "evaluate": ("sim.evaluate_cli", "evaluate"),
     "node": ("gateway.nodetool.cli", "node"),
     "titrate": ("gateway.cli_titrate", "titrate"),
     "pump": ("gateway.cli_pump", "pump"),

@@ -20,12 +20,13 @@ reachable; 4 the daemon refused to start (the reason is printed); 130 Ctrl-C.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from gateway.cli import (
     EXIT_CONFIG,
@@ -36,6 +37,7 @@ from gateway.cli import (
     add_config_option,
 )
 from gateway.localclient import LocalClient, LocalClientError
+from rules.calibration import CalibrationError, fit_poly, fit_two_point, format_fit
 
 #: How often progress is asked for (seconds).
 POLL_S = 0.5
@@ -43,8 +45,6 @@ POLL_S = 0.5
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `hydrogate calibrate` (both forms)."""
-    from rules import calibration
-
     parser.add_argument("node", nargs="?", help="guided: the node's name (nodes[].name)")
     parser.add_argument("probe", nargs="?", choices=("ph", "ec"), help="guided: the probe")
     add_config_option(parser)
@@ -70,7 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     guided.add_argument("--json", action="store_true", help="print only the result, as JSON")
     guided.add_argument("--socket", type=Path, default=None, metavar="PATH",
                         help="the daemon's local socket (default: from the config)")
-    calibration.add_arguments(parser, required=False)  # the fit: --points/--csv, --order
+    add_fit_arguments(parser, required=False)  # the fit: --points/--csv, --order
 
 
 def _numbers(text: str) -> list[float]:
@@ -98,14 +98,12 @@ def daemon_paths(args: argparse.Namespace) -> list[Path] | int:
 
 def run(args: argparse.Namespace) -> int:
     """`hydrogate calibrate`: the fit (``--points``/``--csv``) or the guided calibration."""
-    from rules import calibration
-
     if args.points is not None or args.csv is not None:
         if args.node is not None:
             print("hydrogate calibrate: give NODE PROBE or --points/--csv, not both",
                   file=sys.stderr)
             return EXIT_CONFIG
-        return calibration.run(args)
+        return run_fit(args)
     if args.node is None or args.probe is None:
         print("hydrogate calibrate: give NODE ph|ec (guided), or --points/--csv (a fit)",
               file=sys.stderr)
@@ -267,3 +265,71 @@ def _point(point: dict[str, Any]) -> str:
     if point.get("note"):
         text += f"; {point['note']}"
     return text
+
+
+# ---------------------------------------------------------------- the fit of points
+
+
+def _raw_ref(text: str) -> tuple[float, float]:
+    """One ``RAW:REF`` point of ``--points``."""
+    try:
+        raw, ref = text.split(":")
+        return float(raw), float(ref)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected RAW:REFERENCE, got {text!r}") from None
+
+
+def add_fit_arguments(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
+    """Options of ``hydrogate calibrate --points`` (``required``: one of --points, --csv)."""
+    group = parser.add_mutually_exclusive_group(required=required)
+    group.add_argument(
+        "--points", nargs="+", type=_raw_ref, metavar="RAW:REF",
+        help="calibration points, raw reading and reference value, e.g. 0.04:57 0.49:198",
+    )
+    group.add_argument(
+        "--csv", type=Path, metavar="FILE",
+        help="CSV file of raw,reference rows (a header row is skipped)",
+    )
+    parser.add_argument(
+        "--order", type=int, default=1,
+        help="polynomial order (default 1: with two points, the two-point line)",
+    )
+    parser.add_argument(
+        "--digits", type=int, default=6, help="significant digits printed (default 6)"
+    )
+
+
+def _read_csv(path: Path) -> list[tuple[float, float]]:
+    """The (raw, reference) rows of a CSV file; a first row that is not numbers is a header."""
+    points = []
+    with path.open(newline="") as f:
+        for n, row in enumerate(csv.reader(f), start=1):
+            if not row or row[0].lstrip().startswith("#"):
+                continue
+            try:
+                points.append((float(row[0]), float(row[1])))
+            except (ValueError, IndexError):
+                if n == 1:
+                    continue  # header
+                raise CalibrationError(f"{path}:{n}: expected two numbers, got {row}") from None
+    return points
+
+
+def run_fit(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    """``hydrogate calibrate --points/--csv``: fit, print; 0 on success, 2 on bad input."""
+    stream = out if out is not None else sys.stdout
+    try:
+        points: list[tuple[float, float]] = (
+            list(args.points) if args.points is not None else _read_csv(args.csv)
+        )
+        xs = [p[0] for p in points]
+        ys = [p[1] for p in points]
+        if args.order == 1 and len(points) == 2:
+            fit = fit_two_point(xs[0], ys[0], xs[1], ys[1])
+        else:
+            fit = fit_poly(xs, ys, args.order)
+    except (CalibrationError, OSError) as exc:
+        print(f"hydrogate calibrate: {exc}", file=sys.stderr)
+        return 2
+    print(format_fit(fit, args.digits), file=stream)
+    return 0

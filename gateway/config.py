@@ -22,15 +22,15 @@ import dataclasses
 import datetime
 import math
 import re
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any, TypeVar
-from urllib.parse import SplitResult, parse_qs, urlsplit
 
 import yaml
 
+from drivers.errors import BadUrl
+from drivers.transport import canonical_url
 from gateway import crops
 from gateway.validators import (
     ErrorList,
@@ -59,41 +59,27 @@ from gateway.validators import (
     suggest,
 )
 from rules import units
-from rules.controller import NUTRIENT_PARTS
+from rules.controller import (
+    ACTUATORS,
+    BUILTIN_NAMES,
+    DEFAULT_FLOW_ML_S,
+    NUTRIENT_PARTS,
+    PH_PUMPS,
+)
+from rules.cycle import CycleSettings
+from rules.safety import SafetyLimits
 
 K = TypeVar("K")
+T = TypeVar("T")
 V = TypeVar("V")
 
-CONTROLLER_NAMES: tuple[str, ...] = ("fuzzy", "rb", "ml", "adaptive", "closeloop", "mamdani")
-"""Controller names the config accepts unless the caller passes its own registry.
+CONTROLLER_NAMES: tuple[str, ...] = BUILTIN_NAMES
+"""Controller names the config accepts unless the caller passes its own registry: the
+built-in controllers of rules/controller.py (``rules.controller.BUILTIN``, the one list)."""
 
-``rules/`` registers controllers by name; the daemon may pass those names as
-``controllers=`` to :func:`parse_config` and :func:`apply_control_update`.
-This tuple is the default for callers (and tests) that have no registry.
-"""
-
-RUNTIME_KEYS: tuple[str, ...] = (
-    "mode",
-    "controller",
-    "tds_setpoint",
-    "ec_setpoint",
-    "ph_setpoint",
-    "schedule",
-    "interval",
-)
-"""Control settings that ThingsBoard may change at run time (``tds_setpoint`` or
-``ec_setpoint``: the same setpoint, in ppm on the configured scale or in mS/cm)."""
-
-DEFAULT_TCP_PORT = 3333
-DEFAULT_BAUD = 115200
-STANDARD_BAUDS = (1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200, 230400, 460800, 921600)
 NODE_WATCHDOG_S = 30.0
-"""A node stops its actuators after this long without a frame (NODELINK.md)."""
-FLOW_ACTUATORS = ("nutrient", "ph_up", "ph_down", "refill")
-PH_PUMPS = ("ph_up", "ph_down")
-DEFAULT_FLOW_ML_S = 1.58
+"""A node stops its actuators after this long without a frame (docs/nodelink.md, safety duties)."""
 DEFAULT_STOCK_PPM = 10000.0
-DEFAULT_TDS_RANGE = (0.0, 5000.0)
 
 
 class ConfigError(Exception):
@@ -221,7 +207,7 @@ class CalibrationMap:
 
 
 def _default_flows() -> FrozenMap[str, float]:
-    return FrozenMap((name, DEFAULT_FLOW_ML_S) for name in FLOW_ACTUATORS)
+    return FrozenMap((name, DEFAULT_FLOW_ML_S) for name in ACTUATORS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,6 +234,7 @@ class ControlConfig:
     only); ``schedule`` holds local times of day, sorted. ``tds_setpoint`` and
     ``tds_band`` are ppm on the 500 scale (rules/units.py) whatever
     ``conductivity`` (the node's unit, for settings shown and changed) says.
+    The cycle's defaults are the rules layer's own (``rules.cycle.CycleSettings``).
     """
 
     tds_setpoint: float
@@ -257,20 +244,20 @@ class ControlConfig:
     crop: str | None = None
     tds_band: tuple[float, float] | None = None
     ph_band: tuple[float, float] | None = None
-    tds_tolerance_pct: float = 5.0
-    ph_tolerance: float = 0.15
+    tds_tolerance_pct: float = CycleSettings.tds_tolerance_pct
+    ph_tolerance: float = CycleSettings.ph_tolerance
     schedule: tuple[datetime.time, ...] = ()
     interval: float = 30.0
     rb_variant: str = "band"
-    tds_average_s: float = 10.0
-    ph_average_s: float = 30.0
-    mixing_wait_s: float = 60.0
-    tds_hold_s: float = 180.0
-    ph_hold_s: float = 300.0
-    max_cycle_s: float = 3600.0
+    tds_average_s: float = CycleSettings.tds_average_s
+    ph_average_s: float = CycleSettings.ph_average_s
+    mixing_wait_s: float = CycleSettings.mixing_wait_s
+    tds_hold_s: float = CycleSettings.tds_hold_s
+    ph_hold_s: float = CycleSettings.ph_hold_s
+    max_cycle_s: float = CycleSettings.max_cycle_s
     tds_deadband_pct: float | None = None
     ph_deadband: float | None = None
-    part_pause_s: float = 30.0
+    part_pause_s: float = CycleSettings.part_pause_s
     conductivity: str = "ppm500"
 
 
@@ -280,16 +267,17 @@ class SafetyConfig:
 
     A reading outside ``ph_range``/``tds_range`` is physically implausible; a
     value that does not change at all for ``stuck_after_s`` is stuck (0: off).
-    ``tds_range`` is ppm on the 500 scale, whatever the file's unit.
+    ``tds_range`` is ppm on the 500 scale, whatever the file's unit. The defaults
+    are the rules layer's own (``rules.safety.SafetyLimits``).
     """
 
-    max_actuation_ms: int = 120_000
-    max_ms_per_hour: int = 600_000
-    stale_after_s: float = 60.0
-    min_water_level_l: float = 1.0
-    ph_range: tuple[float, float] = (2.0, 12.0)
-    tds_range: tuple[float, float] = (0.0, 5000.0)
-    stuck_after_s: float = 900.0
+    max_actuation_ms: int = SafetyLimits.max_actuation_ms
+    max_ms_per_hour: int = SafetyLimits.max_ms_per_hour
+    stale_after_s: float = SafetyLimits.stale_after_s
+    min_water_level_l: float = SafetyLimits.min_water_level_l
+    ph_range: tuple[float, float] = SafetyLimits.ph_range
+    tds_range: tuple[float, float] = SafetyLimits.tds_range
+    stuck_after_s: float = SafetyLimits.stuck_after_s
 
 
 @dataclass(frozen=True, slots=True)
@@ -321,76 +309,49 @@ class Config:
     units: UnitsConfig = field(default_factory=UnitsConfig)
 
 
+class _Taker:
+    """``take(key, validator)``: ``sec.get`` with the default of ``cls``'s field ``key``."""
+
+    def __init__(self, sec: Section, cls: type[Any]) -> None:
+        self._sec = sec
+        self._cls = cls
+
+    def __call__(self, key: str, validator: Validator[T]) -> T:
+        value: T = self._sec.get(key, validator, _default(self._cls, key))
+        return value
+
+
+def _default(cls: type[Any], name: str) -> Any:
+    """The default of field ``name`` of the config dataclass ``cls``.
+
+    The dataclasses above are the one place a config default is written: the
+    section parsers below take their defaults from them, and the defaults
+    table of docs/configuration.md is checked against them
+    (tests/test_one_source.py).
+    """
+    spec = {f.name: f for f in dataclasses.fields(cls)}[name]
+    if spec.default is not dataclasses.MISSING:
+        return spec.default
+    if spec.default_factory is not dataclasses.MISSING:
+        return spec.default_factory()
+    raise TypeError(f"{cls.__name__}.{name} has no default")
+
+
 # --- node URLs ---------------------------------------------------------------------------------
 
 
-def _tcp_url(parts: SplitResult) -> str:
-    try:
-        port = parts.port
-    except ValueError as err:
-        raise Invalid(f"has a bad port: {err}") from err
-    if port is None and parts.netloc.endswith(":"):
-        raise Invalid("has an empty port")
-    if not parts.hostname:
-        raise Invalid("needs a host: tcp://host:port")
-    if parts.username is not None or parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise Invalid("must be tcp://host:port with nothing else")
-    port = DEFAULT_TCP_PORT if port is None else port
-    if not 1 <= port <= 65535:
-        raise Invalid(f"port must be between 1 and 65535, not {port}")
-    host = host_name(parts.hostname)
-    return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
-
-
-SERIAL_OPTIONS = ["baud", "dtr", "rts"]
-
-
-def _serial_url(parts: SplitResult) -> str:
-    if parts.netloc:
-        raise Invalid("must name an absolute device path: serial:///dev/ttyUSB0 (three slashes)")
-    if not parts.path.startswith("/") or parts.path == "/" or parts.fragment:
-        raise Invalid("must be serial:///dev/<device>?baud=N")
-    options = parse_qs(parts.query, keep_blank_values=True)
-    for name in options:
-        if name not in SERIAL_OPTIONS:
-            raise Invalid(f"has an unknown option {name!r}{suggest(name, SERIAL_OPTIONS)}")
-    values = options.get("baud", [str(DEFAULT_BAUD)])
-    if (
-        len(values) != 1
-        or not re.fullmatch("[0-9]{1,7}", values[0])
-        or int(values[0]) not in STANDARD_BAUDS
-    ):
-        bauds = ", ".join(map(str, STANDARD_BAUDS))
-        raise Invalid(f"baud must be one of {bauds}; not {','.join(values)!r}")
-    url = f"serial://{parts.path}?baud={int(values[0])}"
-    for line in ("dtr", "rts"):  # modem lines held while open (drivers/serial.py); default 0
-        level = options.get(line, ["0"])
-        if len(level) != 1 or level[0] not in ("0", "1"):
-            raise Invalid(f"{line} must be 0 (released, the default) or 1; not {','.join(level)!r}")
-        if level[0] == "1":
-            url += f"&{line}=1"
-    return url
-
-
-URL_SCHEMES: Mapping[str, Callable[[SplitResult], str]] = MappingProxyType(
-    {"tcp": _tcp_url, "serial": _serial_url}
-)
-"""How each transport's URL is checked and normalised, by scheme."""
-
-
 def node_url(value: Any) -> str:
-    """``tcp://host[:port]`` (default port 3333) or ``serial:///dev/X[?baud=N]`` (115200)."""
+    """``tcp://host[:port]`` (default port 3333) or ``serial:///dev/X[?baud=N]`` (115200).
+
+    The drivers' own parser decides (drivers/transport.py, one rule per scheme
+    in drivers/tcp.py and drivers/serial.py): the config accepts exactly the
+    URLs the node tasks can open, and stores them written out in full.
+    """
     text = string(value).strip()
     try:
-        parts = urlsplit(text)
-    except ValueError as err:
-        raise Invalid(f"is not a valid URL: {err}") from err
-    check = URL_SCHEMES.get(parts.scheme.lower())
-    if check is None:
-        raise Invalid(
-            f"must be tcp://host:port or serial:///dev/...?baud=N; {text!r} has an unknown scheme"
-        )
-    return check(parts)
+        return canonical_url(text)
+    except BadUrl as exc:
+        raise Invalid(exc.reason) from None
 
 
 # --- sections ----------------------------------------------------------------------------------
@@ -414,8 +375,9 @@ def _socket_path(base_dir: Path | None) -> Validator[Path]:
 
 
 def _gateway(sec: Section, base_dir: Path | None) -> GatewayConfig | None:
+    take = _Taker(sec, GatewayConfig)
     name = sec.require("name", device_name)
-    health = sec.get("health_interval", duration_range(1, 86400), 60.0)
+    health = take("health_interval", duration_range(1, 86400))
     socket = sec.optional("socket", _socket_path(base_dir))
     sec.finish()
     if name is None:
@@ -424,14 +386,15 @@ def _gateway(sec: Section, base_dir: Path | None) -> GatewayConfig | None:
 
 
 def _storage(sec: Section, base_dir: Path | None) -> StorageConfig | None:
+    take = _Taker(sec, StorageConfig)
     path = sec.require("path", file_path(base_dir, must_exist=False))
-    max_rows = sec.get("max_rows", int_range(1, 1_000_000_000), 2_000_000)
+    max_rows = take("max_rows", int_range(1, 1_000_000_000))
     max_bytes = sec.optional("max_bytes", size_range(1 << 20))
-    commit_interval = sec.get("commit_interval", duration_range(0, 10), 0.02)
-    sync_interval = sec.get("sync_interval", duration_range(0, 3600), 1.0)
-    clock_sync_wait = sec.get("clock_sync_wait", duration_range(0, 7 * 86400), 600.0)
-    history_days = sec.get("history_days", num_range(0, 3660, unit="days"), 7.0)
-    history_max_bytes = sec.get("history_max_bytes", size_range(1 << 20), 256 << 20)
+    commit_interval = take("commit_interval", duration_range(0, 10))
+    sync_interval = take("sync_interval", duration_range(0, 3600))
+    clock_sync_wait = take("clock_sync_wait", duration_range(0, 7 * 86400))
+    history_days = take("history_days", num_range(0, 3660, unit="days"))
+    history_max_bytes = take("history_max_bytes", size_range(1 << 20))
     sec.finish()
     if path is None:
         return None
@@ -442,17 +405,19 @@ def _storage(sec: Section, base_dir: Path | None) -> StorageConfig | None:
 
 
 def _thingsboard(sec: Section, base_dir: Path | None) -> ThingsBoardConfig | None:
+    take = _Taker(sec, ThingsBoardConfig)
     host = sec.require("host", host_name)
-    tls = sec.get("tls", boolean, False)
-    port = sec.get("port", int_range(1, 65535), 8883 if tls else 1883)
+    tls = take("tls", boolean)
+    default_port = 8883 if tls else _default(ThingsBoardConfig, "port")
+    port = sec.get("port", int_range(1, 65535), default_port)
     token = _access_token(sec, base_dir)
     ca_file = sec.optional("ca_file", file_path(base_dir, must_exist=True))
     if ca_file is not None and not tls:
         sec.errors.add(sec.path_of("ca_file"), "is only used with tls: true")
-    max_payload = sec.get("max_payload_bytes", size_range(1024, 268_435_455), 65536)
+    max_payload = take("max_payload_bytes", size_range(1024, 268_435_455))
     client_id = sec.optional("client_id", string)
-    keepalive = sec.get("keepalive", int_range(1, 65535, unit="s"), 60)
-    device_type = sec.get("device_type", device_name, "hydro-node")
+    keepalive = take("keepalive", int_range(1, 65535, unit="s"))
+    device_type = take("device_type", device_name)
     sec.finish()
     if host is None or token is None:
         return None
@@ -541,7 +506,8 @@ def _calibration(sec: Section) -> FrozenMap[str, CalibrationMap]:
 
 
 def _plant(sec: Section, conductivity: str) -> PlantConfig:
-    tank = sec.get("tank_volume_l", num_range(0, 100_000, lo_open=True, unit="L"), 10.0)
+    take = _Taker(sec, PlantConfig)
+    tank = take("tank_volume_l", num_range(0, 100_000, lo_open=True, unit="L"))
     stock = sec.optional("stock_ppm", num_range(0, 10_000_000, lo_open=True, unit="ppm"))
     ratios = sec.section("nutrient_ratio")
     share = num_range(0, 1_000_000, lo_open=True)
@@ -549,7 +515,7 @@ def _plant(sec: Section, conductivity: str) -> PlantConfig:
     ratios.finish()
     flows = sec.section("flow_ml_s")
     rate = num_range(0, 1000, lo_open=True, unit="ml/s")
-    flow = {name: flows.get(name, rate, DEFAULT_FLOW_ML_S) for name in FLOW_ACTUATORS}
+    flow = {name: flows.get(name, rate, DEFAULT_FLOW_ML_S) for name in ACTUATORS}
     for part in NUTRIENT_PARTS:  # a part has a flow when given, or when the ratio names it
         given = flows.optional(part, rate)
         if given is not None or ratio[part] is not None:
@@ -590,6 +556,12 @@ def _runtime_validators(controllers: Collection[str]) -> dict[str, Validator[Any
         "schedule": schedule,
         "interval": _interval,
     }
+
+
+RUNTIME_KEYS: tuple[str, ...] = tuple(_runtime_validators(CONTROLLER_NAMES))
+"""Control settings that ThingsBoard may change at run time, the keys of the validators
+above (``tds_setpoint`` or ``ec_setpoint``: the same setpoint, in ppm on the configured
+scale or in mS/cm). The daemon takes these shared attributes and no others."""
 
 
 def _crop(value: Any) -> crops.Crop:
@@ -643,28 +615,29 @@ def _control(
     else:
         sec.errors.add(sec.path_of("ph_setpoint"), "is required (or give a crop)")
         setpoints["ph_setpoint"] = None
+    take = _Taker(sec, ControlConfig)
     config = ControlConfig(
         tds_setpoint=0.0,
         ph_setpoint=0.0,
-        mode=sec.get("mode", runtime["mode"], "auto"),
-        controller=sec.get("controller", runtime["controller"], "adaptive"),
+        mode=take("mode", runtime["mode"]),
+        controller=take("controller", runtime["controller"]),
         crop=None if crop is None else crop.name,
         tds_band=None if crop is None else crop.tds_band,
         ph_band=None if crop is None else crop.ph,
-        tds_tolerance_pct=sec.get("tds_tolerance_pct", num_range(0, 50, lo_open=True), 5.0),
-        ph_tolerance=sec.get("ph_tolerance", num_range(0, 2, lo_open=True), 0.15),
-        schedule=sec.get("schedule", runtime["schedule"], ()),
-        interval=sec.get("interval", runtime["interval"], 30.0),
-        rb_variant=sec.get("rb_variant", one_of("band", "target", "documented"), "band"),
-        tds_average_s=sec.get("tds_average_s", duration_range(1, 600), 10.0),
-        ph_average_s=sec.get("ph_average_s", duration_range(1, 600), 30.0),
-        mixing_wait_s=sec.get("mixing_wait_s", duration_range(0, 3600), 60.0),
-        tds_hold_s=sec.get("tds_hold_s", duration_range(0, 3600), 180.0),
-        ph_hold_s=sec.get("ph_hold_s", duration_range(0, 3600), 300.0),
-        max_cycle_s=sec.get("max_cycle_s", duration_range(60, 86400), 3600.0),
+        tds_tolerance_pct=take("tds_tolerance_pct", num_range(0, 50, lo_open=True)),
+        ph_tolerance=take("ph_tolerance", num_range(0, 2, lo_open=True)),
+        schedule=take("schedule", runtime["schedule"]),
+        interval=take("interval", runtime["interval"]),
+        rb_variant=take("rb_variant", one_of("band", "target", "documented")),
+        tds_average_s=take("tds_average_s", duration_range(1, 600)),
+        ph_average_s=take("ph_average_s", duration_range(1, 600)),
+        mixing_wait_s=take("mixing_wait_s", duration_range(0, 3600)),
+        tds_hold_s=take("tds_hold_s", duration_range(0, 3600)),
+        ph_hold_s=take("ph_hold_s", duration_range(0, 3600)),
+        max_cycle_s=take("max_cycle_s", duration_range(60, 86400)),
         tds_deadband_pct=sec.optional("tds_deadband_pct", num_range(0, 50)),
         ph_deadband=sec.optional("ph_deadband", num_range(0, 2)),
-        part_pause_s=sec.get("part_pause_s", duration_range(1, 3600), 30.0),
+        part_pause_s=take("part_pause_s", duration_range(1, 3600)),
         conductivity=conductivity,
     )
     for key, tolerance in (
@@ -694,18 +667,19 @@ def _control(
 
 
 def _safety(sec: Section, poll_interval: float, conductivity: str = "ppm500") -> SafetyConfig:
+    take = _Taker(sec, SafetyConfig)
     scale = units.ppm_scale(conductivity)
-    tds_range = sec.get("tds_range", number_pair(lo=0, hi=100_000), DEFAULT_TDS_RANGE)
+    tds_range = take("tds_range", number_pair(lo=0, hi=100_000))
     if sec.has("tds_range"):
         tds_range = (units.to_internal(tds_range[0], scale), units.to_internal(tds_range[1], scale))
     config = SafetyConfig(
-        max_actuation_ms=sec.get("max_actuation_ms", milliseconds(1, 600_000), 120_000),
-        max_ms_per_hour=sec.get("max_ms_per_hour", milliseconds(1, 3_600_000), 600_000),
-        stale_after_s=sec.get("stale_after_s", duration_range(0, 86400, lo_open=True), 60.0),
-        min_water_level_l=sec.get("min_water_level_l", num_range(0, 100_000, unit="L"), 1.0),
-        ph_range=sec.get("ph_range", number_pair(lo=0, hi=14), (2.0, 12.0)),
+        max_actuation_ms=take("max_actuation_ms", milliseconds(1, 600_000)),
+        max_ms_per_hour=take("max_ms_per_hour", milliseconds(1, 3_600_000)),
+        stale_after_s=take("stale_after_s", duration_range(0, 86400, lo_open=True)),
+        min_water_level_l=take("min_water_level_l", num_range(0, 100_000, unit="L")),
+        ph_range=take("ph_range", number_pair(lo=0, hi=14)),
         tds_range=tds_range,
-        stuck_after_s=sec.get("stuck_after_s", duration_range(0, 7 * 86400), 900.0),
+        stuck_after_s=take("stuck_after_s", duration_range(0, 7 * 86400)),
     )
     if sec.has("max_ms_per_hour") and config.max_ms_per_hour < config.max_actuation_ms:
         sec.errors.add(
@@ -769,9 +743,10 @@ def _recalibrate(sec: Section) -> RecalibrateConfig:
         value = sec.errors.check(sec.path_of("recalibrate_after_days"), days, raw)
         return RecalibrateConfig() if value is None else RecalibrateConfig(value, value, value)
     each = sec.section("recalibrate_after_days")
+    take_each = _Taker(each, RecalibrateConfig)
     config = RecalibrateConfig(
-        pumps=each.get("pumps", days, 30.0), ph=each.get("ph", days, 30.0),
-        ec=each.get("ec", days, 30.0),
+        pumps=take_each("pumps", days), ph=take_each("ph", days),
+        ec=take_each("ec", days),
     )
     each.finish()
     return config
@@ -781,13 +756,12 @@ def _node(
     sec: Section, controllers: Collection[str], conductivity: str = "ppm500"
 ) -> NodeConfig | None:
     name = sec.require("name", device_name)
+    take = _Taker(sec, NodeConfig)
     url = sec.require("url", node_url)
-    poll = sec.get("poll_interval", duration_range(0, 3600, lo_open=True), 5.0)
-    timeout = sec.get("timeout", duration_range(0, 60, lo_open=True), 1.0)
-    retries = sec.get("retries", int_range(0, 10), 2)
-    keepalive = sec.get(
-        "keepalive", duration_range(0, NODE_WATCHDOG_S, lo_open=True, hi_open=True), 10.0
-    )
+    poll = take("poll_interval", duration_range(0, 3600, lo_open=True))
+    timeout = take("timeout", duration_range(0, 60, lo_open=True))
+    retries = take("retries", int_range(0, 10))
+    keepalive = take("keepalive", duration_range(0, NODE_WATCHDOG_S, lo_open=True, hi_open=True))
     calibration = _calibration(sec.section("calibration"))
     plant = _plant(sec.section("plant"), conductivity) if "plant" in sec.data else None
     control = (
@@ -889,7 +863,8 @@ def parse_config(
 
 
 def _units(sec: Section) -> UnitsConfig:
-    conductivity = sec.get("conductivity", one_of(*units.UNITS), "ppm500")
+    take = _Taker(sec, UnitsConfig)
+    conductivity = take("conductivity", one_of(*units.UNITS))
     sec.finish()
     return UnitsConfig(conductivity)
 

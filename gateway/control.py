@@ -55,6 +55,7 @@ from gateway.store import Store, StoreClosed, StoreError
 from gateway.titration import NodeTitration
 from rules import units
 from rules.controller import (
+    ACTUATORS,
     PH_PUMPS,
     Controller,
     ControllerError,
@@ -281,7 +282,7 @@ class NodeControl:
             cycle_settings,
             self._controller,
             self.plant,
-            actuators=self._node.actuators or ("nutrient", "ph_up", "ph_down", "refill"),
+            actuators=self._node.actuators or ACTUATORS,
             envelope=self.envelope,
         )
         triggers = self._triggers
@@ -980,7 +981,7 @@ class NodeControl:
         return state
 
     async def rpc(self, method: str, params: Any) -> dict[str, Any]:
-        """The control RPCs of CONTRACT.md; raises CommandError with the reason."""
+        """The control RPCs of docs/thingsboard.md; raises CommandError with the reason."""
         if method == "titrate":
             if self.pumps.pending is not None or self.probes.active is not None:
                 raise CommandError(f"{self.procedure()}: wait for it to end")

@@ -24,7 +24,7 @@ from typing import Any
 
 from gateway import __version__
 from gateway.clock import Clock, SystemClock, TimeKeeper, describe_seconds
-from gateway.config import Config, ConfigError, NodeConfig, load_config
+from gateway.config import RUNTIME_KEYS, Config, ConfigError, NodeConfig, load_config
 from gateway.errors import CommandError
 from gateway.faults import FaultLog, quote
 from gateway.localrpc import LocalServer, socket_path
@@ -37,13 +37,13 @@ from gateway.uplink import Uplink
 
 log = logging.getLogger("hydrogate")
 
-#: SIGTERM must finish within 10 s (CONTRACT.md); stopping actuators gets this much.
+#: SIGTERM must finish within 10 s (docs/references.md, "Interface"); stopping actuators
+#: gets this much.
 STOP_ACTUATORS_S = 5.0
 #: Seconds between two looks at the system clock (steps, synchronisation).
 CLOCK_CHECK_S = 0.5
-#: Keys a node's shared attributes may set (CONTRACT.md).
-SHARED_KEYS = ("mode", "controller", "tds_setpoint", "ec_setpoint", "ph_setpoint", "schedule",
-               "interval")
+#: Keys a node's shared attributes may set: the config's run-time settings.
+SHARED_KEYS = RUNTIME_KEYS
 #: A shared attribute whose every update acknowledges a stop of automatic control (the pH
 #: lock); it is an event, not a setting, so it is never requested at a session start.
 ACKNOWLEDGE = "acknowledge"

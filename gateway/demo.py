@@ -36,6 +36,7 @@ from gateway.config import Config, parse_config
 from gateway.daemon import Gateway
 from gateway.status import collect
 from gateway.statusview import Screen, render
+from rules.controller import ACTUATORS
 
 #: tank-a: raw probe voltages calibrated at the gateway, adaptive control to lettuce.
 #: tank-b: engineering values, rule-based control. tank-c: serial, water too low to dose.
@@ -107,7 +108,7 @@ def demo_config(
             "safety": dict(safety),
             # One second of the clock runs `speed` seconds of plant time, pumps included.
             "plant": {"flow_ml_s": {a: round(FLOW_ML_S * speed, 3)
-                                    for a in ("nutrient", "ph_up", "ph_down", "refill")}},
+                                    for a in ACTUATORS}},
         }
         if strengths and strengths.get(tank["name"]):
             node["plant"]["ph_ml_per_l_per_unit"] = strengths[tank["name"]]

@@ -15,7 +15,7 @@ bytes; one JSON line answers each, in order::
 
 ``device`` names a node: the request goes to the very handler that answers
 ThingsBoard's server-side RPCs (``Gateway.on_rpc``), so every RPC of
-CONTRACT.md works here, with the same reply ``data``: ``{"success": true,
+docs/thingsboard.md works here, with the same reply ``data``: ``{"success": true,
 ...}`` or ``{"success": false, "error": "..."}``. Without ``device`` (or with
 ``null``) the request is for the gateway itself (``Gateway.on_gateway_rpc``:
 ``ping`` today; ``status``, pump and probe calibration fit there). ``params``

@@ -140,7 +140,7 @@ def ml_problem(config: Config) -> str | None:
     """Why the ``ml`` controller cannot run its model here, when some node is configured with it."""
     if not any(n.control and n.control.controller == "ml" for n in config.nodes):
         return None
-    from models.runtime import Model, ModelError  # imports numpy: only when ml is used
+    from rules.mlruntime import Model, ModelError  # imports numpy: only when ml is used
 
     try:
         Model.load()

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import datetime
 import difflib
-import ipaddress
 import json
 import math
 import re
 from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
+
+from drivers.tcp import check_host
 
 T = TypeVar("T")
 Validator = Callable[[Any], T]
@@ -569,21 +570,9 @@ def suggest(word: str, choices: Collection[str]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
-_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
-
-
 def host_name(value: Any) -> str:
-    """A DNS name or an IP address (no scheme, no port)."""
-    host = string(value)
-    if "://" in host:
-        raise Invalid(f"must be a host name, not a URL: {host!r}")
+    """A DNS name or an IP address (no scheme, no port): the rule of node URLs' hosts."""
     try:
-        address = ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        address = None
-    if address is not None:
-        return str(address)
-    name = host[:-1] if host.endswith(".") else host
-    if len(name) > 253 or not all(_LABEL.fullmatch(label) for label in name.split(".")):
-        raise Invalid(f"must be a host name or IP address, not {host!r}")
-    return host
+        return check_host(string(value))
+    except ValueError as exc:
+        raise Invalid(str(exc)) from None

@@ -76,11 +76,11 @@ from types import MappingProxyType
 import numpy as np
 import numpy.typing as npt
 
-from models.policy import FEATURES, OUTPUT_SCALE, TARGETS, PhQuery, TdsQuery
-from models.policy import RANGES as FEATURE_RANGES
-from models.runtime import InputRangeError, ModelSpec
-from rules.controller import PlantConstants
+from rules.controller import NUTRIENT, PH_UP, PlantConstants
 from rules.ml import MlController
+from rules.mlpolicy import FEATURES, OUTPUT_SCALE, TARGETS, PhQuery, TdsQuery
+from rules.mlpolicy import RANGES as FEATURE_RANGES
+from rules.mlruntime import InputRangeError, ModelSpec
 from sim.plant import Reservoir
 from sim.rig import Rig
 from sim.tanks import Config, Tank, draw
@@ -275,7 +275,7 @@ def landing(plant: Reservoir, actuator: str, key: str, aim: float, max_s: float)
     probe settles. ``None``: not within ``max_s``; 0: already there (or past it).
     """
     before = plant.truth()[key]
-    sign = 1.0 if actuator in ("nutrient", "ph_up") else -1.0
+    sign = 1.0 if actuator in (NUTRIENT, PH_UP) else -1.0
     if (aim - before) * sign <= 0.0:
         return 0.0
     plant.set_pump(actuator, 255)

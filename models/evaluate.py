@@ -10,7 +10,7 @@ measures, per target, on the held-out tanks' decisions:
 
 - **landing share** — how often the answer is at most the landing dose
   (the dose would not have gone past the aim): the quantile the model was
-  trained to is ``1 −`` :data:`models.policy.QUANTILE`; and how often it
+  trained to is ``1 −`` :data:`rules.mlpolicy.QUANTILE`; and how often it
   is at most 2 % more (it would not have gone past the aim by more than
   2 % of the dose: within one int8 output step of the label);
 - **mean answer** and mean landing dose, as fractions of the reference:
@@ -22,7 +22,7 @@ measures, per target, on the held-out tanks' decisions:
   measured, then 0.95 of the corrected need; the pH envelope's limit), so
   the table says what the model adds to it;
 - file size and p50/p99 latency of one guarded prediction
-  (:meth:`models.runtime.Model.predict`, the controller's path).
+  (:meth:`rules.mlruntime.Model.predict`, the controller's path).
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ import numpy as np
 import numpy.typing as npt
 
 from models.closedloop import DEFAULT_DATA, Dataset
-from models.policy import FEATURES, OUTPUT_SCALE, QUANTILE, TARGETS
-from models.runtime import DEFAULT_METADATA, DEFAULT_MODEL, Model, interpreter_backend
+from rules.mlpolicy import FEATURES, OUTPUT_SCALE, QUANTILE, TARGETS
+from rules.mlruntime import DEFAULT_METADATA, DEFAULT_MODEL, Model, interpreter_backend
 
 __all__ = [
     "FLOAT_MODEL",

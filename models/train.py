@@ -29,7 +29,7 @@ ops, and writes next to this module (or to ``--out``):
 tell that tank from others whose config is wrong the other way (the same
 features, another truth). Mean squared error would answer with the mean
 landing dose — past the setpoint on half of them. Each output is trained
-with the pinball (quantile) loss at :data:`models.policy.QUANTILE`: the
+with the pinball (quantile) loss at :data:`rules.mlpolicy.QUANTILE`: the
 answer is the largest fraction that lands past the aim on at most that
 share of the decisions that look the same. Each row trains only its own
 loop's output (the other output's loss is masked).
@@ -58,8 +58,8 @@ import numpy as np
 from models.closedloop import AIM_PCT, DEFAULT_DATA, EPISODES, SEED, Dataset
 from models.closedloop import COMMAND as DATA_COMMAND
 from models.evaluate import metrics, pick
-from models.policy import FEATURES, OUTPUT_SCALE, QUANTILE, RANGES, TARGETS
-from models.runtime import DEFAULT_METADATA, DEFAULT_MODEL, InputScale, InputScaler, Model
+from rules.mlpolicy import FEATURES, OUTPUT_SCALE, QUANTILE, RANGES, TARGETS
+from rules.mlruntime import DEFAULT_METADATA, DEFAULT_MODEL, InputScale, InputScaler, Model
 
 __all__ = ["INPUTS", "main", "scale_inputs"]
 

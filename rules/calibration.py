@@ -18,10 +18,10 @@ below 0.04 V and shoots up above 1.58 V):
 Keys without a map pass through unchanged. ``water_temp`` may itself be a
 calibrated key; compensation uses its calibrated value.
 
-Fitting: :func:`fit_poly` (least squares) and :func:`fit_two_point`, and the
-``hydrogate calibrate`` command (:func:`add_arguments`, :func:`run`) that
-prints a ``poly:`` / ``valid:`` pair ready for the config and a table of
-per-point errors.
+Fitting: :func:`fit_poly` (least squares) and :func:`fit_two_point`, and
+:func:`format_fit`, the ``poly:`` / ``valid:`` pair ready for the config and a
+table of per-point errors that ``hydrogate calibrate --points`` prints (its
+command line is gateway/cli_calibrate.py).
 
 The thesis reports 7.2% (order 3) and 1.6% (order 4) mean error; those are
 from verification readings taken on the device afterwards (its tables 4.2 and
@@ -31,14 +31,10 @@ are 7.41% and 2.07%.
 
 from __future__ import annotations
 
-import argparse
-import csv
 import math
-import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, TextIO
+from typing import TYPE_CHECKING, Protocol
 
 from rules.controller import RulesError
 
@@ -51,12 +47,10 @@ __all__ = [
     "CalibrationMapLike",
     "Calibrator",
     "FitResult",
-    "add_arguments",
     "compensate",
     "fit_poly",
     "fit_two_point",
     "format_fit",
-    "run",
 ]
 
 TEMP_KEY = "water_temp"
@@ -237,50 +231,7 @@ def fit_two_point(x1: float, y1: float, x2: float, y2: float) -> FitResult:
     return _result(np.array([slope, intercept]), np.array([x1, x2]), np.array([y1, y2]))
 
 
-# ---------------------------------------------------------------- command line
-
-
-def _point(text: str) -> tuple[float, float]:
-    try:
-        raw, ref = text.split(":")
-        return float(raw), float(ref)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected RAW:REFERENCE, got {text!r}") from None
-
-
-def add_arguments(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
-    """Options of ``hydrogate calibrate --points`` (``required``: one of --points, --csv)."""
-    group = parser.add_mutually_exclusive_group(required=required)
-    group.add_argument(
-        "--points", nargs="+", type=_point, metavar="RAW:REF",
-        help="calibration points, raw reading and reference value, e.g. 0.04:57 0.49:198",
-    )
-    group.add_argument(
-        "--csv", type=Path, metavar="FILE",
-        help="CSV file of raw,reference rows (a header row is skipped)",
-    )
-    parser.add_argument(
-        "--order", type=int, default=1,
-        help="polynomial order (default 1: with two points, the two-point line)",
-    )
-    parser.add_argument(
-        "--digits", type=int, default=6, help="significant digits printed (default 6)"
-    )
-
-
-def _read_csv(path: Path) -> list[tuple[float, float]]:
-    points = []
-    with path.open(newline="") as f:
-        for n, row in enumerate(csv.reader(f), start=1):
-            if not row or row[0].lstrip().startswith("#"):
-                continue
-            try:
-                points.append((float(row[0]), float(row[1])))
-            except (ValueError, IndexError):
-                if n == 1:
-                    continue  # header
-                raise CalibrationError(f"{path}:{n}: expected two numbers, got {row}") from None
-    return points
+# ---------------------------------------------------------------- printing
 
 
 def _g(value: float, digits: int) -> str:
@@ -305,23 +256,3 @@ def format_fit(fit: FitResult, digits: int = 6) -> str:
         f"mean error: {fit.mean_pct_error:.3f} %  (order {fit.order}, {len(fit.x)} points)"
     )
     return "\n".join(lines)
-
-
-def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
-    """``hydrogate calibrate``: fit, print; 0 on success, 2 on bad input."""
-    stream = out if out is not None else sys.stdout
-    try:
-        points: list[tuple[float, float]] = (
-            list(args.points) if args.points is not None else _read_csv(args.csv)
-        )
-        xs = [p[0] for p in points]
-        ys = [p[1] for p in points]
-        if args.order == 1 and len(points) == 2:
-            fit = fit_two_point(xs[0], ys[0], xs[1], ys[1])
-        else:
-            fit = fit_poly(xs, ys, args.order)
-    except (CalibrationError, OSError) as exc:
-        print(f"hydrogate calibrate: {exc}", file=sys.stderr)
-        return 2
-    print(format_fit(fit, args.digits), file=stream)
-    return 0

@@ -4,7 +4,7 @@ Every controller (the thesis's fuzzy controllers, the close-loop baseline, the
 rule-based fallback, an ML model) is a small object with a ``name``, an async
 ``decide(ctx) -> Decision`` and a ``close()``. Controllers are registered by
 name with :func:`register` and built with :func:`create`, so the gateway picks
-one from the config string without an if/elif chain (STYLE.md habit 9).
+one from the config string without an if/elif chain.
 A controller that learns the tank as it doses may also implement
 :class:`Learner`, so that the gateway can keep that knowledge across restarts.
 
@@ -31,6 +31,9 @@ from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 
 __all__ = [
     "ACTUATORS",
+    "BUILTIN",
+    "BUILTIN_NAMES",
+    "DEFAULT_FLOW_ML_S",
     "Controller",
     "ControllerError",
     "ControllerFactory",
@@ -39,8 +42,12 @@ __all__ = [
     "DecisionContext",
     "Dose",
     "Learner",
+    "NUTRIENT",
     "NUTRIENT_PARTS",
+    "PH_DOWN",
     "PH_PUMPS",
+    "PH_UP",
+    "REFILL",
     "PlantConstants",
     "Recalibrated",
     "RulesError",
@@ -50,15 +57,22 @@ __all__ = [
     "register",
 ]
 
-#: The actuators a hydroponic node drives, by their NodeLink names.
-ACTUATORS: tuple[str, ...] = ("nutrient", "ph_up", "ph_down", "refill")
+#: The actuators a hydroponic node drives, by their NodeLink names: the one place these
+#: names are written; every other module imports them from here.
+NUTRIENT = "nutrient"
+PH_UP = "ph_up"
+PH_DOWN = "ph_down"
+REFILL = "refill"
+ACTUATORS: tuple[str, ...] = (NUTRIENT, PH_UP, PH_DOWN, REFILL)
 
+#: A pump's flow at full duty (ml/s) until the config gives one: the thesis rig's pumps.
+DEFAULT_FLOW_ML_S = 1.58
 _DEFAULT_FLOW_ML_S: Mapping[str, float] = MappingProxyType(
-    {"nutrient": 1.58, "ph_up": 1.58, "ph_down": 1.58, "refill": 1.58}
+    dict.fromkeys(ACTUATORS, DEFAULT_FLOW_ML_S)
 )
 
 #: The pH pumps, whose solutions' strength a tank's titration decides.
-PH_PUMPS: tuple[str, ...] = ("ph_up", "ph_down")
+PH_PUMPS: tuple[str, ...] = (PH_UP, PH_DOWN)
 
 #: The pumps of a multi-part nutrient (A and B, sometimes a third part), dosed in
 #: ``PlantConstants.nutrient_ratio`` instead of one ``nutrient`` pump (rules/nutrients.py).
@@ -321,8 +335,20 @@ _F = TypeVar("_F", bound=ControllerFactory)
 
 _REGISTRY: dict[str, ControllerFactory] = {}
 
-#: Modules whose import registers the built-in controllers.
-_BUILTIN_MODULES: tuple[str, ...] = ("rules.rb", "rules.thesis", "rules.adaptive", "rules.ml")
+#: The built-in controllers, by name, each with the module whose import registers it: the
+#: one list of controller names. The config accepts these (gateway/config.py), the docs list
+#: them (tests/test_one_source.py checks), and importing the modules fills the registry.
+BUILTIN: Mapping[str, str] = MappingProxyType(
+    {
+        "fuzzy": "rules.thesis",
+        "rb": "rules.rb",
+        "ml": "rules.ml",
+        "adaptive": "rules.adaptive",
+        "closeloop": "rules.thesis",
+        "mamdani": "rules.thesis",
+    }
+)
+BUILTIN_NAMES: tuple[str, ...] = tuple(BUILTIN)
 
 
 def register(name: str) -> Callable[[_F], _F]:
@@ -345,7 +371,7 @@ def _load_builtins() -> None:
     ``RulesError`` from here): importing them from here at import time would
     be a cycle whose outcome depends on which module is imported first.
     """
-    for module in _BUILTIN_MODULES:
+    for module in dict.fromkeys(BUILTIN.values()):
         importlib.import_module(module)
 
 

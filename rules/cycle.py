@@ -63,6 +63,7 @@ from typing import Literal
 from rules.controller import (
     NUTRIENT_PARTS,
     PH_PUMPS,
+    REFILL,
     Controller,
     Decision,
     DecisionContext,
@@ -81,7 +82,7 @@ CycleState = Literal["idle", "tds", "ph"]
 
 #: Which actuators belong to which loop; a decision's other doses are dropped.
 _LOOP_ACTUATORS: Mapping[str, frozenset[str]] = {
-    "tds": frozenset({"nutrient", "refill"}),
+    "tds": frozenset({NUTRIENT, REFILL}),
     "ph": frozenset(PH_PUMPS),
 }
 

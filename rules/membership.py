@@ -16,9 +16,8 @@ from typing import TYPE_CHECKING
 from rules.controller import RulesError
 
 if TYPE_CHECKING:
+    import numpy as np
     import numpy.typing as npt
-
-    from rules.fuzzy import FloatArray
 
 __all__ = ["FuzzyError", "Mf", "trapmf", "trimf"]
 
@@ -62,7 +61,7 @@ class Mf:
         fall = 1.0 if self.c == self.d else min(max((self.d - x) / (self.d - self.c), 0.0), 1.0)
         return min(rise, fall)
 
-    def __call__(self, x: npt.ArrayLike) -> FloatArray:
+    def __call__(self, x: npt.ArrayLike) -> npt.NDArray[np.float64]:
         """Membership degree of every element of ``x``, in [0, 1]."""
         import numpy as np  # only the vectorised engine pays for numpy
 

@@ -1,6 +1,6 @@
 """The ``ml`` controller: the int8 TFLite model sizes each dose, RB whenever it cannot be trusted.
 
-The model (models/policy.py, trained by models/train.py on the closed-loop
+The model (rules/mlpolicy.py, trained by models/train.py on the closed-loop
 data of models/closedloop.py) answers one question per decision: *what
 fraction of the reference dose to run now*. TDS: of the need, the dose
 that brings the settled TDS to the setpoint by mass balance with the
@@ -28,7 +28,7 @@ a ``note`` naming the reason), whenever:
   hash in ``metadata.json``, a file the interpreter refuses (logged once,
   at construction);
 - a feature is not finite or outside the range the model was trained on
-  (:class:`models.runtime.InputRangeError`): another kind of tank, stock or
+  (:class:`rules.mlruntime.InputRangeError`): another kind of tank, stock or
   pump than the training tanks;
 - inference does not finish within ``deadline_s`` (the worker thread is left
   to finish on its own; while it is still busy the next decisions go straight
@@ -54,17 +54,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from models.policy import (
-    OUTPUT_SCALE,
-    PhQuery,
-    TdsQuery,
-    ph_query,
-    tds_effect,
-    tds_query,
-    volume_l,
-)
-from models.runtime import DEFAULT_MODEL, Model, ModelError, ModelSpec, OutputError
 from rules.controller import (
+    NUTRIENT,
+    REFILL,
     ControllerError,
     ControllerOptions,
     Decision,
@@ -73,6 +65,16 @@ from rules.controller import (
     register,
 )
 from rules.envelope import CAP_PH, HALF, PhEnvelope
+from rules.mlpolicy import (
+    OUTPUT_SCALE,
+    PhQuery,
+    TdsQuery,
+    ph_query,
+    tds_effect,
+    tds_query,
+    volume_l,
+)
+from rules.mlruntime import DEFAULT_MODEL, Model, ModelError, ModelSpec, OutputError
 from rules.rb import RbController
 from rules.settling import Settling, threshold
 
@@ -89,7 +91,7 @@ FACTOR_MEMORY = 4  # measurements kept per pump (the latest), weighted by their 
 
 
 class Predictor(Protocol):
-    """What the controller needs from a model (:class:`models.runtime.Model` is one)."""
+    """What the controller needs from a model (:class:`rules.mlruntime.Model` is one)."""
 
     @property
     def spec(self) -> ModelSpec: ...
@@ -359,7 +361,7 @@ class MlController:
             raise ControllerError(f"ml: unusable learned state: {exc}") from exc
         low, high = FACTOR_RANGE
         if any(
-            p not in ("nutrient", "refill")
+            p not in (NUTRIENT, REFILL)
             or not 0 < len(rows) <= FACTOR_MEMORY
             or not all(math.isfinite(r) and low <= r <= high and w > 0 and math.isfinite(w)
                        for r, w in rows)

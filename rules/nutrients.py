@@ -31,12 +31,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from rules.controller import NUTRIENT_PARTS, Dose, PlantConstants
+from rules.controller import NUTRIENT, NUTRIENT_PARTS, Dose, PlantConstants
 
 __all__ = ["NUTRIENT", "Feed", "shares", "split"]
 
-#: The controllers' name for the nutrient feed, one pump or parts.
-NUTRIENT = "nutrient"
+# NUTRIENT (rules/controller.py) is also the controllers' name for the feed, one pump or parts.
 
 
 def shares(ratio: Mapping[str, float]) -> dict[str, float]:

@@ -40,7 +40,15 @@ import math
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
-from rules.controller import NUTRIENT_PARTS, Dose, RulesError
+from rules.controller import (
+    ACTUATORS,
+    NUTRIENT,
+    NUTRIENT_PARTS,
+    PH_PUMPS,
+    REFILL,
+    Dose,
+    RulesError,
+)
 
 __all__ = [
     "CONTROLLING_SENSOR",
@@ -58,20 +66,17 @@ _log = logging.getLogger(__name__)
 
 #: The sensor whose value a pump acts on; dosing is refused when it is not trustworthy.
 CONTROLLING_SENSOR: Mapping[str, str] = {
-    "ph_up": "ph",
-    "ph_down": "ph",
-    "nutrient": "tds",
-    "refill": "tds",
-    **dict.fromkeys(NUTRIENT_PARTS, "tds"),
+    **dict.fromkeys(PH_PUMPS, "ph"),
+    **dict.fromkeys((NUTRIENT, REFILL, *NUTRIENT_PARTS), "tds"),
 }
 
 #: Pumps refused when the reservoir is known to be low (refill is the cure, not the harm).
-_NEED_WATER: frozenset[str] = frozenset({"nutrient", "ph_up", "ph_down", *NUTRIENT_PARTS})
+_NEED_WATER: frozenset[str] = frozenset({*ACTUATORS, *NUTRIENT_PARTS} - {REFILL})
 
 #: Groups of actuators of which at most one may run at a time: the pH pumps would
 #: neutralise each other; nutrient parts must never meet neat.
 _EXCLUSIVE_GROUPS: tuple[frozenset[str], ...] = (
-    frozenset({"ph_up", "ph_down"}),
+    frozenset(PH_PUMPS),
     frozenset({"nutrient", *NUTRIENT_PARTS}),
 )
 _EXCLUSIVE: Mapping[str, frozenset[str]] = {
@@ -109,7 +114,7 @@ class SafetyRefusal(SafetyError):
 
 @dataclass(frozen=True)
 class SafetyLimits:
-    """The node's safety limits (config ``nodes[].safety``; defaults as in CONTRACT.md).
+    """The node's safety limits (config ``nodes[].safety``; defaults: docs/references.md#interface).
 
     ``ph_range`` and ``tds_range`` are the physically possible values: a
     reading outside them is a broken probe or a bad calibration, not a tank

@@ -89,7 +89,7 @@ rm -rf "$build"
 # --- a TFLite runtime for the ml controller, if this interpreter can have one.
 numpy_pin="numpy==$("$new/bin/python" -c 'import numpy; print(numpy.__version__)')"
 model_runs() {
-  "$new/bin/python" -c 'from models.runtime import Model, interpreter_backend
+  "$new/bin/python" -c 'from rules.mlruntime import Model, interpreter_backend
 Model.load(); print(interpreter_backend()[0])' 2>/dev/null
 }
 tflite=""

@@ -1,4 +1,4 @@
-"""``hydrogate evaluate``: every controller, closed loop, through the whole cycle, on many tanks.
+"""The evaluation behind ``hydrogate evaluate``: every controller, closed loop, on many tanks.
 
 Every run starts a :class:`sim.plant.Reservoir` in some state and lets the
 daemon's own control stack run it in simulated time: the same
@@ -24,29 +24,36 @@ Three evaluations:
   EC on a 700-scale meter, its pumps and probes off, as installed and once
   calibrated by the gateway's commands.
 
-``--out DIR`` writes ``DIR/control.md`` and plots in ``DIR/img/``.
+The command (sim/evaluate_cli.py) prints the tables; with ``--out DIR`` it
+writes ``DIR/control.md`` (worded by sim/report.py) and plots in ``DIR/img/``.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import datetime
 import math
-import sys
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from rules.controller import Controller, ControllerError, Learner, create
+from rules.controller import (
+    NUTRIENT,
+    NUTRIENT_PARTS,
+    PH_PUMPS,
+    REFILL,
+    Controller,
+    ControllerError,
+    Learner,
+    create,
+)
 from rules.cycle import Loop, Triggers
 from rules.envelope import PhEnvelope
 from sim.plant import Reservoir
 from sim.rig import Rig
-from sim.tanks import Tank, family, thesis_tank
+from sim.tanks import Tank, thesis_tank
 
 __all__ = [
     "CONTROLLERS",
@@ -58,11 +65,9 @@ __all__ = [
     "Result",
     "Scenario",
     "Summary",
-    "add_arguments",
     "excursion",
     "metrics",
     "misses",
-    "run",
     "run_scenario",
     "simulate",
     "summarize",
@@ -249,7 +254,7 @@ class Result:
     @property
     def first_ph_dose_s(self) -> float | None:
         """When the first pH dose ran."""
-        return next((t for t, a, _, _ in self.doses if a in ("ph_up", "ph_down")), None)
+        return next((t for t, a, _, _ in self.doses if a in PH_PUMPS), None)
 
     @property
     def excursion(self) -> float:
@@ -354,8 +359,8 @@ def excursion(result: Result) -> float:
 
 
 _LOOP_PUMPS: Mapping[str, tuple[str, ...]] = {
-    "tds": ("nutrient", "refill", "nutrient_a", "nutrient_b", "nutrient_c"),
-    "ph": ("ph_up", "ph_down"),
+    "tds": (NUTRIENT, REFILL, *NUTRIENT_PARTS),
+    "ph": PH_PUMPS,
 }
 
 
@@ -826,132 +831,3 @@ def plot(results: Sequence[Result], scenario: Scenario, path: Path) -> None:
         fig.savefig(path)
     finally:
         plt.close(fig)
-
-
-# --- command -----------------------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``hydrogate evaluate``."""
-    parser.add_argument(
-        "--out", type=Path, default=None, metavar="DIR",
-        help="write DIR/control.md and DIR/img/*.png (e.g. docs)",
-    )
-    parser.add_argument(
-        "--quick", action="store_true",
-        help=f"only {', '.join(QUICK_SCENARIOS)} with {', '.join(QUICK_CONTROLLERS)}",
-    )
-    parser.add_argument(
-        "--controllers", default=None, help="comma-separated controller names (default: all)"
-    )
-    parser.add_argument(
-        "--sweep", type=int, default=0, metavar="N",
-        help="also run the controllers on N tanks drawn from issue 11's ranges",
-    )
-    parser.add_argument("--seed", type=int, default=11, help="seed of the sweep's tanks")
-    parser.add_argument(
-        "--week", type=float, default=0.0, metavar="DAYS",
-        help="also hold the first tanks of the sweep (or the thesis rig) for DAYS days",
-    )
-    parser.add_argument(
-        "--week-tanks", type=int, default=3, metavar="N", help="tanks of the week (default 3)"
-    )
-    parser.add_argument(
-        "--jobs", type=int, default=1, metavar="N",
-        help="processes for the sweep and the week (default 1)",
-    )
-    parser.add_argument(
-        "--grower", type=float, default=None, metavar="DAYS",
-        help="days the grower's tank (two parts, EC, calibrated) is held (default 1; "
-        "--quick: 0, not run)",
-    )
-
-
-def run(args: argparse.Namespace) -> int:
-    """``hydrogate evaluate``: print the tables; with ``--out`` write the report and plots."""
-    from sim import report  # noqa: PLC0415 (prose lives apart from the machinery)
-    from sim.grower import grower, grower_table  # noqa: PLC0415 (it imports this module)
-
-    started = time.monotonic()
-    grower_days = args.grower if args.grower is not None else (0.0 if args.quick else 1.0)
-    scenarios = [s for s in SCENARIOS if not args.quick or s.name in QUICK_SCENARIOS]
-    names = list(QUICK_CONTROLLERS if args.quick else CONTROLLERS)
-    sweep_names = list(SWEEP_CONTROLLERS)
-    if args.controllers:
-        names = [n.strip() for n in args.controllers.split(",") if n.strip()]
-        sweep_names = [n for n in names if LEARNED not in n]
-
-    def progress(r: Result) -> None:
-        what = r.scenario.name if r.scenario is not None else r.tank.name
-        problems = misses(r)
-        print(
-            f"  {what:<18} {r.controller:<17} "
-            + ("all targets met" if not problems else "; ".join(problems)),
-            file=sys.stderr,
-        )
-
-    async def everything() -> report.Report:
-        results = []
-        for scenario in scenarios:
-            for name in names:
-                result = await run_scenario(scenario, name)
-                progress(result)
-                results.append(result)
-        tanks = family(args.sweep, seed=args.seed) if args.sweep else []
-        swept = await sweep(tanks, sweep_names, progress=progress, jobs=args.jobs)
-        held = []
-        if args.week > 0:
-            held = await weeks(
-                tanks[: args.week_tanks] or [SCENARIOS[0].tank()],
-                sweep_names,
-                days=args.week,
-                jobs=args.jobs,
-            )
-        grown = await grower(days=grower_days) if grower_days > 0 else []
-        return report.Report(results, tanks, swept, held, grown)
-
-    try:
-        outcome = asyncio.run(everything())
-    except ControllerError as exc:
-        print(f"hydrogate evaluate: {exc}", file=sys.stderr)
-        return 2
-    print(table(outcome.scenarios))
-    if outcome.swept:
-        print()
-        print(matrix(summarize(outcome.swept)))
-    if outcome.weeks:
-        print()
-        print(week_table(outcome.weeks))
-    if outcome.grower:
-        print()
-        print(grower_table(outcome.grower))
-    print(f"\nevaluated in {time.monotonic() - started:.1f} s", file=sys.stderr)
-    if args.out is not None:
-        img_dir = args.out / "img"
-        img_dir.mkdir(parents=True, exist_ok=True)
-        images = []
-        for scenario in scenarios:
-            name = f"control_{scenario.name}.png"
-            plot(outcome.scenarios, scenario, img_dir / name)
-            images.append(name)
-        (args.out / "control.md").write_text(
-            report.document(outcome, command=_command(args), images=images), encoding="utf-8"
-        )
-        print(f"wrote {args.out / 'control.md'} and {len(images)} plots", file=sys.stderr)
-    return 0
-
-
-def _command(args: argparse.Namespace) -> str:
-    """The command line that reproduces ``args`` (for the report's first line)."""
-    words = ["hydrogate evaluate", f"--out {args.out}"]
-    if args.quick:
-        words.append("--quick")
-    if args.controllers:
-        words.append(f"--controllers {args.controllers}")
-    if args.sweep:
-        words.append(f"--sweep {args.sweep} --seed {args.seed}")
-    if args.week:
-        words.append(f"--week {args.week:g} --week-tanks {args.week_tanks}")
-    if args.grower is not None:
-        words.append(f"--grower {args.grower:g}")
-    return " ".join(words)

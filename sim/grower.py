@@ -33,7 +33,7 @@ from dataclasses import dataclass, replace
 
 from rules import units
 from rules.calibration import Calibrator
-from rules.controller import PH_PUMPS, PlantConstants, create
+from rules.controller import NUTRIENT_PARTS, PH_PUMPS, REFILL, PlantConstants, create
 from rules.probecal import (
     EcPoint,
     FrontEnd,
@@ -57,7 +57,7 @@ LABEL_ML_S = {"nutrient_a": 1.6, "nutrient_b": 1.6, "ph_up": 1.6, "ph_down": 1.6
               "refill": 30.0}
 TRUE_OVER_LABEL = {"nutrient_a": 1.25, "nutrient_b": 0.85, "ph_up": 1.15, "ph_down": 0.8,
                    "refill": 0.9}
-PUMPS = ("nutrient_a", "nutrient_b", "ph_up", "ph_down", "refill")
+PUMPS = (*NUTRIENT_PARTS[:2], *PH_PUMPS, REFILL)
 CUP_S = 60.0  # each pump runs a minute into the cup ...
 CUP_RESOLUTION_ML = 1.0  # ... read to the ml
 PROBE_TEMP_C = 22.0  # the buffers' temperature

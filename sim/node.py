@@ -38,6 +38,7 @@ from types import TracebackType
 from typing import Any, Final, Protocol, TypeGuard
 
 from drivers.nodelink import MAX_LINE, FrameError, LineSplitter, crc16, encode
+from rules.controller import NUTRIENT, PH_PUMPS, REFILL
 from sim.plant import Reservoir, SimError
 
 __all__ = [
@@ -54,7 +55,7 @@ __all__ = [
 ]
 
 DEFAULT_SENSORS: Final = ("tds", "ph", "water_temp", "water_level", "air_temp", "humidity")
-DEFAULT_ACTUATORS: Final = ("ph_up", "ph_down", "nutrient", "refill")
+DEFAULT_ACTUATORS: Final = (*PH_PUMPS, NUTRIENT, REFILL)
 RAW_KEYS: Final[Mapping[str, str]] = {"tds": "tds_v", "ph": "ph_adc"}
 """With ``raw=True`` these engineering keys are sent as their raw counterparts."""
 

@@ -55,6 +55,8 @@ from typing import Final
 
 import numpy as np
 
+from rules.controller import ACTUATORS, NUTRIENT_PARTS
+
 __all__ = [
     "ALL_PUMPS",
     "PARTS",
@@ -72,9 +74,9 @@ __all__ = [
     "tds_to_volts",
 ]
 
-PUMPS: Final = ("nutrient", "ph_up", "ph_down", "refill")
+PUMPS: Final = ACTUATORS
 """The actuators of a single-stock reservoir, by their NodeLink names."""
-PARTS: Final = ("nutrient_a", "nutrient_b", "nutrient_c")
+PARTS: Final = NUTRIENT_PARTS
 """The pumps of a multi-part nutrient."""
 ALL_PUMPS: Final = PUMPS + PARTS
 """Every pump the reservoir has."""

@@ -1,4 +1,4 @@
-"""Calibration maps and fits against the thesis's numbers (REFERENCE.md, thesis ch. 4)."""
+"""Calibration maps and fits against the thesis's numbers (docs/references.md, "Thesis: sensors and calibration")."""
 
 from __future__ import annotations
 
@@ -10,14 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from gateway.cli_calibrate import add_fit_arguments, run_fit
 from rules.calibration import (
     CalibrationError,
     Calibrator,
-    add_arguments,
     compensate,
     fit_poly,
     fit_two_point,
-    run,
 )
 
 TDS_V = [0.04, 0.49, 0.86, 1.12, 1.29, 1.44, 1.58]
@@ -64,7 +63,7 @@ def test_fit_errors_versus_thesis() -> None:
     assert abs(e3 - 7.237) < 0.25
     assert abs(e4 - 1.608) < 0.5
     assert e4 < e3
-    # The vendor formula (REFERENCE.md) gave 31 %.
+    # The vendor formula (docs/references.md) gave 31 %.
     v = np.array(TDS_V)
     vendor = (133.42 * v**3 - 255.86 * v**2 + 857.39 * v) * 0.5
     vendor_err = float(np.mean(np.abs(vendor - TDS_PPM) / TDS_PPM * 100))
@@ -191,9 +190,9 @@ def test_bad_maps_are_refused() -> None:
 
 def cli(argv: list[str]) -> tuple[int, str]:
     parser = argparse.ArgumentParser()
-    add_arguments(parser)
+    add_fit_arguments(parser)
     out = io.StringIO()
-    code = run(parser.parse_args(argv), out=out)
+    code = run_fit(parser.parse_args(argv), out=out)
     return code, out.getvalue()
 
 

@@ -19,7 +19,7 @@ from models.closedloop import (
     training_tank,
     worst_case,
 )
-from models.policy import FEATURES, OUTPUT_SCALE, RANGES, TdsQuery
+from rules.mlpolicy import FEATURES, OUTPUT_SCALE, RANGES, TdsQuery
 from sim.plant import PlantParams, Reservoir
 from sim.tanks import CONFIGS, draw
 

@@ -305,7 +305,7 @@ BAD = [
         "nodes.0.url",
         "http://x:1",
         "nodes[0].url",
-        "must be tcp://host:port or serial:///dev/...?baud=N; 'http://x:1' has an unknown scheme",
+        "unknown transport scheme (known: serial://, tcp://)",
     ),
     (
         "nodes.0.url",
@@ -325,7 +325,7 @@ BAD = [
         "nodes.0.url",
         "serial://dev/ttyUSB0",
         "nodes[0].url",
-        "must name an absolute device path: serial:///dev/ttyUSB0 (three slashes)",
+        "needs an absolute device path: serial:///dev/ttyUSB0 (three slashes)",
     ),
     (
         "nodes.0.url",
@@ -338,7 +338,7 @@ BAD = [
         "nodes.0.url",
         "serial:///dev/ttyUSB0?bad=9600",
         "nodes[0].url",
-        "has an unknown option 'bad' (did you mean 'baud'?)",
+        "unknown serial option 'bad' (did you mean 'baud'?)",
     ),
     (
         "nodes.0.poll_interval",

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from sim import evaluate as ev
+from sim import evaluate_cli
 from sim.tanks import Tank, family
 
 
@@ -124,12 +125,12 @@ def test_misses_names_each_failure() -> None:
 
 def test_quick_run_writes_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     parser = argparse.ArgumentParser()
-    ev.add_arguments(parser)
+    evaluate_cli.add_arguments(parser)
     args = parser.parse_args(
         ["--quick", "--sweep", "2", "--week", "0.1", "--week-tanks", "1", "--grower", "0.2",
          "--out", str(tmp_path)]
     )
-    assert ev.run(args) == 0
+    assert evaluate_cli.run(args) == 0
     out = capsys.readouterr().out
     assert "| TDS 300 → 1000 ppm | adaptive |" in out
     doc = (tmp_path / "control.md").read_text(encoding="utf-8")

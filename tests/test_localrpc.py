@@ -61,7 +61,7 @@ async def test_every_rpc_works_locally_and_bad_input_harms_nothing(tmp_path: Pat
             assert stat.S_ISSOCK(os.stat(sock).st_mode) and mode == 0o660
             assert os.stat(sock).st_gid == os.getegid()
 
-            # CONTRACT.md's RPCs, answered as ThingsBoard's are.
+            # docs/thingsboard.md's RPCs, answered as ThingsBoard's are.
             ping = await call(sock, "ping")
             assert ping["success"] and ping["gateway"] == "gw-test"
             assert ping["nodes"] == ["tank-a"]

@@ -14,8 +14,6 @@ from pathlib import Path
 import pytest
 
 import rules.ml  # noqa: F401 - registers "ml"
-from models.policy import FEATURES, TARGETS, PhQuery, TdsQuery
-from models.runtime import DEFAULT_METADATA, DEFAULT_MODEL, Model, ModelSpec
 from rules.controller import (
     ControllerError,
     ControllerOptions,
@@ -26,6 +24,8 @@ from rules.controller import (
     create,
 )
 from rules.ml import MAX_DOSE_S, MlController
+from rules.mlpolicy import FEATURES, TARGETS, PhQuery, TdsQuery
+from rules.mlruntime import DEFAULT_METADATA, DEFAULT_MODEL, Model, ModelSpec
 from rules.rb import RbController
 
 SPEC = ModelSpec.load(DEFAULT_METADATA)

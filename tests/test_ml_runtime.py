@@ -19,8 +19,8 @@ import pytest
 
 from models.closedloop import DEFAULT_DATA, Dataset, held_out
 from models.evaluate import FLOAT_MODEL, hand_rule, heldout, metrics, pick
-from models.policy import FEATURES, NEUTRAL, QUANTILE, RANGES, TARGETS
-from models.runtime import (
+from rules.mlpolicy import FEATURES, NEUTRAL, QUANTILE, RANGES, TARGETS
+from rules.mlruntime import (
     DEFAULT_METADATA,
     DEFAULT_MODEL,
     InputRangeError,

@@ -1,4 +1,4 @@
-"""The NodeLink v1 codec: tables for the rules in NODELINK.md, Hypothesis for the rest."""
+"""The NodeLink v1 codec: tables for the rules in docs/nodelink.md, Hypothesis for the rest."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def frame(text: str | bytes, *, lower: bool = False) -> bytes:
     return body + b"*" + (crc.lower() if lower else crc)
 
 
-# --- CRC and the example exchange of NODELINK.md -------------------------------
+# --- CRC and the example exchange of docs/nodelink.md -------------------------------
 
 
 def test_crc_check_value() -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-import models.runtime
+import rules.mlruntime
 from gateway.cli import EXIT_CONFIG, main
 from gateway.config import load_config
 from gateway.preflight import preflight, storage_problems
@@ -109,7 +109,7 @@ def test_check_config_warns_when_ml_cannot_run(
     assert main(["check-config", "-c", str(config)]) == 0
     assert "ml cannot run" not in capsys.readouterr().err
 
-    monkeypatch.setattr(models.runtime, "_BACKENDS", ("no_such_tflite.interpreter",))
+    monkeypatch.setattr(rules.mlruntime, "_BACKENDS", ("no_such_tflite.interpreter",))
     assert main(["check-config", "-c", str(config)]) == 0  # a warning, not an error
     err = capsys.readouterr().err
     assert "warning: nodes[0].control.controller: ml cannot run its model on this machine" in err
@@ -119,6 +119,6 @@ def test_check_config_warns_when_ml_cannot_run(
 def test_preflight_says_nothing_about_ml_when_no_node_uses_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(models.runtime, "_BACKENDS", ("no_such_tflite.interpreter",))
+    monkeypatch.setattr(rules.mlruntime, "_BACKENDS", ("no_such_tflite.interpreter",))
     config = load_config(write(tmp_path / "gw.yaml", tmp_path / "gw.sqlite", controller="rb"))
     assert preflight(config, service_user=None) == []

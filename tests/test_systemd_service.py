@@ -176,7 +176,7 @@ def test_the_unit_passes_verify_and_rates_at_most_2(ns: SystemdNamespace) -> Non
 def test_the_install_uses_debian_packages_and_a_small_release(ns: SystemdNamespace) -> None:
     venv = "/opt/hydrogate/venv"
     probe = ns.run([f"{venv}/bin/python", "-c", (
-        "import numpy, yaml, serial_asyncio, systemd, tqdm, aiomqtt, orjson, models.runtime as r;"
+        "import numpy, yaml, serial_asyncio, systemd, tqdm, aiomqtt, orjson, rules.mlruntime as r;"
         "print(numpy.__file__, yaml.__file__, serial_asyncio.__file__, systemd.__file__,"
         " tqdm.__file__);"
         "print(r.interpreter_backend()[0])")])
@@ -235,7 +235,7 @@ try:
     print("wx allowed")
 except OSError as exc:
     print("wx", errno.errorcode[exc.errno])
-from models.runtime import Model, interpreter_backend
+from rules.mlruntime import Model, interpreter_backend
 m = Model.load()
 print("model", interpreter_backend()[0], m.predict({f: sum(m.spec.ranges[f]) / 2
                                                    for f in m.spec.features}))

@@ -1,4 +1,4 @@
-"""Gateway API payloads: what we build is what THINGSBOARD.md documents, and parsing never dies."""
+"""Gateway API payloads: what we build is what docs/thingsboard.md documents, and parsing never dies."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The thesis's fuzzy and close-loop controllers (REFERENCE.md, firmware in appendix C)."""
+"""The thesis's fuzzy and close-loop controllers (docs/references.md, "Thesis: control")."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from rules.controller import ControllerError, DecisionContext, Dose, PlantConstants, create, names
 from rules.thesis import PH_SYSTEM, SYSTEMS, TDS_SYSTEM, doses_for, thesis_output
 
-# The rule tables as REFERENCE.md prints them (rows error NB..PB, columns Δerror NB..PB),
+# The rule tables as docs/references.md prints them (rows error NB..PB, columns Δerror NB..PB),
 # typed again here rather than imported, so the test checks the module's data.
 REF = {
     "tds": {

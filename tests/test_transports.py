@@ -51,18 +51,19 @@ def test_parse_url_accepts(url: str, scheme: str, where: str | None) -> None:
         ("tcp://", "needs a host"),
         ("tcp://host:notaport", "bad port"),
         ("tcp://host:70000", "bad port"),
-        ("tcp://host:0", "1..65535"),
-        ("tcp://host:3333/path", "only host and port"),
-        ("tcp://host:3333?baud=9600", "only host and port"),
-        ("tcp://user@host", "only host and port"),
-        ("serial://dev/ttyUSB0", "needs a device path"),
-        ("serial:dev/ttyUSB0", "needs a device path"),
-        ("serial:///dev/ttyUSB0?baud=fast", "baud must be one positive integer"),
-        ("serial:///dev/ttyUSB0?baud=0", "baud must be one positive integer"),
-        ("serial:///dev/ttyUSB0?baud=-9600", "baud must be one positive integer"),
-        ("serial:///dev/ttyUSB0?baud=9600&baud=115200", "baud must be one positive integer"),
+        ("tcp://host:0", "port must be between 1 and 65535, not 0"),
+        ("tcp://host:3333/path", "tcp://host:port with nothing else"),
+        ("tcp://host:3333?baud=9600", "tcp://host:port with nothing else"),
+        ("tcp://user@host", "tcp://host:port with nothing else"),
+        ("serial://dev/ttyUSB0", "needs an absolute device path"),
+        ("serial:dev/ttyUSB0", "needs an absolute device path"),
+        ("serial:///dev/ttyUSB0?baud=fast", "baud must be one of 1200, "),
+        ("serial:///dev/ttyUSB0?baud=0", "not '0'"),
+        ("serial:///dev/ttyUSB0?baud=-9600", "not '-9600'"),
+        ("serial:///dev/ttyUSB0?baud=74880", "; not '74880'"),
+        ("serial:///dev/ttyUSB0?baud=9600&baud=115200", "not '9600,115200'"),
         ("serial:///dev/ttyUSB0?baud", "malformed query"),
-        ("serial:///dev/ttyUSB0?parity=E", "unknown serial option(s) parity"),
+        ("serial:///dev/ttyUSB0?parity=E", "unknown serial option 'parity'"),
         ("serial:///dev/ttyUSB0#x", "no fragment"),
     ],
 )
@@ -88,7 +89,7 @@ async def test_registry_direct_and_decorator_forms() -> None:
 
     assert registry.register("pair", via_socketpair) is via_socketpair
 
-    @registry.register("REFUSE", check=lambda parts: None)
+    @registry.register("REFUSE", check=lambda parts: parts.geturl())
     async def refuse(parts: SplitResult) -> Streams:
         raise ConnectionRefusedError(111, "refused")
 

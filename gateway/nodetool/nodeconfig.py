@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from gateway.nodetool.firmware import validate
+from rules.controller import ACTUATORS
 
 SENSORS: Final = ("tds", "ph", "ds18b20", "dht22", "sht3x", "ultrasonic", "float_switch")
-PUMPS: Final = ("nutrient", "ph_up", "ph_down", "refill")
+PUMPS: Final = ACTUATORS
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,6 +34,7 @@ from drivers.nodelink import (
     decode,
 )
 from drivers.transport import open_transport
+from rules.controller import PH_PUMPS
 
 WATCHDOG_S: Final = 30.0
 SETTLE_S: Final = 0.3  # quiet time after connecting, for a boot event to arrive
@@ -406,7 +407,7 @@ async def _stop(p: Prober) -> str | None:
 
 @case("ph_up and ph_down never together")
 async def _exclusive(p: Prober) -> str | None:
-    if not {"ph_up", "ph_down"} <= set(p.actuators()):
+    if not set(PH_PUMPS) <= set(p.actuators()):
         raise Skip("the node does not announce both ph_up and ph_down")
     try:
         await p.run_for("ph_up", 5000)

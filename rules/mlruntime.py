@@ -61,9 +61,13 @@ __all__ = [
 
 FloatArray = npt.NDArray[np.float64]
 
-#: The committed int8 model and its metadata, next to this module.
-DEFAULT_MODEL = Path(__file__).with_name("hydro_int8.tflite")
-DEFAULT_METADATA = Path(__file__).with_name("metadata.json")
+#: Where models/train.py writes the model files: the ``models`` package's folder, a
+#: sibling of this one (in the source tree and in an installed venv alike). A path,
+#: not an import: rules/ imports nothing above it, and the files are package data.
+MODEL_DIR = Path(__file__).resolve().parent.parent / "models"
+#: The committed int8 model and its metadata.
+DEFAULT_MODEL = MODEL_DIR / "hydro_int8.tflite"
+DEFAULT_METADATA = MODEL_DIR / "metadata.json"
 
 #: Interpreter modules in order of preference.
 _BACKENDS: tuple[str, ...] = (
