@@ -3,7 +3,15 @@
 Every actuation of a node, whether a controller or an RPC asked for it, goes
 through `NodeControl.actuate`, and so through the node's `SafetyGuard`. The
 control cycle exists only when the node has a `control:` section; manual
-doses and `stop` work on every node.
+doses and `stop` work on every node. The RPC handlers (``rpc_*``) are called
+from the one table of gateway/rpc.py, which has checked the method and its
+params.
+
+Control is handed a `gateway.ports.NodePort`, never the node task: it reads
+the node's announced actuators, latest values and link state there, and
+acts through it (send an actuation or a stop, record an entry, run a task
+in the link session). The node task owns the link and what runs on the
+node; control owns its settings, cycle, guard and plant constants.
 
 Settings changed at run time (shared attributes, `set_mode`) are validated
 as a whole, applied at once and persisted in the store, each with when it

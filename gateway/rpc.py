@@ -17,7 +17,7 @@ with a ``device``, ``Gateway.on_gateway_rpc`` without). Both end in
 The reply's data is ``{"success": true, ...}`` or ``{"success": false,
 "error": "..."}``, never silence. docs/thingsboard.md (node methods) and
 docs/architecture.md (gateway methods) list the same names
-(tests/test_control_unit.py checks it).
+(tests/test_rpc_table.py checks it).
 """
 
 from __future__ import annotations
