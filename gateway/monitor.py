@@ -75,6 +75,14 @@ class NodeMonitor:
         self._key: tuple[str, tuple[str, ...]] | None = None
         self._at = -math.inf
 
+    def due(self, now: float) -> bool:
+        """Whether an assessment at monotonic ``now`` would be made (one per period at most).
+
+        Asked first on the hot path of every reading, so that the bands and
+        reminders are only gathered when they are used.
+        """
+        return now - self._at >= SEVERITY_PERIOD_S
+
     def update(
         self,
         now: float,
@@ -92,7 +100,7 @@ class NodeMonitor:
         must act); ``reminders``: calibrations that are due (``info``: worth
         a look, nothing is wrong yet).
         """
-        if now - self._at < SEVERITY_PERIOD_S:
+        if not self.due(now):
             return None
         self._at = now
         values = {k: v for k, v in latest.items() if k != calibrating}

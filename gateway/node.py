@@ -355,9 +355,12 @@ class NodeRunner:
         self._update_severity(ts)
 
     def _update_severity(self, ts: int) -> None:
+        now = self._clock.monotonic()
+        if not self.monitor.due(now):
+            return
         control = self.control
         entry = self.monitor.update(
-            self._clock.monotonic(),
+            now,
             self.latest,
             severity_bands(control.plant.tank_volume_l, control.settings,
                            self.config.conductivity),
