@@ -3,7 +3,15 @@
 Every actuation of a node, whether a controller or an RPC asked for it, goes
 through `NodeControl.actuate`, and so through the node's `SafetyGuard`. The
 control cycle exists only when the node has a `control:` section; manual
-doses and `stop` work on every node.
+doses and `stop` work on every node. The RPC handlers (``rpc_*``) are called
+from the one table of gateway/rpc.py, which has checked the method and its
+params.
+
+Control is handed a `gateway.ports.NodePort`, never the node task: it reads
+the node's announced actuators, latest values and link state there, and
+acts through it (send an actuation or a stop, record an entry, run a task
+in the link session). The node task owns the link and what runs on the
+node; control owns its settings, cycle, guard and plant constants.
 
 Settings changed at run time (shared attributes, `set_mode`) are validated
 as a whole, applied at once and persisted in the store, each with when it
@@ -40,13 +48,14 @@ import json
 import logging
 import math
 from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from drivers.errors import LinkError
 from gateway.clock import Clock
 from gateway.config import ConfigError, ControlConfig, NodeConfig, apply_control_update
 from gateway.config import control_settings as settings_of
 from gateway.errors import CommandError
+from gateway.ports import NodePort
 from gateway.probecal import CONTROLLED, NodeProbeCalibration
 from gateway.pumpcal import NodePumpCalibration
 from gateway.service import fields
@@ -70,10 +79,6 @@ from rules.cycle import ControlCycle, CycleSettings, Triggers
 from rules.envelope import EnvelopeError, PhEnvelope
 from rules.nutrients import NUTRIENT, Feed
 from rules.safety import CONTROLLING_SENSOR, SafetyGuard, SafetyLimits, SafetyRefusal, SensorWatch
-from rules.severity import DEFAULT_BANDS, Band
-
-if TYPE_CHECKING:
-    from gateway.node import NodeRunner
 
 log = logging.getLogger("hydrogate.control")
 
@@ -181,15 +186,14 @@ class NodeControl:
 
     def __init__(
         self,
-        node: NodeRunner,
-        config: NodeConfig,
+        node: NodePort,
         *,
         store: Store,
         clock: Clock,
         config_mtime: float | None = None,
     ) -> None:
         self._node = node
-        self._config = config
+        config = self._config = node.config
         #: When the config file was last modified (wall s): the date of its edits.
         self.config_mtime = config_mtime
         #: Called after every change of the settings in force or a refused update.
@@ -226,41 +230,6 @@ class NodeControl:
         self._rebuild()
 
     # -------------------------------------------------------------- settings
-    @property
-    def severity_bands(self) -> Mapping[str, Band]:
-        """Severity bands for this tank: its crop's ranges and its own volume.
-
-        The control documentation's water-level band (normal 1.2-2.5 L,
-        critical below 1.0 L) is for a reservoir that is full at 2.5 L; we
-        scale it to this tank (`plant.tank_volume_l`) with 5% headroom above
-        full for sensor noise, so a 10 L tank is normal from 5.04 to 10.5 L
-        and critical below 4.2 L.
-        """
-        bands = dict(DEFAULT_BANDS)
-        level = bands["water_level"]
-        scale = 1.05 * self.plant.tank_volume_l / level.high
-        bands["water_level"] = Band(
-            level.label,
-            level.low * scale,
-            level.high * scale,
-            None if level.critical_low is None else level.critical_low * scale,
-            None if level.critical_high is None else level.critical_high * scale,
-            level.decimals,
-        )
-        settings = self.settings
-        if settings is not None:
-            if settings.tds_band is not None:
-                bands["tds"] = bands["tds"].with_normal(*settings.tds_band)
-            if settings.ph_band is not None:
-                bands["ph"] = bands["ph"].with_normal(*settings.ph_band)
-        unit = units.unit(self._config.conductivity)  # the reason reads in the grower's unit
-        if unit is not units.INTERNAL:
-            bands["tds"] = dataclasses.replace(
-                bands["tds"], label=unit.label, decimals=unit.decimals,
-                scale=unit.per_ms_cm / units.INTERNAL.per_ms_cm,
-            )
-        return bands
-
     def _rebuild(self, *, controller_changed: bool = True) -> None:
         settings = self.settings
         if settings is None:
@@ -777,7 +746,7 @@ class NodeControl:
             )
         self.abort("control step failed")
         self._node.record(int(self._clock.time() * 1000), {"control_error": text})
-        await self._node.stop_actuators()
+        await self.stop_actuators()
 
     async def tick(self) -> None:
         """One control step: triggers, then the cycle's doses through the guard."""
@@ -855,9 +824,12 @@ class NodeControl:
         """A node restart stopped its actuators."""
         self.guard.stop_all(self._clock.monotonic())
 
-    def stopped(self) -> None:
-        """The node confirmed `stop`."""
+    async def stop_actuators(self, *, within: float = 3.0) -> bool:
+        """NodeLink `stop` (every actuator of the node off); True if the node confirmed it."""
+        if not await self._node.send_stop(within=within):
+            return False
         self.guard.stop_all(self._clock.monotonic())
+        return True
 
     def close(self) -> None:
         """Release the controller (an ML controller owns a worker thread)."""
@@ -871,7 +843,7 @@ class NodeControl:
         if dose.duty == 0:  # "off" is a stop (see _stop_for), never sent with a run time
             raise CommandError(f"{dose.actuator}: duty 0 is a stop, not an actuation")
         node = self._node
-        link = node.link()
+        node.require_link()
         now = self._clock.monotonic()
         ts = int(self._clock.time() * 1000)
         try:
@@ -888,16 +860,13 @@ class NodeControl:
                              reason=permit.clamped_reason, controller=controller),
             )
         try:
-            await link.request(
-                "actuate", actuator=granted.actuator, duty=granted.duty, ms=granted.ms
-            )
+            await node.send_actuate(granted.actuator, granted.duty, granted.ms)
         except LinkError:
             # It may have run: count it against the hourly budget all the same.
             self.guard.record(granted, now)
             await self._store.record_actuation(node.name, granted.actuator, ts / 1000, granted.ms)
             raise
         self.guard.record(granted, now)
-        node.running[granted.actuator] = 1
         await self._store.record_actuation(node.name, granted.actuator, ts / 1000, granted.ms)
         entry: dict[str, Any] = {
             f"{granted.actuator}_ms": granted.ms,
@@ -941,9 +910,8 @@ class NodeControl:
                 f"refused by safety: {actuator}: unknown_actuator (the node did not announce it)"
             )
         node = self._node
-        if not node.connected():
-            raise CommandError(f"node {node.name} link is down ({node.link_reason})")
-        if not await node.stop_actuators():
+        node.require_connected()
+        if not await self.stop_actuators():
             raise CommandError("node did not confirm stop")
         log.info(
             "node %s: duty 0 for %s carried out as stop (every actuator off)",
@@ -980,67 +948,82 @@ class NodeControl:
                 state["last_controller"] = decision.controller
         return state
 
-    async def rpc(self, method: str, params: Any) -> dict[str, Any]:
-        """The control RPCs of docs/thingsboard.md; raises CommandError with the reason."""
-        if method == "titrate":
-            if self.pumps.pending is not None or self.probes.active is not None:
-                raise CommandError(f"{self.procedure()}: wait for it to end")
-            return await self.titration.start(params)
-        if method == "pump_calibrate":
-            return await self.pumps.rpc(params)
-        if method == "probe_calibrate":
-            return await self.probes.rpc(params)
+    # The handlers of the node-level RPCs (gateway/rpc.py holds the table: which method,
+    # its params, whether it needs a control section or refuses while a procedure runs).
+    async def rpc_stop(self) -> dict[str, Any]:
+        """`stop`: end a procedure under way and command every actuator off."""
+        self._node.require_connected()
+        await self.cancel_procedures("stop")
+        if not await self.stop_actuators():
+            raise CommandError("node did not confirm stop")
+        return {}
+
+    async def rpc_titrate(self, params: Any) -> dict[str, Any]:
+        """`titrate`: start a guided titration (gateway/titration.py checks its params)."""
+        if self.pumps.pending is not None or self.probes.active is not None:
+            raise CommandError(f"{self.procedure()}: wait for it to end")
+        return await self.titration.start(params)
+
+    async def rpc_pump_calibrate(self, params: Any) -> dict[str, Any]:
+        """`pump_calibrate`: a run, its ml or cancel (gateway/pumpcal.py checks its params)."""
+        return await self.pumps.rpc(params)
+
+    async def rpc_probe_calibrate(self, params: Any) -> dict[str, Any]:
+        """`probe_calibrate`: a step of a probe calibration (gateway/probecal.py)."""
+        return await self.probes.rpc(params)
+
+    async def rpc_actuate(self, dose: Dose) -> dict[str, Any]:
+        """`actuate`: a manual dose through every safety limit; duty 0 is a stop."""
         busy = self.procedure()
-        if method == "force_on" and busy is not None:
-            raise CommandError(busy)
-        if method == "actuate":
-            dose = _parse_dose(params)
-            if dose.duty == 0:  # duty 0 is "off": a stop, never a run of ms milliseconds
-                await self.titration.cancel("actuate with duty 0 (a stop)")
-                await self.pumps.cancel("actuate with duty 0 (a stop)")
-                return await self._stop_for(dose.actuator)
-            if self.titration.running:  # a manual dose would spoil the measurement
-                raise CommandError(str(busy))
-            if self.pumps.pending == dose.actuator:  # the cup would get more than measured
-                raise CommandError(str(busy))
-            probe = self.probes.active
-            if probe is not None and CONTROLLING_SENSOR.get(dose.actuator) == CONTROLLED[probe]:
-                raise CommandError(f"{busy}: its readings are a buffer's, not the tank's")
-            try:
-                granted = await self.actuate(dose, controller="manual", strict=True)
-            except SafetyRefusal as exc:
-                raise CommandError(f"refused by safety: {exc}") from exc
-            except LinkError as exc:
-                raise CommandError(f"node did not confirm: {exc}") from exc
-            return {"actuator": granted.actuator, "ms": granted.ms, "duty": granted.duty}
-        if method in ("force_on", "force_stop", "set_mode") and self._cycle is None:
-            raise CommandError(f"node {self._node.name} has no control section")
-        if method == "force_on":
-            self._node.link()
-            if self._cycle is not None and self._cycle.state == "idle":
-                self._start(self._clock.monotonic(), "force_on")
-            return {"cycle": self._cycle.state if self._cycle else "idle"}
-        if method == "force_stop":
-            await self.cancel_procedures("force_stop")
-            self.abort("force_stop")
-            if not await self._node.stop_actuators():
-                raise CommandError("cycle aborted, but the node did not confirm stop")
-            return {"cycle": "idle"}
-        if method == "acknowledge":
-            return {"released": await self.acknowledge("RPC acknowledge")}
-        if method == "set_mode":
-            mode = params.get("mode") if isinstance(params, Mapping) else params
-            current = await self.update_settings({"mode": mode}, source="RPC set_mode",
-                                                 origin=RPC)
-            return {"mode": current["mode"]}
-        raise CommandError(f"unknown method {method!r}")
+        if dose.duty == 0:  # duty 0 is "off": a stop, never a run of ms milliseconds
+            await self.titration.cancel("actuate with duty 0 (a stop)")
+            await self.pumps.cancel("actuate with duty 0 (a stop)")
+            return await self._stop_for(dose.actuator)
+        if self.titration.running:  # a manual dose would spoil the measurement
+            raise CommandError(str(busy))
+        if self.pumps.pending == dose.actuator:  # the cup would get more than measured
+            raise CommandError(str(busy))
+        probe = self.probes.active
+        if probe is not None and CONTROLLING_SENSOR.get(dose.actuator) == CONTROLLED[probe]:
+            raise CommandError(f"{busy}: its readings are a buffer's, not the tank's")
+        try:
+            granted = await self.actuate(dose, controller="manual", strict=True)
+        except SafetyRefusal as exc:
+            raise CommandError(f"refused by safety: {exc}") from exc
+        except LinkError as exc:
+            raise CommandError(f"node did not confirm: {exc}") from exc
+        return {"actuator": granted.actuator, "ms": granted.ms, "duty": granted.duty}
+
+    async def rpc_force_on(self) -> dict[str, Any]:
+        """`force_on`: start a control cycle now (also in manual mode)."""
+        self._node.require_link()
+        if self._cycle is not None and self._cycle.state == "idle":
+            self._start(self._clock.monotonic(), "force_on")
+        return {"cycle": self._cycle.state if self._cycle else "idle"}
+
+    async def rpc_force_stop(self) -> dict[str, Any]:
+        """`force_stop`: end a procedure, abort the cycle, command every actuator off."""
+        await self.cancel_procedures("force_stop")
+        self.abort("force_stop")
+        if not await self.stop_actuators():
+            raise CommandError("cycle aborted, but the node did not confirm stop")
+        return {"cycle": "idle"}
+
+    async def rpc_acknowledge(self) -> dict[str, Any]:
+        """`acknowledge`: release a pH lock."""
+        return {"released": await self.acknowledge("RPC acknowledge")}
+
+    async def rpc_set_mode(self, mode: Any) -> dict[str, Any]:
+        """`set_mode`: ``auto`` or ``manual``, validated and kept like any run-time setting."""
+        current = await self.update_settings({"mode": mode}, source="RPC set_mode", origin=RPC)
+        return {"mode": current["mode"]}
 
 
 #: Longest actuator name taken from an RPC (NodeLink keys are short words).
 MAX_ACTUATOR_CHARS = 64
 
 
-def _parse_dose(params: Any) -> Dose:
+def parse_dose(params: Any) -> Dose:
     """The dose an ``actuate`` RPC asks for, every field checked before any use.
 
     Numbers must be finite integers in range (``ms`` 1..600000 as NodeLink

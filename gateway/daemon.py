@@ -29,6 +29,7 @@ from gateway.errors import CommandError
 from gateway.faults import FaultLog, quote
 from gateway.localrpc import LocalServer, socket_path
 from gateway.node import NodeRunner
+from gateway.rpc import answer_gateway, answer_node
 from gateway.service import NODE, monotonic_usec, notify, run_watchdog, watchdog_interval
 from gateway.status import StatusWatcher, collect
 from gateway.store import Store, StoreError
@@ -437,38 +438,40 @@ class Gateway:
             self.faults.failed(what, f"node {device}: {what} failed", exc, extra={"NODE": device})
 
     async def on_rpc(self, device: str, method: str, params: Any) -> dict[str, Any]:
-        """A server-side RPC to one node's device; the reply's `data`."""
+        """A server-side RPC to one node's device; the reply's `data` (gateway/rpc.py's table)."""
         runner = self.runners.get(device)
         if runner is None:
             return {"success": False, "error": f"unknown device {device!r}"}
         token = NODE.set(device)  # this RPC's task: its lines are about the node
         try:
-            result = await runner.rpc(method, params)
-        except CommandError as exc:
-            return {"success": False, "error": str(exc)}
+            return await answer_node(runner, method, params)
         finally:
             NODE.reset(token)
-        return {"success": True, **result}
 
     async def on_gateway_rpc(self, method: str, params: Any) -> dict[str, Any]:
         """A request to the gateway itself (local socket, no device); the reply's data."""
-        if method == "ping":
-            return {
-                "success": True,
-                "gateway": self.config.gateway.name,
-                "version": __version__,
-                "uptime_s": round(time.monotonic() - self.started, 1),
-                "nodes": list(self.runners),
-            }
-        if method == "status":
-            return {"success": True, **await collect(self, self.status_watcher.sampler)}
-        if method == "flush":  # `hydrogate export`: what waits in memory for the history
-            if self.store is None:
-                return {"success": False, "error": "the buffer is not open"}
-            await self.store.flush_history()
-            return {"success": True}
-        return {"success": False,
-                "error": f"unknown gateway method {method!r} (known: ping, status, flush)"}
+        return await answer_gateway(self, method)
+
+    # The gateway-level requests of gateway/rpc.py's table.
+    async def rpc_ping(self) -> dict[str, Any]:
+        """``ping``: who answers, and how long it has run."""
+        return {
+            "gateway": self.config.gateway.name,
+            "version": __version__,
+            "uptime_s": round(time.monotonic() - self.started, 1),
+            "nodes": list(self.runners),
+        }
+
+    async def rpc_status(self) -> dict[str, Any]:
+        """``status``: the gateway's state (`hydrogate status`)."""
+        return await collect(self, self.status_watcher.sampler)
+
+    async def rpc_flush(self) -> dict[str, Any]:
+        """``flush`` (`hydrogate export`): commit what waits in memory for the history."""
+        if self.store is None:
+            raise CommandError("the buffer is not open")
+        await self.store.flush_history()
+        return {}
 
     def health_extra(self) -> Mapping[str, Any]:
         """Per-node figures added to the gateway's own health telemetry."""

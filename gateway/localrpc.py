@@ -18,7 +18,8 @@ ThingsBoard's server-side RPCs (``Gateway.on_rpc``), so every RPC of
 docs/thingsboard.md works here, with the same reply ``data``: ``{"success": true,
 ...}`` or ``{"success": false, "error": "..."}``. Without ``device`` (or with
 ``null``) the request is for the gateway itself (``Gateway.on_gateway_rpc``:
-``ping`` today; ``status``, pump and probe calibration fit there). ``params``
+``ping``, ``status``, ``flush``). Both look the method up in the one table of
+gateway/rpc.py; this module only checks the request's shape. ``params``
 is optional, any JSON; ``id``, optional, is echoed back. Bad input (not JSON,
 too long, wrong types, an unknown device or method) gets ``success: false``
 with the reason and never harms the daemon; a line that is too long also

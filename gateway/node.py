@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import re
 from collections.abc import Coroutine, Mapping
-from dataclasses import replace
 from typing import Any
 
 from drivers.backoff import Backoff
@@ -39,19 +37,18 @@ from gateway.config import CalibrationMap, NodeConfig
 from gateway.control import NodeControl
 from gateway.errors import CommandError
 from gateway.faults import FaultLog
+from gateway.monitor import NodeMonitor, severity_bands
 from gateway.service import fields
 from gateway.store import InvalidMessage, Store
 from gateway.tbmsg import drop_unsendable
 from rules import units
 from rules.calibration import Calibrator
-from rules.severity import Severity, assess
+from rules.severity import Severity
 
 log = logging.getLogger("hydrogate.node")
 
 #: Failed reads in a row after which the link is treated as down and reopened.
 MAX_FAILED_READS = 3
-#: Severity is assessed at most this often (seconds): it is for people, not pumps.
-SEVERITY_PERIOD_S = 1.0
 #: Actuator names whose on/off state is sent as ``<actuator>_on`` telemetry.
 _PLAIN_KEY = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")
 
@@ -89,9 +86,7 @@ class NodeRunner:
         self.latest_ts: int | None = None
         self.flags: dict[str, str] = {}
         self.readings = 0
-        self.severity: Severity | None = None
-        self._severity_key: tuple[str, tuple[str, ...]] | None = None
-        self._severity_at = -math.inf
+        self.monitor = NodeMonitor(config.name)
         self._calibrator = Calibrator(config.calibration) if config.calibration else None
         self._calibrated: frozenset[str] = frozenset(config.calibration)  # keys a map makes
         self._measured_maps: dict[str, CalibrationMap] = {}  # guided calibrations, over the file's
@@ -99,9 +94,9 @@ class NodeRunner:
         self._link: Link | None = None
         self._session_tg: asyncio.TaskGroup | None = None
         self._reading_event = asyncio.Event()
-        self.control = NodeControl(
-            self, config, store=store, clock=clock, config_mtime=config_mtime
-        )
+        # Control is handed this runner as its `gateway.ports.NodePort`: it reads the
+        # latest values and link state and acts through the port's few methods only.
+        self.control = NodeControl(self, store=store, clock=clock, config_mtime=config_mtime)
 
     # ------------------------------------------------------------------ link
     async def run(self) -> None:
@@ -361,36 +356,25 @@ class NodeRunner:
 
     def _update_severity(self, ts: int) -> None:
         now = self._clock.monotonic()
-        if now - self._severity_at < SEVERITY_PERIOD_S:
+        if not self.monitor.due(now):
             return
-        self._severity_at = now
-        calibrating = self.control.calibrating
-        latest = {k: v for k, v in self.latest.items() if k != calibrating}
-        severity = assess(latest, self.control.severity_bands)
-        alarm = self.control.alarm
-        if alarm is not None:  # automatic control stopped itself: the grower must act
-            severity = replace(severity, level="urgent", reason=f"{alarm}; {severity.reason}")
-        due = self.control.reminders()
-        if due:  # a calibration is old: worth a look, nothing is wrong yet
-            level = "info" if severity.level == "none" else severity.level
-            reason = "; ".join(due) if severity.level == "none" else f"{severity.reason}; " \
-                + "; ".join(due)
-            severity = replace(severity, level=level, reason=reason)
-        off = tuple(sorted(k for k, degree in severity.degrees.items() if degree > 0))
-        key = (severity.level, (*off, *(("lock",) if alarm else ()), *due))
-        self.severity = severity
-        if key == self._severity_key:
-            return
-        self._severity_key = key
-        self.record(ts, {"severity": severity.level, "severity_reason": severity.reason or "ok"})
-        if severity.level in ("warning", "urgent"):
-            log.warning(
-                "node %s severity %s: %s",
-                self.name,
-                severity.level,
-                severity.reason,
-                extra=fields(node=self.name, severity=severity.level),
-            )
+        control = self.control
+        entry = self.monitor.update(
+            now,
+            self.latest,
+            severity_bands(control.plant.tank_volume_l, control.settings,
+                           self.config.conductivity),
+            calibrating=control.calibrating,
+            alarm=control.alarm,
+            reminders=control.reminders(),
+        )
+        if entry is not None:
+            self.record(ts, entry)
+
+    @property
+    def severity(self) -> Severity | None:
+        """The node's last assessed severity (gateway/monitor.py), ``None`` before a reading."""
+        return self.monitor.severity
 
     def set_calibration(self, key: str, measured: CalibrationMap | None) -> None:
         """A guided calibration's map for ``key`` from the next reading on (``None``: none)."""
@@ -413,12 +397,14 @@ class NodeRunner:
         except InvalidMessage as exc:  # our own entries are small; this is a bug
             log.error("node %s: entry refused by validation: %s", self.name, exc)
 
-    # ---------------------------------------------------------------- commands
-    def link(self) -> Link:
-        """The open link of a node serving readings, or CommandError with the reason."""
+    # ------------------------------------------- commands (the port of gateway/ports.py)
+    def _down(self) -> CommandError:
+        return CommandError(f"node {self.name} link is down ({self.link_reason})")
+
+    def require_link(self) -> None:
+        """Raise CommandError with the reason unless the node serves readings."""
         if self._link is None or not self.link_up:
-            raise CommandError(f"node {self.name} link is down ({self.link_reason})")
-        return self._link
+            raise self._down()
 
     def connected(self) -> bool:
         """Whether a session is open (the node answered hello), readings or not.
@@ -426,6 +412,18 @@ class NodeRunner:
         Enough to send ``stop``: stopping is never refused for want of readings.
         """
         return self._link is not None
+
+    def require_connected(self) -> None:
+        """Raise CommandError with the reason unless a session is open."""
+        if self._link is None:
+            raise self._down()
+
+    async def send_actuate(self, actuator: str, duty: int, ms: int) -> None:
+        """NodeLink ``actuate`` (control checked it against every safety limit first)."""
+        self.require_link()
+        assert self._link is not None
+        await self._link.request("actuate", actuator=actuator, duty=duty, ms=ms)
+        self.running[actuator] = 1
 
     def spawn(self, coro: Coroutine[Any, Any, None], *, name: str) -> asyncio.Task[None]:
         """Run ``coro`` as a task of the link session: a lost link or a stop cancels it."""
@@ -436,9 +434,9 @@ class NodeRunner:
             return tg.create_task(coro, name=name)
         except RuntimeError as exc:
             coro.close()
-            raise CommandError(f"node {self.name} link is down ({self.link_reason})") from exc
+            raise self._down() from exc
 
-    async def stop_actuators(self, *, within: float = 3.0) -> bool:
+    async def send_stop(self, *, within: float = 3.0) -> bool:
         """Send NodeLink `stop`; True if the node confirmed it."""
         link = self._link
         if link is None:
@@ -452,7 +450,6 @@ class NodeRunner:
             )
             return False
         self.running = {key: 0 for key in self.running}
-        self.control.stopped()
         return True
 
     async def shutdown(self) -> None:
@@ -460,7 +457,7 @@ class NodeRunner:
         self.control.abort("gateway stopping")
         await self.control.cancel_procedures("gateway stopping")
         if self.connected():
-            await self.stop_actuators()
+            await self.control.stop_actuators()
 
     def state(self) -> dict[str, Any]:
         """The node's state as `get_state` reports it."""
@@ -480,16 +477,3 @@ class NodeRunner:
             state["severity_reason"] = self.severity.reason
         state.update(self.control.state())
         return state
-
-    async def rpc(self, method: str, params: Any) -> dict[str, Any]:
-        """Carry out a server-side RPC; raises CommandError with the reason to report."""
-        if method == "get_state":
-            return self.state()
-        if method == "stop":
-            if not self.connected():
-                raise CommandError(f"node {self.name} link is down ({self.link_reason})")
-            await self.control.cancel_procedures("stop")
-            if not await self.stop_actuators():
-                raise CommandError("node did not confirm stop")
-            return {}
-        return await self.control.rpc(method, params)

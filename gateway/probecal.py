@@ -34,11 +34,12 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from gateway.clock import Clock
 from gateway.config import CalibrationMap
 from gateway.errors import CommandError
+from gateway.ports import NodePort, ProcedureHost
 from gateway.service import fields
 from gateway.store import Store, StoreClosed, StoreError
 from gateway.tasks import cancel_and_wait
@@ -58,10 +59,6 @@ from rules.probecal import (
     fit_ph,
     front_end_for,
 )
-
-if TYPE_CHECKING:
-    from gateway.control import NodeControl
-    from gateway.node import NodeRunner
 
 log = logging.getLogger("hydrogate.probecal")
 
@@ -144,7 +141,7 @@ class NodeProbeCalibration:
     """The probe calibrations of one node: at most one session, the results kept per probe."""
 
     def __init__(
-        self, control: NodeControl, node: NodeRunner, *, store: Store, clock: Clock
+        self, control: ProcedureHost, node: NodePort, *, store: Store, clock: Clock
     ) -> None:
         self._control = control
         self._node = node
@@ -250,7 +247,7 @@ class NodeProbeCalibration:
         if self.active is not None:
             raise CommandError(f"a {self.active} calibration is under way: read its next point, "
                                "or cancel it (step cancel)")
-        node.link()
+        node.require_link()
         force = params.get("force", False)
         if not isinstance(force, bool):
             raise CommandError("params.force must be true or false")
@@ -263,7 +260,7 @@ class NodeProbeCalibration:
             if not force:
                 raise CommandError(f"{busy}: wait for it to end, or pass force: true to stop it")
             control.abort("a probe calibration was forced")
-            if not await node.stop_actuators():
+            if not await control.stop_actuators():
                 raise CommandError(f"{busy}, and the node did not confirm stop")
         session.temp_override = _optional_number(params, "temp")
         session.last_step = self._clock.monotonic()

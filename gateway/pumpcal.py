@@ -27,19 +27,16 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from drivers.errors import LinkError
 from gateway.clock import Clock
 from gateway.errors import CommandError
+from gateway.ports import NodePort, ProcedureHost
 from gateway.service import fields
 from gateway.store import Store, StoreClosed, StoreError
 from rules.controller import Dose
 from rules.safety import SafetyRefusal
-
-if TYPE_CHECKING:
-    from gateway.control import NodeControl
-    from gateway.node import NodeRunner
 
 log = logging.getLogger("hydrogate.pumpcal")
 
@@ -68,7 +65,7 @@ class NodePumpCalibration:
     """The pump calibrations of one node: at most one under way, the measured flows kept."""
 
     def __init__(
-        self, control: NodeControl, node: NodeRunner, *, store: Store, clock: Clock
+        self, control: ProcedureHost, node: NodePort, *, store: Store, clock: Clock
     ) -> None:
         self._control = control
         self._node = node
@@ -164,7 +161,7 @@ class NodePumpCalibration:
         if pending is not None:
             raise CommandError(f"a calibration of {pending} is under way: give its ml, or "
                                "cancel it (cancel: true)")
-        node.link()
+        node.require_link()
         if actuator not in node.actuators:
             raise CommandError(f"node {node.name} did not announce {actuator}")
         other = control.procedure()
@@ -182,7 +179,7 @@ class NodePumpCalibration:
             if not force:
                 raise CommandError(f"{busy}: wait for it to end, or pass force: true to stop it")
             control.abort("a pump calibration was forced")
-            if not await node.stop_actuators():
+            if not await control.stop_actuators():
                 raise CommandError(f"{busy}, and the node did not confirm stop")
         flow = control.plant.flow_ml_s.get(actuator)
         try:
@@ -260,7 +257,7 @@ class NodePumpCalibration:
         if pending is None:
             return False
         if stop and self._clock.monotonic() < pending["ends"]:
-            await self._node.stop_actuators()
+            await self._control.stop_actuators()
         self._end("cancelled", why)
         return True
 

@@ -19,13 +19,17 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
 
 from gateway import __version__
 
-if TYPE_CHECKING:
-    from gateway.daemon import Gateway
+if TYPE_CHECKING:  # types only (what the Gateway protocol below returns)
+    from gateway.clock import Clock, TimeKeeper
+    from gateway.config import Config
+    from gateway.node import NodeRunner
+    from gateway.store import Store
+    from gateway.uplink import Uplink
 
 #: Seconds between two samples of the counters.
 SAMPLE_S = 1.0
@@ -37,6 +41,28 @@ BACKLOG_STATUS_S = 10.0
 #: window (seconds) by at least `GROWTH_MIN` readings: forwarding does not keep up.
 GROWTH_WINDOW_S = 300.0
 GROWTH_MIN = 100
+
+
+class Gateway(Protocol):
+    """What the status reads of the running gateway (`gateway.daemon.Gateway`, which
+    imports this module: the daemon is never imported here)."""
+
+    @property
+    def config(self) -> Config: ...
+    @property
+    def clock(self) -> Clock: ...
+    @property
+    def timekeeper(self) -> TimeKeeper: ...
+    @property
+    def started(self) -> float: ...
+    @property
+    def runners(self) -> Mapping[str, NodeRunner]: ...
+    @property
+    def store(self) -> Store | None: ...
+    @property
+    def uplink(self) -> Uplink | None: ...
+    @property
+    def reload_refused(self) -> str | None: ...
 
 
 class Sampler:

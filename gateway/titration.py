@@ -38,12 +38,13 @@ import logging
 import math
 from collections.abc import Mapping
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from drivers.errors import LinkError
 from gateway.clock import Clock
 from gateway.config import ControlConfig
 from gateway.errors import CommandError
+from gateway.ports import NodePort, ProcedureHost
 from gateway.service import fields
 from gateway.store import Store, StoreClosed, StoreError
 from gateway.tasks import cancel_and_wait
@@ -57,10 +58,6 @@ from rules.titration import (
     TitrationResult,
     TitrationSettings,
 )
-
-if TYPE_CHECKING:
-    from gateway.control import NodeControl
-    from gateway.node import NodeRunner
 
 log = logging.getLogger("hydrogate.titration")
 
@@ -126,7 +123,7 @@ class NodeTitration:
     """The titrations of one node: at most one running, the last one's status, the results kept."""
 
     def __init__(
-        self, control: NodeControl, node: NodeRunner, *, store: Store, clock: Clock
+        self, control: ProcedureHost, node: NodePort, *, store: Store, clock: Clock
     ) -> None:
         self._control = control
         self._node = node
@@ -164,7 +161,7 @@ class NodeTitration:
                 f"a titration of {self._procedure.settings.pump} is already running "
                 "(stop or force_stop cancels it)"
             )
-        node.link()
+        node.require_link()
         if pump not in node.actuators:
             raise CommandError(f"node {node.name} did not announce {pump}")
         limits = control.guard.limits
@@ -177,7 +174,7 @@ class NodeTitration:
             if not force:
                 raise CommandError(f"{busy}: wait for it to end, or pass force: true to abort it")
             control.abort("a titration was forced")
-            if not await node.stop_actuators():
+            if not await control.stop_actuators():
                 raise CommandError(f"{busy}, and the node did not confirm stop")
             if self.running:  # another request started one meanwhile
                 raise CommandError("a titration is already running (stop or force_stop cancels it)")
@@ -336,7 +333,7 @@ class NodeTitration:
     async def _ended(self, state: str, error: str) -> None:
         self._mark(state, error)
         if state == "failed":
-            await self._node.stop_actuators()
+            await self._control.stop_actuators()
 
     async def _finished(self, result: TitrationResult) -> None:
         """Apply, keep and report a result."""
@@ -495,7 +492,7 @@ class NodeTitration:
                 for p, r in sorted(self._results.items())}
 
 
-def control_base(control: NodeControl) -> dict[str, Any]:
+def control_base(control: ProcedureHost) -> dict[str, Any]:
     """The config file's plant section (as a fingerprint) a result is measured under."""
     return control.config_plant()
 
