@@ -121,7 +121,8 @@ def _control_with(
     return handler
 
 
-#: Every RPC method: CONTRACT.md's, the guided procedures', and the gateway's own.
+#: Every RPC method: the interface contract's (docs/references.md, [Interface]), the guided
+#: procedures', and the gateway's own.
 METHODS: tuple[NodeMethod | GatewayMethod, ...] = (
     NodeMethod("get_state", "—", _get_state),
     NodeMethod("stop", "—", _control(NodeControl.rpc_stop)),

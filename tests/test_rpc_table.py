@@ -8,7 +8,8 @@ from pathlib import Path
 from gateway.rpc import GATEWAY_METHODS, METHODS, NODE_METHODS
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
-#: What CONTRACT.md fixes (the server-side RPCs to a node's device).
+#: What the interface contract fixes (docs/references.md, [Interface]): the server-side RPCs
+#: to a node's device.
 CONTRACT_METHODS = {"actuate", "stop", "force_on", "force_stop", "set_mode", "get_state"}
 
 
