@@ -20,7 +20,7 @@ nothing of it. Control owns its settings, cycle, guard and plant constants;
 the node task reads them (``NodeControl.state``).
 
 This module imports no other module of the command path, so none of them
-imports another in a circle (tests/test_architecture.py).
+imports another in a circle (tests/test_layers.py).
 """
 
 from __future__ import annotations
