@@ -36,6 +36,24 @@ def add_config_option(parser: argparse.ArgumentParser) -> None:
     _add_config_option(parser)
 
 
+def daemon_paths(args: argparse.Namespace) -> list[Path] | int:
+    """The running daemon's socket paths (``--socket``, else from the config), or EXIT_CONFIG.
+
+    For the commands that talk to the daemon (status, titrate, calibrate, pump).
+    """
+    if args.socket is not None:
+        return [args.socket]
+    from gateway.config import ConfigError, load_config
+    from gateway.localrpc import client_paths
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"hydrogate: invalid configuration {args.config}:\n{exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    return client_paths(config)
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     """The daemon. A config it cannot run is exit 2, which the unit does not restart."""
     import faulthandler

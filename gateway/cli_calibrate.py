@@ -35,6 +35,7 @@ from gateway.cli import (
     EXIT_OK,
     EXIT_REFUSED,
     add_config_option,
+    daemon_paths,
 )
 from gateway.localclient import LocalClient, LocalClientError
 from rules.calibration import CalibrationError, fit_poly, fit_two_point, format_fit
@@ -80,20 +81,6 @@ def _numbers(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected numbers separated by commas: {text!r}"
                                          ) from None
 
-
-def daemon_paths(args: argparse.Namespace) -> list[Path] | int:
-    """The daemon's socket paths (``--socket``, else from the config), or EXIT_CONFIG."""
-    if args.socket is not None:
-        return [args.socket]
-    from gateway.config import ConfigError, load_config
-    from gateway.localrpc import client_paths
-
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        print(f"hydrogate: invalid configuration {args.config}:\n{exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    return client_paths(config)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -21,8 +21,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gateway.cli import EXIT_FAILURE, EXIT_NO_DAEMON, EXIT_OK, EXIT_REFUSED, add_config_option
-from gateway.cli_calibrate import daemon_paths
+from gateway.cli import (
+    EXIT_FAILURE,
+    EXIT_NO_DAEMON,
+    EXIT_OK,
+    EXIT_REFUSED,
+    add_config_option,
+    daemon_paths,
+)
 from gateway.localclient import LocalClient, LocalClientError
 
 POLL_S = 0.5

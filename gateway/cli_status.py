@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gateway.cli import EXIT_CONFIG, EXIT_NO_DAEMON, EXIT_OK, add_config_option
+from gateway.cli import EXIT_NO_DAEMON, EXIT_OK, add_config_option, daemon_paths
 from gateway.localclient import LocalClient, LocalClientError
 
 EXIT_NODE_DOWN = 5
@@ -58,25 +58,12 @@ def exit_code(status: dict[str, Any]) -> int:
     return EXIT_OK
 
 
-def _paths(args: argparse.Namespace) -> list[Path] | int:
-    if args.socket is not None:
-        return [args.socket]
-    from gateway.config import ConfigError, load_config
-    from gateway.localrpc import client_paths
-
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        print(f"hydrogate: invalid configuration {args.config}:\n{exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    return client_paths(config)
-
 
 def run(args: argparse.Namespace) -> int:
     """Show the status (once, or until Ctrl-C); the exit code."""
     from gateway.statusview import Screen, render
 
-    paths = _paths(args)
+    paths = daemon_paths(args)
     if isinstance(paths, int):
         return paths
     screen = Screen(sys.stdout)

@@ -23,12 +23,12 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from gateway.cli import (
-    EXIT_CONFIG,
     EXIT_FAILURE,
     EXIT_NO_DAEMON,
     EXIT_OK,
     EXIT_REFUSED,
     add_config_option,
+    daemon_paths,
 )
 from gateway.localclient import LocalClient, LocalClientError
 from rules.controller import PH_PUMPS
@@ -56,23 +56,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _paths(args: argparse.Namespace) -> list[Path] | int:
-    if args.socket is not None:
-        return [args.socket]
-    from gateway.config import ConfigError, load_config
-    from gateway.localrpc import client_paths
-
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        print(f"hydrogate: invalid configuration {args.config}:\n{exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    return client_paths(config)
-
 
 def run(args: argparse.Namespace) -> int:
     """Start the titration, follow it, print the result; the exit code."""
-    paths = _paths(args)
+    paths = daemon_paths(args)
     if isinstance(paths, int):
         return paths
     out: TextIO = sys.stdout
