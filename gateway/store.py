@@ -176,6 +176,7 @@ class Store:
         self._handover: asyncio.TimerHandle | None = None
         self._handed = 0  # readings handed to the writer so far
         self._next_id = 1
+        self._bare_from = 0  # outbox rows below this id keep their whole entry
         self._stamps = Stamps()
         # Readings held until the clock is synchronised: stamped in monotonic time.
         self._holding = False
@@ -246,6 +247,7 @@ class Store:
             await self._join()
             raise
         self._next_id = opened.next_id
+        self._bare_from = opened.bare_from
         for device, ts in opened.last_ts.items():
             self._stamps.seed(device, ts)
         if opened.hold_from is not None:
@@ -474,6 +476,7 @@ class Store:
         """
         self._hand_over()  # what was appended so far can be forwarded now
         upto = self._hold_from
+        bare_from = self._bare_from
 
         def read(conn: sqlite3.Connection) -> list[OutboxRow]:
             cur = conn.execute(
@@ -483,11 +486,12 @@ class Store:
             )
             rows: list[OutboxRow] = []
             total = 0
-            for row in cur:
-                total += len(row[1]) + len(row[3])
+            for rid, device, ts, stored in cur:
+                entry = stored if rid < bare_from else f'{{"ts":{ts},"values":{stored}}}'
+                total += len(device) + len(entry)
                 if rows and max_bytes is not None and total > max_bytes:
                     break
-                rows.append(OutboxRow._make(row))
+                rows.append(OutboxRow(rid, device, ts, entry))
             cur.close()
             return rows
 

@@ -9,7 +9,6 @@ them. `python -m bench.faults disk` runs the longer loops.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import sqlite3
@@ -22,6 +21,7 @@ import pytest
 
 import gateway.storewriter as storewriter
 from bench.common import Gateway, SimNodes, config_data, until, write_config
+from gateway import storefile
 from gateway.store import Store
 from sim.node import SimNode
 from tests.gateway_harness import config_dict, node_entry, running_gateway
@@ -65,9 +65,9 @@ def seqs(db: Path) -> set[tuple[str, int]]:
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
         return {
-            (device, json.loads(entry)["values"]["seq"])
-            for device, entry in conn.execute("SELECT device, entry FROM outbox")
-            if "seq" in json.loads(entry)["values"]
+            (device, values["seq"])
+            for _, device, _, values in storefile.outbox_values(conn)
+            if "seq" in values
         }
     finally:
         conn.close()
