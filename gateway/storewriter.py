@@ -1178,17 +1178,19 @@ def _move_ids(
     Returns (rows, bytes) deleted, bytes as stored.
     """
     rows = size = 0
-    entry = storefile.entry_text
     for first, last in ranges(ids):
         found = conn.execute(
-            "SELECT id, device, ts, entry FROM outbox WHERE id BETWEEN ? AND ?", (first, last)
+            f"SELECT device, ts, {storefile.ENTRY_SQL} FROM outbox WHERE id BETWEEN ? AND ?",
+            (bare_from, first, last),
         ).fetchall()
         if found:
+            (stored,) = conn.execute(
+                f"SELECT {_SIZE} FROM outbox WHERE id BETWEEN ? AND ?", (first, last)
+            ).fetchone()
             conn.execute("DELETE FROM outbox WHERE id BETWEEN ? AND ?", (first, last))
-            out.extend((device, ts, entry(rid, ts, text, bare_from))
-                       for rid, device, ts, text in found)
+            out.extend(found)
             rows += len(found)
-            size += sum(len(device) + len(text) for _, device, _, text in found)
+            size += int(stored)
     return rows, size
 
 
