@@ -44,7 +44,7 @@ from typing import Any, NamedTuple
 
 from gateway import tbmsg
 from gateway.clock import Clock, Stamps, SystemClock, boot_id
-from gateway.storefile import COUNTERS, ENTRY_SQL, SCHEMA_VERSION
+from gateway.storefile import COUNTERS, SCHEMA_VERSION
 from gateway.storewriter import (
     ACTUATION_KEEP_S,
     Batch,
@@ -480,17 +480,18 @@ class Store:
 
         def read(conn: sqlite3.Connection) -> list[OutboxRow]:
             cur = conn.execute(
-                f"SELECT id, device, ts, {ENTRY_SQL} FROM outbox WHERE id > ? AND id < ?"
+                "SELECT id, device, ts, entry FROM outbox WHERE id > ? AND id < ?"
                 " ORDER BY id LIMIT ?",
-                (bare_from, after_id, upto if upto is not None else 1 << 62, limit),
+                (after_id, upto if upto is not None else 1 << 62, limit),
             )
             rows: list[OutboxRow] = []
             total = 0
-            for row in cur:
-                total += len(row[1]) + len(row[3])
+            for rid, device, ts, stored in cur:  # the entry put back (storefile.entry_text)
+                entry = stored if rid < bare_from else f'{{"ts":{ts},"values":{stored}}}'
+                total += len(device) + len(entry)
                 if rows and max_bytes is not None and total > max_bytes:
                     break
-                rows.append(OutboxRow._make(row))
+                rows.append(OutboxRow(rid, device, ts, entry))
             cur.close()
             return rows
 

@@ -187,12 +187,6 @@ def entry_text(rid: int, ts: int, stored: str, bare_from: int) -> str:
     return f'{{"ts":{ts},"values":{stored}}}'
 
 
-#: `entry_text` in SQL, for a query's ``entry`` column: its one parameter is `bare_from`.
-ENTRY_SQL = (
-    """CASE WHEN id < ? THEN entry ELSE '{"ts":' || ts || ',"values":' || entry || '}' END"""
-)
-
-
 def bare_from(conn: sqlite3.Connection) -> int:
     """The first outbox id whose row holds the values only (`ALL_WRAPPED` for an older file)."""
     row = conn.execute("SELECT value FROM meta WHERE key = 'bare_from'").fetchone()

@@ -1180,17 +1180,15 @@ def _move_ids(
     rows = size = 0
     for first, last in ranges(ids):
         found = conn.execute(
-            f"SELECT device, ts, {storefile.ENTRY_SQL} FROM outbox WHERE id BETWEEN ? AND ?",
-            (bare_from, first, last),
+            "SELECT id, device, ts, entry FROM outbox WHERE id BETWEEN ? AND ?", (first, last)
         ).fetchall()
         if found:
-            (stored,) = conn.execute(
-                f"SELECT {_SIZE} FROM outbox WHERE id BETWEEN ? AND ?", (first, last)
-            ).fetchone()
             conn.execute("DELETE FROM outbox WHERE id BETWEEN ? AND ?", (first, last))
-            out.extend(found)
+            for rid, device, ts, stored in found:  # whole entries (storefile.entry_text)
+                out.append((device, ts, stored if rid < bare_from
+                            else f'{{"ts":{ts},"values":{stored}}}'))
+                size += len(device) + len(stored)
             rows += len(found)
-            size += int(stored)
     return rows, size
 
 
