@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from gateway import tbmsg
+from gateway import storefile, tbmsg
 from gateway.clock import Clock, Stamps, SystemClock, boot_id
 from gateway.storefile import COUNTERS, SCHEMA_VERSION
 from gateway.storewriter import (
@@ -176,7 +176,6 @@ class Store:
         self._handover: asyncio.TimerHandle | None = None
         self._handed = 0  # readings handed to the writer so far
         self._next_id = 1
-        self._bare_from = 0  # outbox rows below this id keep their whole entry
         self._stamps = Stamps()
         # Readings held until the clock is synchronised: stamped in monotonic time.
         self._holding = False
@@ -247,7 +246,6 @@ class Store:
             await self._join()
             raise
         self._next_id = opened.next_id
-        self._bare_from = opened.bare_from
         for device, ts in opened.last_ts.items():
             self._stamps.seed(device, ts)
         if opened.hold_from is not None:
@@ -476,9 +474,11 @@ class Store:
         """
         self._hand_over()  # what was appended so far can be forwarded now
         upto = self._hold_from
-        bare_from = self._bare_from
 
         def read(conn: sqlite3.Connection) -> list[OutboxRow]:
+            # Asked of the file read (the writer's, or a read-only view of a file that
+            # could not be opened for writing, perhaps not migrated yet).
+            bare_from = storefile.bare_from(conn)
             cur = conn.execute(
                 "SELECT id, device, ts, entry FROM outbox WHERE id > ? AND id < ?"
                 " ORDER BY id LIMIT ?",

@@ -252,8 +252,6 @@ class Opened:
     next_id: int
     last_ts: dict[str, int]
     hold_from: int | None  # the first held row's id (held rows of this boot), or None
-    #: Rows with a smaller id keep their whole entry (written before schema version 5).
-    bare_from: int = 0
 
 
 @dataclass
@@ -492,10 +490,7 @@ class Writer:
         (hold_from,) = conn.execute("SELECT MIN(id) FROM outbox WHERE mono IS NOT NULL").fetchone()
         self._hold_saved = hold_from is not None
         self._transaction([], time.monotonic(), final=True)  # limits may have shrunk
-        return Opened(
-            next_id=self._max_id + 1, last_ts=last_ts, hold_from=hold_from,
-            bare_from=self.bare_from,
-        )
+        return Opened(next_id=self._max_id + 1, last_ts=last_ts, hold_from=hold_from)
 
     def _finish(self) -> None:
         """At stop: everything committed and synced already (final step); truncate the WAL."""
