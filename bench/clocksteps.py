@@ -27,7 +27,6 @@ synchronised clock are left out (which clock stamped them is a race).
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sqlite3
 import subprocess
@@ -40,6 +39,7 @@ from pathlib import Path
 from bench.common import ROOT, Gateway, config_data, until, write_config
 from bench.shims import build, set_clock
 from bench.throughput import free_port_block
+from gateway import storefile
 
 DAY = 86400.0
 #: Readings sent this close to a step of a synchronised clock are not judged (s).
@@ -121,14 +121,13 @@ def run_scenario(name: str, work: Path, *, nodes: int = 2, rate: float = 20.0) -
         producer.wait(10)
     conn = sqlite3.connect(db)
     try:
-        rows = conn.execute("SELECT device, ts, entry, mono FROM outbox").fetchall()
+        rows = list(storefile.outbox_values(conn))
     finally:
         conn.close()
     judged = 0
     worst = 0.0
     changes = [at for at, _ in offsets[1:]]
-    for _, ts, entry, _ in rows:
-        values = json.loads(entry)["values"]
+    for _, _, ts, values in rows:
         if "t" not in values:  # the gateway's own entries (severity): no truth to compare
             continue
         sent = values["t"] / 1000

@@ -187,13 +187,13 @@ class Gateway:
 
 def outbox_seqs(db: Path) -> dict[str, list[int]]:
     """Every node's ``seq`` values in the outbox of the file at ``db`` (read-only)."""
-    import json
+    from gateway import storefile
 
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
         out: dict[str, list[int]] = {}
-        for device, entry in conn.execute("SELECT device, entry FROM outbox ORDER BY id"):
-            seq = json.loads(entry)["values"].get("seq")
+        for _, device, _, values in storefile.outbox_values(conn):
+            seq = values.get("seq")
             if seq is not None:
                 out.setdefault(device, []).append(int(seq))
         return out

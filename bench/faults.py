@@ -45,6 +45,7 @@ import paho.mqtt.client as mqtt
 
 from bench.common import ROOT, Broker, Gateway, config_data, until, write_config
 from bench.throughput import free_port, free_port_block
+from gateway import storefile
 
 
 class Seen:
@@ -121,8 +122,8 @@ def outbox(db: Path) -> set[tuple[str, int]]:
         conn = sqlite3.connect(copy)
         try:
             out = set()
-            for device, entry in conn.execute("SELECT device, entry FROM outbox"):
-                seq = json.loads(entry)["values"].get("seq")
+            for _, device, _, values in storefile.outbox_values(conn):
+                seq = values.get("seq")
                 if seq is not None:
                     out.add((device, int(seq)))
             return out

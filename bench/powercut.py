@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import random
 import shutil
 import sqlite3
@@ -42,6 +41,7 @@ from pathlib import Path
 
 from bench.common import ROOT, Gateway, SimNodes, config_data, until, write_config
 from bench.shims import build
+from gateway import storefile
 
 #: Lateness allowed beyond sync_interval for scheduling on a loaded machine (s).
 TOLERANCE_S = 0.5
@@ -97,8 +97,8 @@ def readings(db: Path) -> dict[tuple[str, int], int]:
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
         if "outbox" not in tables:  # the schema itself did not survive
             return out
-        for device, ts, entry in conn.execute("SELECT device, ts, entry FROM outbox"):
-            seq = json.loads(entry)["values"].get("seq")
+        for _, device, ts, values in storefile.outbox_values(conn):
+            seq = values.get("seq")
             if seq is not None:
                 out[(device, int(seq))] = int(ts)
         return out

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from gateway import storehistory
+from gateway import storefile, storehistory
 
 __all__ = ["BACKUP_PAGES", "NICE", "HistoryError", "HistoryFile", "step_aside"]
 
@@ -71,6 +71,11 @@ class HistoryFile:
             self._conn.close()
             raise HistoryError(f"{path}: not a hydrogate buffer file")
         self._has_history = "history" in tables
+        try:
+            self._bare_from = storefile.bare_from(self._conn)
+        except sqlite3.Error as exc:
+            self._conn.close()
+            raise HistoryError(f"{path}: cannot read it: {exc}") from exc
 
     def close(self) -> None:
         """Close the connection."""
@@ -165,12 +170,12 @@ class HistoryFile:
     def _outbox(self, device: str, since_ms: int, until_ms: int) -> Iterator[Entry]:
         """Buffered entries (not forwarded yet), in the order they arrived."""
         cur = self._conn.execute(
-            "SELECT entry FROM outbox WHERE device = ? AND ts BETWEEN ? AND ? ORDER BY id",
+            "SELECT id, ts, entry FROM outbox WHERE device = ? AND ts BETWEEN ? AND ? ORDER BY id",
             (device, since_ms, until_ms),
         )
-        for (text,) in cur:
+        for rid, ts, stored in cur:
             try:
-                entry = json.loads(text)
+                entry = json.loads(storefile.entry_text(rid, ts, stored, self._bare_from))
             except ValueError:
                 continue
             if isinstance(entry, dict) and isinstance(entry.get("values"), dict):

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from gateway import tbmsg
+from gateway import storefile, tbmsg
 from gateway.clock import Clock, Stamps, SystemClock, boot_id
 from gateway.storefile import COUNTERS, SCHEMA_VERSION
 from gateway.storewriter import (
@@ -476,6 +476,9 @@ class Store:
         upto = self._hold_from
 
         def read(conn: sqlite3.Connection) -> list[OutboxRow]:
+            # Asked of the file read (the writer's, or a read-only view of a file that
+            # could not be opened for writing, perhaps not migrated yet).
+            bare_from = storefile.bare_from(conn)
             cur = conn.execute(
                 "SELECT id, device, ts, entry FROM outbox WHERE id > ? AND id < ?"
                 " ORDER BY id LIMIT ?",
@@ -483,11 +486,12 @@ class Store:
             )
             rows: list[OutboxRow] = []
             total = 0
-            for row in cur:
-                total += len(row[1]) + len(row[3])
+            for rid, device, ts, stored in cur:  # the entry put back (storefile.entry_text)
+                entry = stored if rid < bare_from else f'{{"ts":{ts},"values":{stored}}}'
+                total += len(device) + len(entry)
                 if rows and max_bytes is not None and total > max_bytes:
                     break
-                rows.append(OutboxRow._make(row))
+                rows.append(OutboxRow(rid, device, ts, entry))
             cur.close()
             return rows
 

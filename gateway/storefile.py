@@ -13,22 +13,29 @@ The file uses 1 KiB pages: the store syncs a small transaction about once a
 second, and every page it touches is written whole, so small pages are what
 keeps the bytes written per reading low (docs/benchmarks.md). Files created
 with larger pages are converted at start while they are small.
+
+For the same reason an outbox row keeps a reading's values only (``{"ph":6.1}``),
+not the ``{"ts":…,"values":…}`` entry ThingsBoard is sent: its ts is a column
+already, and the wrapper was a fifth of the row. `entry_text` puts it back.
+Rows written before schema version 5 keep the whole entry; they are told
+apart by id (`bare_from`), so an upgrade rewrites nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import logging
 import sqlite3
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("hydrogate.store")
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 #: Page size of new files (bytes).
 PAGE_SIZE = 1024
 #: Files with another page size are converted (VACUUM) at start when no larger than this.
@@ -114,10 +121,18 @@ CREATE TABLE history (
 );
 CREATE INDEX history_device_ts ON history (device, ts_first);
 """
+# Version 5: outbox rows hold the values only (see the module's docstring). Rows with
+# an id below meta 'bare_from' hold the whole entry, as versions up to 4 wrote them.
+_V5 = """
+INSERT INTO meta (key, value) SELECT 'bare_from', COALESCE(MAX(id), 0) + 1 FROM outbox
+    WHERE true ON CONFLICT (key) DO UPDATE SET value = excluded.value;
+"""
 #: The schema of a new file (version SCHEMA_VERSION).
-_SCHEMA = _OUTBOX + _REST + _LEARNED + _HISTORY
+_SCHEMA = _OUTBOX + _REST + _LEARNED + _HISTORY + _V5
 #: Each script brings a file from the version it is keyed by to the next one.
-_MIGRATIONS: Mapping[int, str] = {1: _LEARNED, 2: _V3, 3: _HISTORY}
+_MIGRATIONS: Mapping[int, str] = {1: _LEARNED, 2: _V3, 3: _HISTORY, 4: _V5}
+#: `bare_from` of a file older than version 5: every row holds its whole entry.
+ALL_WRAPPED = 1 << 62
 _TABLES = {"outbox", "meta", "settings", "actuations"}
 
 # Result codes (primary, the low byte of sqlite_errorcode).
@@ -154,6 +169,42 @@ def error_kind(exc: BaseException) -> str:
     if isinstance(exc, OSError):
         return "I/O error"
     return "error"
+
+
+def values_text(entry: str) -> str:
+    """The values part of an entry as `gateway.tbmsg.encode_entry` writes it (what a row keeps).
+
+    ``'{"ts":1,"values":{"ph":6.1}}'`` gives ``'{"ph":6.1}'``: the text between
+    the wrapper's ``"values":`` and its closing brace, found without parsing.
+    """
+    return entry[entry.index("{", 1) : -1]
+
+
+def entry_text(rid: int, ts: int, stored: str, bare_from: int) -> str:
+    """The entry (``{"ts":…,"values":{…}}``) of outbox row ``rid`` stamped ``ts``, as sent."""
+    if rid < bare_from:
+        return stored
+    return f'{{"ts":{ts},"values":{stored}}}'
+
+
+def bare_from(conn: sqlite3.Connection) -> int:
+    """The first outbox id whose row holds the values only (`ALL_WRAPPED` for an older file)."""
+    row = conn.execute("SELECT value FROM meta WHERE key = 'bare_from'").fetchone()
+    if row is not None:
+        return int(row[0] or 0)
+    return 0 if _first(conn, "PRAGMA user_version") >= 5 else ALL_WRAPPED
+
+
+def outbox_values(conn: sqlite3.Connection) -> Iterator[tuple[int, str, int, dict[str, Any]]]:
+    """Every outbox row as ``(id, device, ts, values)``, in id order, whatever its version.
+
+    For tools and tests that read a file directly; the gateway reads rows itself.
+    """
+    first = bare_from(conn)
+    for rid, device, ts, stored in conn.execute(
+        "SELECT id, device, ts, entry FROM outbox ORDER BY id"
+    ):
+        yield rid, device, ts, json.loads(entry_text(rid, ts, stored, first))["values"]
 
 
 def connect(path: Path, *, check: bool = True) -> sqlite3.Connection:
@@ -481,10 +532,56 @@ def check_entry(entry: str) -> bool:
     )
 
 
+def check_values(stored: str) -> bool:
+    """True if ``stored`` is what an outbox row of version 5 keeps (a non-empty JSON object)."""
+    try:
+        obj = json.loads(stored)
+    except (TypeError, ValueError):
+        return False
+    return isinstance(obj, dict) and bool(obj)
+
+
+def _bare_row(
+    row: tuple[int, str, int, str, int | None], wrapped: bool | None
+) -> tuple[int, str, int, str, int | None] | None:
+    """A salvaged row as version 5 keeps it, or None if it does not read.
+
+    ``wrapped`` says whether the damaged file kept the whole entry in this row
+    (None: its counters did not read; then a row that is exactly an entry
+    stamped with its own ts is taken as one).
+    """
+    rid, device, ts, text, mono = row
+    if not isinstance(text, str):
+        return None
+    if wrapped is None:
+        wrapped = text.startswith(f'{{"ts":{ts},"values":{{') and check_entry(text)
+    if not wrapped:
+        return row if check_values(text) else None
+    if not check_entry(text):
+        return None
+    obj = json.loads(text)
+    values = json.dumps(obj["values"], separators=(",", ":"), ensure_ascii=False)
+    return (rid, device, int(obj["ts"]), values, mono)
+
+
 def restore(conn: sqlite3.Connection, found: Salvage) -> int:
-    """Write what was salvaged into the fresh file at ``conn`` (one transaction); rows kept."""
-    rows = [r for r in found.rows if isinstance(r[3], str) and check_entry(r[3])]
+    """Write what was salvaged into the fresh file at ``conn`` (one transaction); rows kept.
+
+    Rows go in as version 5 keeps them (values only), whatever the damaged
+    file's version was.
+    """
     meta = {k: v for k, v in found.meta.items() if isinstance(k, str)}
+    first: int | None = None  # the damaged file's first row holding values only
+    if "bare_from" in meta:
+        with contextlib.suppress(TypeError, ValueError):
+            first = int(meta["bare_from"] or 0)
+    elif "next_id" in meta:  # its counters read, without the key: older than version 5
+        first = ALL_WRAPPED
+    meta["bare_from"] = 0
+    rows = [
+        r for r in (_bare_row(row, None if first is None else row[0] < first)
+                    for row in found.rows) if r is not None
+    ]
     if rows:
         meta["next_id"] = max(int(meta.get("next_id", 0) or 0), rows[-1][0] + 1)
     conn.execute("BEGIN IMMEDIATE")

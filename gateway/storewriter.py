@@ -11,6 +11,9 @@ event loop) and wait in memory, already visible to the uplink, until one of:
 - they fill ``COMMIT_BYTES``, or someone needs the file (a read, a setting,
   the actuation ledger, `flush`): everything waiting is committed then.
 
+A row keeps the reading's values only (gateway/storefile.py): the writer
+takes the wrapper off on the way in, readers put it back.
+
 Deletes of forwarded rows ride along with the next commit; the lifetime
 counters are written at most every `COUNTERS_S`. At 10 readings/s this is
 one small transaction and one ``fdatasync`` a second, and none at all while
@@ -82,6 +85,8 @@ PRUNE_S = 60.0
 EVICTION_HYSTERESIS = 0.9
 
 Row = tuple[int, str, int, str, int | None]  # id, device, ts, entry, mono (ms; None if stamped)
+#: As the outbox keeps it: the entry's values only (`storefile.values_text`).
+Stored = tuple[int, str, int, str, int | None]
 Result = tuple["asyncio.Future[Any] | None", Any, "BaseException | None"]
 _SIZE = "COALESCE(SUM(length(device) + length(entry)), 0)"
 _UPSERT_META = (
@@ -325,6 +330,7 @@ class Writer:
         self._loaded = False  # counters read from a file at least once
         self._last_ts: dict[str, int] = {}  # newest stamp per device since meta was written
         self._max_id = 0
+        self.bare_from = 0  # rows below this id keep their whole entry (storefile.bare_from)
         self._waiting = _Waiting()
         self._deletes: list[Delete] = []
         self._deletes_since: float | None = None
@@ -448,6 +454,7 @@ class Writer:
         self.depth, self.bytes = int(count), int(size)
         (top,) = conn.execute("SELECT MAX(id) FROM outbox").fetchone()
         self._max_id = max(self._max_id, marked - 1, top or 0)
+        self.bare_from = storefile.bare_from(conn)
         if "history_bytes" in meta and "history_readings" in meta:
             self.history_bytes = int(meta["history_bytes"] or 0)
             self.history_readings = int(meta["history_readings"] or 0)
@@ -714,17 +721,19 @@ class Writer:
         try:
             conn.execute("BEGIN IMMEDIATE")
             if rows:
+                stored = _stored(rows)
                 conn.executemany(
-                    "INSERT INTO outbox (id, device, ts, entry, mono) VALUES (?, ?, ?, ?, ?)", rows
+                    "INSERT INTO outbox (id, device, ts, entry, mono) VALUES (?, ?, ?, ?, ?)",
+                    stored,
                 )
                 tx.counts["received"] = len(rows)
                 tx.depth = len(rows)
-                tx.bytes = sum(map(len, map(_ENTRY, rows))) + sum(map(len, map(_DEVICE, rows)))
+                tx.bytes = sum(map(len, map(_ENTRY, stored))) + sum(map(len, map(_DEVICE, rows)))
             moved: list[storehistory.Pending] = []
             keep = self.history_days > 0
             for d in deletes:
                 if keep and d.counter == "forwarded":
-                    n, size = _move_ids(conn, d.ids, moved)
+                    n, size = _move_ids(conn, d.ids, moved, self.bare_from)
                 else:
                     n, size = _delete_ids(conn, d.ids)
                 d.gone += n
@@ -850,10 +859,12 @@ class Writer:
             (RESTAMP_CHUNK,),
         ).fetchall()
         updates = []
-        for rid, entry, mono in rows:
+        for rid, stored, mono in rows:
             ts = int(mono) + offset
-            new = with_ts(entry, ts)
-            tx.bytes += len(new) - len(entry)
+            new = stored
+            if rid < self.bare_from:  # the whole entry, stamped inside too
+                new = with_ts(stored, ts)
+                tx.bytes += len(new) - len(stored)
             updates.append((ts, new, rid))
         conn.executemany("UPDATE outbox SET ts = ?, entry = ?, mono = NULL WHERE id = ?", updates)
         done = len(rows) < RESTAMP_CHUNK
@@ -1148,20 +1159,31 @@ def checkpoint(conn: sqlite3.Connection) -> bool:
     return bool(busy)
 
 
+def _stored(rows: list[Row]) -> list[Stored]:
+    """``rows`` as the outbox keeps them: each entry's values only."""
+    values = storefile.values_text
+    return [(rid, device, ts, values(entry), mono) for rid, device, ts, entry, mono in rows]
+
+
 def _move_ids(
-    conn: sqlite3.Connection, ids: list[int], out: list[storehistory.Pending]
+    conn: sqlite3.Connection, ids: list[int], out: list[storehistory.Pending], bare_from: int
 ) -> tuple[int, int]:
-    """Delete forwarded outbox rows, appending them to ``out`` for the history; (rows, bytes)."""
+    """Delete forwarded outbox rows, appending them (whole entries) to ``out`` for the history.
+
+    Returns (rows, bytes) deleted, bytes as stored.
+    """
     rows = size = 0
     for first, last in ranges(ids):
         found = conn.execute(
-            "SELECT device, ts, entry FROM outbox WHERE id BETWEEN ? AND ?", (first, last)
+            "SELECT id, device, ts, entry FROM outbox WHERE id BETWEEN ? AND ?", (first, last)
         ).fetchall()
         if found:
             conn.execute("DELETE FROM outbox WHERE id BETWEEN ? AND ?", (first, last))
-            out.extend(found)
+            for rid, device, ts, stored in found:  # whole entries (storefile.entry_text)
+                out.append((device, ts, stored if rid < bare_from
+                            else f'{{"ts":{ts},"values":{stored}}}'))
+                size += len(device) + len(stored)
             rows += len(found)
-            size += sum(len(device) + len(entry) for device, _, entry in found)
     return rows, size
 
 

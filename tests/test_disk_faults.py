@@ -9,7 +9,6 @@ them. `python -m bench.faults disk` runs the longer loops.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import sqlite3
@@ -22,6 +21,7 @@ import pytest
 
 import gateway.storewriter as storewriter
 from bench.common import Gateway, SimNodes, config_data, until, write_config
+from gateway import storefile
 from gateway.store import Store
 from sim.node import SimNode
 from tests.gateway_harness import config_dict, node_entry, running_gateway
@@ -65,9 +65,9 @@ def seqs(db: Path) -> set[tuple[str, int]]:
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
         return {
-            (device, json.loads(entry)["values"]["seq"])
-            for device, entry in conn.execute("SELECT device, entry FROM outbox")
-            if "seq" in json.loads(entry)["values"]
+            (device, values["seq"])
+            for _, device, _, values in storefile.outbox_values(conn)
+            if "seq" in values
         }
     finally:
         conn.close()
@@ -324,3 +324,29 @@ async def test_the_wal_never_fills_a_small_disk_by_itself(small_disk: Path) -> N
             assert store.storage == "ok", f"after {second} s"
         assert store.stats.depth == 3000
     assert largest <= (4 << 20) // 4 + (256 << 10)
+
+
+async def test_a_version_4_file_on_a_read_only_disk_is_read_as_it_is_then_migrated(
+    small_disk: Path,
+) -> None:
+    from tests.test_store import _v4_file, _wrapped
+
+    db = small_disk / "gw.db"
+    t = 1_900_000_000_000
+    _v4_file(db, [(1, "tank-a", t, _wrapped(t, {"seq": 1}), None)], {"next_id": 2})
+    _mount("-o", "remount,ro", str(small_disk))
+    try:
+        async with Store.open(db, max_rows=None, max_bytes=None) as store:
+            assert store.storage != "ok"
+            store.append("tank-a", t + 1, {"seq": 2})  # waits in memory
+            rows = await store.peek(10)  # from a read-only view of the version 4 file...
+            rows += await store.peek(10, rows[-1].id)  # ...then from memory
+            assert [r.entry for r in rows] == [_wrapped(t, {"seq": 1}), _wrapped(t + 1, {"seq": 2})]
+            _mount("-o", "remount,rw", str(small_disk))
+            await wait(lambda: store.storage == "ok")
+            await store.flush()
+            rows = await store.peek(10)  # from the file, migrated: one row of each kind
+            assert [r.entry for r in rows] == [_wrapped(t, {"seq": 1}), _wrapped(t + 1, {"seq": 2})]
+    finally:
+        subprocess.run(["mount", "-o", "remount,rw", str(small_disk)], check=False)
+    assert seqs(db) == {("tank-a", 1), ("tank-a", 2)}

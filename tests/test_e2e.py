@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway import storefile
 from sim.node import Faults, SimNode
 from tests.conftest import Broker
 from tests.gateway_harness import config_dict, node_entry, running_gateway, write_config
@@ -125,16 +126,14 @@ async def test_broker_outage_loses_nothing(broker: Broker, tmp_path: Path) -> No
 
 
 def _committed_seqs(db: Path) -> set[int]:
-    import json
-
     conn = sqlite3.connect(db)
     try:
-        rows = conn.execute("SELECT entry FROM outbox").fetchall()
+        rows = list(storefile.outbox_values(conn))
     except sqlite3.OperationalError:  # the gateway is still creating the schema
         return set()
     finally:
         conn.close()
-    return {int(json.loads(r[0])["values"]["seq"]) for r in rows if '"seq"' in r[0]}
+    return {int(values["seq"]) for _, _, _, values in rows if "seq" in values}
 
 
 async def test_sigkill_during_outage_loses_no_committed_reading(

@@ -18,6 +18,7 @@ from gateway.cli_export import TimeError, parse_time
 from gateway.config import load_config
 from gateway.daemon import Gateway
 from gateway.store import Store
+from gateway.storefile import SCHEMA_VERSION
 from sim.node import SimNode
 from tests.conftest import Broker
 from tests.gateway_harness import config_dict, node_entry, write_config
@@ -88,7 +89,7 @@ async def test_export_and_backup_while_the_gateway_runs(broker: Broker, tmp_path
                 try:
                     assert copy.execute("PRAGMA quick_check").fetchone() == ("ok",)
                     assert copy.execute("SELECT COUNT(*) FROM outbox").fetchone()[0] > 0
-                    assert copy.execute("PRAGMA user_version").fetchone()[0] == 4
+                    assert copy.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
                 finally:
                     copy.close()
                 code, _, err = await hydrogate("backup", "-c", str(path),

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway import storehistory
+from gateway import storefile, storehistory
 from gateway.history import HistoryError, HistoryFile
 from gateway.store import Store
 
@@ -240,8 +240,7 @@ async def test_backup_is_a_consistent_copy_while_the_store_writes(tmp_path: Path
     conn = sqlite3.connect(copy)
     try:
         assert conn.execute("PRAGMA quick_check").fetchone() == ("ok",)
-        ids = [json.loads(e)["values"]["i"] for (e,) in conn.execute(
-            "SELECT entry FROM outbox ORDER BY id")]
+        ids = [values["i"] for _, _, _, values in storefile.outbox_values(conn)]
         assert ids[:3000] == list(range(3000))  # everything committed before the start
     finally:
         conn.close()

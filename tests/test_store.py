@@ -11,11 +11,13 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from gateway.store import SCHEMA_VERSION, InvalidMessage, Store, StoreClosed, StoreError
+from gateway.storefile import values_text
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,7 +33,8 @@ async def test_rows_come_back_in_order_with_their_entries(tmp_path: Path) -> Non
         assert all(json.loads(r.entry)["ts"] == r.ts for r in rows)
         assert store.stats.received == 10
         assert store.stats.depth == 10
-        assert store.stats.bytes == sum(len(r.device) + len(r.entry) for r in rows)
+        # The outbox keeps each entry's values only: bytes counts what is stored.
+        assert store.stats.bytes == sum(len(r.device) + len(values_text(r.entry)) for r in rows)
         later = await store.peek(3, after_id=rows[4].id)
         assert later == rows[5:8]
 
@@ -126,7 +129,7 @@ async def test_ack_deletes_by_ranges_and_counts_forwarded(tmp_path: Path) -> Non
         assert [r.id for r in left] == ids[3:5] + ids[7:]
         stats = store.stats
         assert (stats.forwarded, stats.depth) == (5, 5)
-        assert stats.bytes == sum(len(r.device) + len(r.entry) for r in left)
+        assert stats.bytes == sum(len(r.device) + len(values_text(r.entry)) for r in left)
     async with Store.open(path, max_rows=None, max_bytes=None) as store:
         assert (store.stats.forwarded, store.stats.received, store.stats.depth) == (5, 10, 5)
 
@@ -469,7 +472,7 @@ async def test_a_version_1_file_is_migrated_and_keeps_its_rows(
 
     conn = sqlite3.connect(path)
     try:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
         assert conn.execute("SELECT node, controller FROM learned").fetchall() == [
             ("tank-a", "adaptive")
         ]
@@ -546,3 +549,122 @@ async def test_acks_of_written_rows_are_deleted_with_the_next_commit(tmp_path: P
         async with asyncio.timeout(2):  # at most sync_interval later
             assert await store.ack([r.id for r in rows]) == 5
         assert (store.stats.depth, store.stats.forwarded) == (0, 5)
+
+
+# --------------------------------------------- stored entries: values only (version 5)
+def _v4_file(path: Path, rows: list[tuple[int, str, int, str, int | None]], meta: dict[str, object]) -> None:
+    """A file as version 4 wrote it: the same tables, rows keeping their whole entry."""
+    from gateway import storefile
+
+    conn = sqlite3.connect(path)
+    with conn:
+        conn.executescript(
+            storefile._OUTBOX + storefile._REST + storefile._LEARNED + storefile._HISTORY
+        )
+        conn.executemany("INSERT INTO outbox (id, device, ts, entry, mono) VALUES (?, ?, ?, ?, ?)",
+                         rows)
+        conn.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", list(meta.items()))
+        conn.execute("PRAGMA user_version = 4")
+    conn.close()
+
+
+def _wrapped(ts: int, values: dict[str, object]) -> str:
+    return json.dumps({"ts": ts, "values": values}, separators=(",", ":"))
+
+
+async def test_rows_keep_their_values_only_and_go_out_as_whole_entries(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    async with Store.open(path, max_rows=None, max_bytes=None) as store:
+        store.append("tank-a", 1000, {"ph": 6.1, "note": "a,b}"})
+        await store.flush()
+        conn = sqlite3.connect(path)
+        try:
+            assert conn.execute("SELECT ts, entry FROM outbox").fetchall() == [
+                (1000, '{"ph":6.1,"note":"a,b}"}')
+            ]
+        finally:
+            conn.close()
+    async with Store.open(path, max_rows=None, max_bytes=None) as store:  # peeked from SQLite
+        [row] = await store.peek(10)
+        assert json.loads(row.entry) == {"ts": 1000, "values": {"ph": 6.1, "note": "a,b}"}}
+        assert row.entry == _wrapped(1000, {"ph": 6.1, "note": "a,b}"})
+
+
+async def test_a_version_4_file_is_migrated_without_rewriting_its_rows(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from gateway.clock import boot_id
+    from gateway.history import HistoryFile
+
+    path = tmp_path / "v4.db"
+    T = int(time.time() - 60) * 1000  # the history keeps what is younger than history_days
+    old = [
+        (1, "tank-a", T + 5000, _wrapped(T + 5000, {"ph": 6.0, "seq": 1}), None),
+        (2, "tank-b", T + 5001, _wrapped(T + 5001, {"ph": 6.2, "seq": 2}), None),
+        # held for the clock during this boot: re-stamped from its monotonic time
+        (3, "tank-a", T + 7000, _wrapped(T + 7000, {"ph": 6.4, "seq": 3}), 100),
+    ]
+    _v4_file(path, old, {"received": 3, "next_id": 4, "hold_boot": boot_id()})
+    with HistoryFile(path) as db, db.snapshot():  # an export of the file before the upgrade
+        assert [e["values"]["seq"] for e in db.entries("tank-a", 0, 10**13)] == [1, 3]
+
+    caplog.set_level("INFO", logger="hydrogate.store")
+    async with Store.open(path, max_rows=None, max_bytes=None, history_days=1.0) as store:
+        assert any("migrated from version 4 to 5" in r.getMessage() for r in caplog.records)
+        assert [(r.id, r.entry) for r in await store.peek(10)] == [(i, e) for i, _, _, e, _ in old[:2]]
+        assert await store.release(offset_ms=T + 1_000) == 1
+        store.append("tank-b", T + 6000, {"ph": 6.3, "seq": 4})
+        await store.flush()
+        conn = sqlite3.connect(path)
+        try:  # the old rows keep their whole entry (re-stamped inside); the new one its values
+            assert conn.execute("SELECT id, entry FROM outbox ORDER BY id").fetchall() == [
+                (1, old[0][3]), (2, old[1][3]), (3, _wrapped(T + 1_100, {"ph": 6.4, "seq": 3})),
+                (4, '{"ph":6.3,"seq":4}'),
+            ]
+            assert conn.execute("SELECT value FROM meta WHERE key = 'bare_from'").fetchone() == (4,)
+        finally:
+            conn.close()
+        rows = await store.peek(10)
+        assert [json.loads(r.entry) for r in rows] == [
+            {"ts": T + 5000, "values": {"ph": 6.0, "seq": 1}},
+            {"ts": T + 5001, "values": {"ph": 6.2, "seq": 2}},
+            {"ts": T + 1_100, "values": {"ph": 6.4, "seq": 3}},
+            {"ts": T + 6000, "values": {"ph": 6.3, "seq": 4}},
+        ]
+        assert [r.ts for r in rows] == [T + 5000, T + 5001, T + 1_100, T + 6000]
+        with HistoryFile(path) as db, db.snapshot():  # export while buffered: both kinds
+            assert [e["values"]["seq"] for e in db.entries("tank-b", 0, 10**13)] == [2, 4]
+        assert await store.ack([r.id for r in rows]) == 4  # into the history, whole entries
+        await store.flush_history()
+        with HistoryFile(path) as db, db.snapshot():
+            got = [(e["ts"], e["values"]["seq"]) for d in ("tank-a", "tank-b")
+                   for e in db.entries(d, 0, 10**13)]
+        assert sorted(got) == [(T + 1_100, 3), (T + 5000, 1), (T + 5001, 2), (T + 6000, 4)]
+        assert store.stats.depth == 0
+
+
+def test_salvaged_rows_of_either_version_are_restored_as_values_only(tmp_path: Path) -> None:
+    from gateway import storefile
+
+    wrapped = [(1, "tank-a", 5000, _wrapped(5000, {"ph": 6.0}), None)]
+    bare = [(2, "tank-a", 5001, '{"ph":6.1}', None)]
+    broken = [(3, "tank-a", 5002, "{not json", None)]
+    cases = [
+        ({"next_id": 2}, wrapped + broken),  # a version 4 file
+        ({"next_id": 3, "bare_from": 2}, wrapped + bare + broken),  # migrated
+        ({}, wrapped + bare + broken),  # counters unreadable: told apart by their text
+    ]
+    for n, (meta, rows) in enumerate(cases):
+        conn = storefile.connect(tmp_path / f"fresh{n}.db")
+        try:
+            found = storefile.Salvage(rows=list(rows), meta=dict(meta))
+            assert storefile.restore(conn, found) == len(rows) - 1
+            assert list(storefile.outbox_values(conn)) == [
+                (r[0], r[1], r[2], json.loads(storefile.entry_text(r[0], r[2], r[3], 2))["values"])
+                for r in rows[:-1]
+            ]
+            assert conn.execute("SELECT entry FROM outbox WHERE id = 1").fetchone() == (
+                '{"ph":6.0}',
+            )
+        finally:
+            conn.close()
