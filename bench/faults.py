@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 
 from bench.common import ROOT, Broker, Gateway, config_data, until, write_config
 from bench.throughput import free_port, free_port_block
@@ -55,11 +56,12 @@ class Seen:
         self.seen: set[tuple[str, int]] = set()
         self.arrivals: list[float] = []
         self.lock = threading.Lock()
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bench-faults",
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench-faults",
                                   clean_session=False)
         self.client.on_message = self._on_message
         self.client.on_connect = lambda c, *_: c.subscribe("v1/gateway/telemetry", qos=1)
-        self.client.reconnect_delay_set(0.05, 0.5)
+        # Seconds as floats: paho annotates int but only adds and compares them.
+        self.client.reconnect_delay_set(0.05, 0.5)  # type: ignore[arg-type]
         self.client.connect("127.0.0.1", port)
         self.client.loop_start()
 
@@ -294,7 +296,10 @@ def disk_loop(rounds: int, work: Path, rng: random.Random) -> dict[str, Any]:
                 print(f"disk fault {i + 1:3}: no write refused while full", flush=True)
                 continue
             episodes += 1
-            until(lambda b=before: gw.log_text().count("writable again") > b, 30, "recovery")
+            def recovered(before: int = before) -> bool:
+                return gw.log_text().count("writable again") > before
+
+            until(recovered, 30, "recovery")
             recoveries.append(time.monotonic() - freed)
             print(f"disk fault {i + 1:3}: recovered {recoveries[-1]:.1f} s after space came back",
                   flush=True)

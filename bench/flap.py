@@ -61,7 +61,7 @@ class MqttTap:
 
     def feed(self, data: bytes) -> list[tuple[int, int, bytes]]:
         self._buf += data
-        out = []
+        out: list[tuple[int, int, bytes]] = []
         while len(self._buf) >= 2:
             length, shift, i = 0, 0, 1
             while True:
@@ -229,7 +229,7 @@ async def collect_seqs(port: int, seqs: set[int], ready: asyncio.Event) -> None:
         await client.subscribe("v1/gateway/telemetry", qos=1)
         ready.set()
         async for msg in client.messages:
-            payload = json.loads(bytes(msg.payload))  # type: ignore[arg-type]
+            payload = json.loads(msg.payload)
             for entries in payload.values():
                 seqs.update(int(e["values"]["seq"]) for e in entries if "seq" in e["values"])
 

@@ -114,7 +114,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         assert sim.stdout is not None
         sim_addr = sim.stdout.readline().decode().split()[2]
         hostile = HostileNode(seed=args.seed, flood=args.frames)
-        ready, stop, ports = threading.Event(), threading.Event(), []
+        ready, stop = threading.Event(), threading.Event()
+        ports: list[int] = []
         thread = threading.Thread(target=hostile_thread, args=(hostile, ready, stop, ports))
         thread.start()
         ready.wait(10)

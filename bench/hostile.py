@@ -34,6 +34,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from hypothesis import strategies as st
+from paho.mqtt.enums import CallbackAPIVersion
 
 from drivers.nodelink import LineSplitter
 from sim.node import parse_request
@@ -296,7 +297,7 @@ class FakeServer:
     cond: threading.Condition = field(default_factory=threading.Condition)
 
     def __post_init__(self) -> None:
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="fuzz-server")
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="fuzz-server")
         self.client.on_message = self._on_message
         self.client.connect("127.0.0.1", self.port)
         self.client.subscribe([("v1/gateway/#", 1), ("v1/devices/me/#", 1)])

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from bench.producer import frame
-from drivers.nodelink import LineSplitter, decode
+from drivers.nodelink import Event, LineSplitter, decode
 from gateway.clock import SystemClock
 from gateway.config import parse_config
 from gateway.node import NodeRunner
@@ -58,7 +58,9 @@ async def one(n: int, raw: bool, workdir: Path) -> tuple[float, float, float]:
         t0, c0 = time.perf_counter(), time.process_time()
         for start in range(0, len(data), 65536):
             for line in splitter.feed(data[start:start + 65536]):
-                runner._on_event(decode(line))  # noqa: SLF001 - the node task's own entry point
+                event = decode(line)
+                assert isinstance(event, Event)  # the producer writes events only
+                runner._on_event(event)  # noqa: SLF001 - the node task's own entry point
         loop_s = time.perf_counter() - t0
         await store.flush()
         total_s = time.perf_counter() - t0

@@ -45,6 +45,7 @@ import orjson
 import paho.mqtt.client as mqtt
 import psutil
 import yaml
+from paho.mqtt.enums import CallbackAPIVersion
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 
@@ -131,11 +132,12 @@ class Subscriber:
     record_latency: bool = True
 
     def start(self) -> None:
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bench-sub",
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench-sub",
                                   clean_session=False)
         self.client.on_message = self._on_message
         self.client.on_connect = lambda c, *_: c.subscribe("v1/gateway/telemetry", qos=1)
-        self.client.reconnect_delay_set(0.05, 0.2)
+        # Seconds as floats: paho annotates int but only adds and compares them.
+        self.client.reconnect_delay_set(0.05, 0.2)  # type: ignore[arg-type]
         self.client.connect("127.0.0.1", self.port)
         self.client.loop_start()
 
@@ -353,7 +355,7 @@ def baseline_mqtt(workdir: Path, readings: int = 300_000) -> float:
     broker = Broker(workdir)
     broker.start()
     try:
-        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bench-pub")
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench-pub")
         client.max_inflight_messages_set(100)
         client.connect("127.0.0.1", broker.port)
         client.loop_start()

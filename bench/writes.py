@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 
 from bench.common import ROOT, Broker, Gateway, SimNodes, config_data, write_config
 
@@ -51,7 +52,7 @@ class Counter:
     def __init__(self, port: int) -> None:
         self.stamps: list[tuple[str, int]] = []
         self.lock = threading.Lock()
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bench-writes")
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench-writes")
         self.client.on_message = self._on_message
         self.client.on_connect = lambda c, *_: c.subscribe("v1/gateway/telemetry", qos=1)
         self.client.connect("127.0.0.1", port)

@@ -4,4 +4,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh --test
 .venv/bin/ruff check .
+# Strict types over the packages, tests/ and bench/ (the list and options: pyproject.toml).
+.venv/bin/mypy
 .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

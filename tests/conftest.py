@@ -9,7 +9,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -109,9 +109,9 @@ def no_leaked_threads() -> Iterator[None]:
 
 
 @pytest.fixture(autouse=True)
-async def no_leaked_tasks() -> None:
+async def no_leaked_tasks() -> AsyncIterator[None]:
     """Fail an async test that leaves asyncio tasks running on its loop."""
-    yield  # type: ignore[misc]
+    yield
     current = asyncio.current_task()
     for _ in range(50):
         others = [t for t in asyncio.all_tasks() if t is not current and not t.done()]

@@ -143,6 +143,14 @@ def installs(report: Path) -> dict[str, Mapping[str, object]]:
             for item in data["install"]}
 
 
+def download_url(item: Mapping[str, object]) -> str:
+    """Where pip would fetch one item of its report from."""
+    info = item["download_info"]
+    if not isinstance(info, Mapping):
+        raise TypeError(f"pip report item without download_info: {item!r}")
+    return str(info["url"])
+
+
 def debian_numpy(debian_python: Path) -> str:
     """The numpy version of the Debian venv (install.sh pins it while adding a runtime)."""
     return subprocess.run(
@@ -193,7 +201,7 @@ def download(cache: Path, debian_python: Path) -> int:
                     print(f"install_targets: (expected for some targets) {text}",
                           file=sys.stderr)
                 continue
-            urls = [str(item["download_info"]["url"]) for item in installs(report).values()]
+            urls = [download_url(item) for item in installs(report).values()]
             problems += _download(target, urls, cache / "wheels" / target.name)
     for problem in problems:
         print(f"install_targets: {problem}", file=sys.stderr)

@@ -80,7 +80,7 @@ nodes:
 
 def base() -> dict[str, Any]:
     """A valid config with two nodes, to be broken one key at a time."""
-    data = yaml.safe_load(CONTRACT_YAML)
+    data: dict[str, Any] = yaml.safe_load(CONTRACT_YAML)
     data["nodes"].append(
         {"name": "tank-b", "url": "serial:///dev/ttyUSB0", "control": {"crop": "lettuce"}}
     )
@@ -647,7 +647,7 @@ def test_not_a_mapping(data: Any, kind: str | None) -> None:
 def test_unknown_key_without_a_close_match_and_non_string_keys() -> None:
     data = base()
     data["nodes"][0]["zzzzzz"] = 1
-    data[7] = "x"
+    data[7] = "x"  # type: ignore[index]  # a YAML key that is no string, on purpose
     assert errors_of(data) == [("nodes[0].zzzzzz", "unknown key"), ("7", "unknown key")]
 
 

@@ -92,6 +92,7 @@ async def test_attributes_and_set_mode_apply_whole_and_persist(
         async with Recorder(broker.port) as rec:
             async with running_gateway(data) as gw:
                 control = gw.runners["tank-a"].control
+                assert control.settings is not None
                 await rec.wait_for(lambda: rec.on("v1/gateway/attributes/request"),
                                    what="shared attributes requested")
                 request = rec.on("v1/gateway/attributes/request")[0].payload

@@ -468,7 +468,7 @@ async def test_the_700_scale_reaches_thingsboard_named_by_its_unit(broker: Broke
             assert control.settings is not None and control.settings.tds_setpoint == 800.0
             await rec.publish("v1/gateway/attributes",
                               {"device": "tank-a", "data": {"ec_setpoint": 2.0}})
-            await rec.wait_for(lambda: control.settings.tds_setpoint == 1000.0,  # type: ignore[union-attr]
+            await rec.wait_for(lambda: control.settings.tds_setpoint == 1000.0,
                                what="ec_setpoint applied")
             await rec.wait_for(
                 lambda: any("tds_700" in e["values"] for e in rec.entries().get("tank-a", [])),

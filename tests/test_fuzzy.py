@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -161,8 +163,9 @@ def test_mamdani_against_numerical_integral() -> None:
 
 @given(st.floats(-5, 15))
 def test_outputs_stay_within_levels(x: float) -> None:
-    for method in ("sugeno", "mamdani"):
-        r = SMALL.evaluate(x, method=method)  # type: ignore[arg-type]
+    methods: tuple[Literal["sugeno", "mamdani"], ...] = ("sugeno", "mamdani")
+    for method in methods:
+        r = SMALL.evaluate(x, method=method)
         assert 10.0 - 1e-9 <= float(r.outputs["speed"]) <= 30.0 + 1e-9
         assert 0.0 - 1e-9 <= float(r.outputs["time"]) <= 300.0 + 1e-9
 

@@ -57,6 +57,8 @@ async def test_every_rpc_works_locally_and_bad_input_harms_nothing(tmp_path: Pat
             await until(lambda: gw.runners["tank-a"].latest, what="a reading")
             await until(lambda: gw.local is not None and gw.local.serving.is_set(),
                         what="socket served")
+            local = gw.local
+            assert local is not None
             mode = stat.S_IMODE(os.stat(sock).st_mode)
             assert stat.S_ISSOCK(os.stat(sock).st_mode) and mode == 0o660
             assert os.stat(sock).st_gid == os.getegid()
@@ -112,7 +114,7 @@ async def test_every_rpc_works_locally_and_bad_input_harms_nothing(tmp_path: Pat
 
             # A client that connects and says nothing, many of them: bounded.
             held = [await asyncio.open_unix_connection(str(sock)) for _ in range(MAX_CLIENTS)]
-            await until(lambda: len(gw.local._clients) == MAX_CLIENTS, what="all held")
+            await until(lambda: len(local._clients) == MAX_CLIENTS, what="all held")
             extra_reader, extra_writer = await asyncio.open_unix_connection(str(sock))
             refused = json.loads(await extra_reader.readline())
             assert refused["success"] is False and "too many connections" in refused["error"]
@@ -120,7 +122,7 @@ async def test_every_rpc_works_locally_and_bad_input_harms_nothing(tmp_path: Pat
             extra_writer.close()
             for _, writer in held:
                 writer.close()
-            await until(lambda: not gw.local._clients, what="released")
+            await until(lambda: not local._clients, what="released")
             # A client that vanishes mid-request does no harm either.
             _, writer = await asyncio.open_unix_connection(str(sock))
             writer.write(b'{"method": "get_st')
@@ -130,7 +132,7 @@ async def test_every_rpc_works_locally_and_bad_input_harms_nothing(tmp_path: Pat
             before = gw.runners["tank-a"].readings
             assert (await call(sock, "ping"))["success"]
             await until(lambda: gw.runners["tank-a"].readings > before, what="still polling")
-            assert gw.local.bad == 10, "eight malformed, one too long, one cut short"
+            assert local.bad == 10, "eight malformed, one too long, one cut short"
 
             # The blocking client the commands use.
             with await asyncio.to_thread(LocalClient.connect, [tmp_path / "nope", sock]) as c:

@@ -321,18 +321,18 @@ async def test_slow_inference_falls_back_and_busy_worker_is_not_queued() -> None
 
 
 @pytest.mark.parametrize(
-    ("plant", "values", "reason"),
+    ("plant", "level", "reason"),
     [
-        (PlantConstants(tank_volume_l=2000.0), {"water_level": 2000.0}, "log_volume=3.3"),
-        (TANK, {"water_level": 40.0}, "level_ratio=4 outside"),
-        (PlantConstants(tank_volume_l=10.0, stock_ppm=600.0), {}, None),  # stock too weak
-        (PlantConstants(tank_volume_l=10.0, stock_ppm=100_000.0), {}, "log_stock_ratio"),
+        (PlantConstants(tank_volume_l=2000.0), 2000.0, "log_volume=3.3"),
+        (TANK, 40.0, "level_ratio=4 outside"),
+        (PlantConstants(tank_volume_l=10.0, stock_ppm=600.0), 10.0, None),  # stock too weak
+        (PlantConstants(tank_volume_l=10.0, stock_ppm=100_000.0), 10.0, "log_stock_ratio"),
     ],
 )
 async def test_features_outside_the_training_range_fall_back(
-    ml: MlController, plant: PlantConstants, values: dict[str, float], reason: str | None
+    ml: MlController, plant: PlantConstants, level: float, reason: str | None
 ) -> None:
-    context = ctx("tds", 500.0, plant=plant, **values)
+    context = ctx("tds", 500.0, plant=plant, water_level=level)
     decision = await ml.decide(context)
     if reason is None:  # no dose can help: the controller says so, no model needed
         assert decision.controller == "ml" and decision.doses == ()

@@ -252,7 +252,7 @@ def test_check_reply_lets_refusals_through() -> None:
 
 
 def test_clean_values_keeps_finite_numbers_and_null() -> None:
-    values = {
+    values: dict[str, object] = {
         "ph": 6.1,
         "tds_v": 1,
         "gone": None,

@@ -113,10 +113,12 @@ async def test_replies_without_id_are_named() -> None:
     bad = failed(results)
     assert "hello" in bad
     assert "neither an integer 'id'" in bad["hello"].detail
-    assert bad["hello"].frame == b'{"ok":true,"node":"tank-a","fw":"sim-1.0.0","proto":1,' \
+    frame = bad["hello"].frame
+    assert frame is not None
+    assert frame == b'{"ok":true,"node":"tank-a","fw":"sim-1.0.0","proto":1,' \
         b'"sensors":["tds","ph","water_temp","water_level","air_temp","humidity"],' \
         b'"actuators":["ph_up","ph_down","nutrient","refill"]}*' + \
-        b"%04X" % crc16(bad["hello"].frame.split(b"*")[0])
+        b"%04X" % crc16(frame.split(b"*")[0])
 
 
 async def test_missing_validation_and_interlock_are_named() -> None:

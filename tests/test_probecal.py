@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given
@@ -37,7 +38,9 @@ def test_nernst_and_the_buffers_at_temperature() -> None:
     assert buffer_ph(7.00, 60.0) is None
 
 
-def electrode(slope_pct: float, offset_mv: float, *, gain: float = 1000.0, zero: float = 0.0):
+def electrode(
+    slope_pct: float, offset_mv: float, *, gain: float = 1000.0, zero: float = 0.0
+) -> Callable[[float, float], float]:
     """The raw value a probe of that slope and offset gives in a buffer, via a front end."""
 
     def raw(ph: float, temp_c: float) -> float:
@@ -74,7 +77,7 @@ def test_an_amplified_front_end_and_adc_counts() -> None:
     # A board that amplifies ×3 around 1.5 V (DFRobot pH V2 style), read as ph_v in volts.
     raw = electrode(97.0, -8.0, gain=1000.0 / 3.0, zero=1.5)
     cal = fit_ph(points(raw), FrontEnd(1000.0 / 3.0, 1.5))
-    assert (cal.slope_pct, cal.offset_mv) == (pytest.approx(97.0), pytest.approx(-8.0))
+    assert (cal.slope_pct, cal.offset_mv) == pytest.approx((97.0, -8.0))
     assert front_end_for("ph_v") == FrontEnd(1000.0)
     assert front_end_for("ph_mv") == FrontEnd(1.0)
     assert front_end_for("ph_adc") is None

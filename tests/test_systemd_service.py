@@ -24,6 +24,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 import yaml
+from paho.mqtt.enums import CallbackAPIVersion
 
 from tests.conftest import MOSQUITTO, free_port, wait_port
 from tests.systemd_harness import SystemdNamespace, available
@@ -197,7 +198,7 @@ def test_serial_and_tls_work_inside_the_sandbox(
     shutil.copy(ca, ns.path("/etc/hydrogate/ca.pem"))
     write_config(ns, config(pty_node, port))
     seen: list[Any] = []
-    sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="sd-test")
+    sub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="sd-test")
     sub.tls_set(ca_certs=str(ca))
     sub.on_message = lambda c, u, m: seen.append(json.loads(m.payload))
     sub.connect("127.0.0.1", port)

@@ -223,7 +223,8 @@ def test_parse_rpc() -> None:
         b'{"device":"tank-a","data":{"id":42,"method":"force_on","params":{"x":1}}}'
     )
     assert req == tbmsg.RpcRequest("tank-a", 42, "force_on", {"x": 1})
-    assert tbmsg.parse_rpc(b'{"device":"t","data":{"id":1,"method":"stop"}}').params is None
+    bare = tbmsg.parse_rpc(b'{"device":"t","data":{"id":1,"method":"stop"}}')
+    assert bare is not None and bare.params is None
 
 
 def test_parse_rpc_ignores_replies_echoed_by_a_plain_broker() -> None:

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from rules.controller import ControllerError, DecisionContext, Dose, PlantConstants, create, names
-from rules.thesis import PH_SYSTEM, SYSTEMS, TDS_SYSTEM, doses_for, thesis_output
+from rules.thesis import PH_SYSTEM, SYSTEMS, TDS_SYSTEM, Loop, Method, doses_for, thesis_output
 
 # The rule tables as docs/references.md prints them (rows error NB..PB, columns Δerror NB..PB),
 # typed again here rather than imported, so the test checks the module's data.
@@ -29,11 +29,14 @@ LEVELS = {
     "ph": {"pwm": {"S": 127, "M": 178, "F": 255}, "time_ms": {"B": 0, "M": 2500, "L": 5000}},
 }
 # Points where exactly one set of each input has full membership (and no other any).
-PEAKS = {
+PEAKS: dict[Loop, tuple[list[float], list[float]]] = {
     "tds": ([-200, -100, 0, 100, 200], [-100, -50, 0, 50, 100]),
     "ph": ([-0.4, -0.1, 0, 0.1, 0.4], [-0.4, -0.1, 0, 0.1, 0.4]),
 }
-SETS_REF = {
+Trapezoid = tuple[float, float, float, float]
+# Per loop: the error's sets, the Δerror's sets, the error's and the Δerror's universe.
+SETS_REF: dict[Loop, tuple[list[Trapezoid], list[Trapezoid], tuple[float, float],
+                           tuple[float, float]]] = {
     "tds": (
         [(-250, -250, -200, -100), (-200, -100, -100, 0), (-100, 0, 0, 100), (0, 100, 100, 200),
          (100, 200, 250, 250)],
@@ -51,14 +54,14 @@ SETS_REF = {
 }
 
 
-def table_value(loop: str, output: str, i: int, j: int) -> int:
+def table_value(loop: Loop, output: str, i: int, j: int) -> int:
     return LEVELS[loop][output][REF[loop][output][i].split()[j]]
 
 
 @pytest.mark.parametrize("loop", ["tds", "ph"])
-def test_sets_are_the_thesis_sets(loop: str) -> None:
+def test_sets_are_the_thesis_sets(loop: Loop) -> None:
     e_sets, de_sets, e_uni, de_uni = SETS_REF[loop]
-    system = SYSTEMS[loop]  # type: ignore[index]
+    system = SYSTEMS[loop]
     e_var, de_var = system.inputs
     assert [mf.points for mf in e_var.sets.values()] == [tuple(map(float, p)) for p in e_sets]
     assert [mf.points for mf in de_var.sets.values()] == [tuple(map(float, p)) for p in de_sets]
@@ -68,10 +71,10 @@ def test_sets_are_the_thesis_sets(loop: str) -> None:
 
 @pytest.mark.parametrize("method", ["sugeno", "mamdani"])
 @pytest.mark.parametrize("loop", ["tds", "ph"])
-def test_all_25_peaks_give_the_table(loop: str, method: str) -> None:
+def test_all_25_peaks_give_the_table(loop: Loop, method: Method) -> None:
     es, des = PEAKS[loop]
     e, de = np.meshgrid(es, des, indexing="ij")
-    out = thesis_output(loop, e, de, method)  # type: ignore[arg-type]
+    out = thesis_output(loop, e, de, method)
     want_pwm = [[table_value(loop, "pwm", i, j) for j in range(5)] for i in range(5)]
     want_time = [[table_value(loop, "time_ms", i, j) for j in range(5)] for i in range(5)]
     assert out.pwm.tolist() == want_pwm
@@ -110,20 +113,21 @@ def test_no_rule_fallback_of_the_firmware() -> None:
 
 
 @pytest.mark.parametrize("loop", ["tds", "ph"])
-def test_inputs_beyond_the_universe_act_like_its_edge(loop: str) -> None:
+def test_inputs_beyond_the_universe_act_like_its_edge(loop: Loop) -> None:
     big = 1000.0 if loop == "tds" else 10.0
     edge_e = 250.0 if loop == "tds" else 1.5
     edge_de = 150.0 if loop == "tds" else 1.5
     for s in (-1, 1):
-        a = thesis_output(loop, s * big, s * big)  # type: ignore[arg-type]
-        b = thesis_output(loop, s * edge_e, s * edge_de)  # type: ignore[arg-type]
+        a = thesis_output(loop, s * big, s * big)
+        b = thesis_output(loop, s * edge_e, s * edge_de)
         assert (int(a.pwm), int(a.time_ms)) == (int(b.pwm), int(b.time_ms))
 
 
 @given(st.floats(-400, 400), st.floats(-300, 300))
 def test_tds_outputs_within_levels(e: float, de: float) -> None:
-    for method in ("sugeno", "mamdani"):
-        out = thesis_output("tds", e, de, method)  # type: ignore[arg-type]
+    methods: tuple[Method, ...] = ("sugeno", "mamdani")
+    for method in methods:
+        out = thesis_output("tds", e, de, method)
         assert 178 <= int(out.pwm) <= 255
         assert 0 <= int(out.time_ms) <= 2000
 
@@ -156,9 +160,9 @@ def test_pump_mapping() -> None:
     assert doses_for("ph", 0.2, 178, 0) == ()
 
 
-def ctx(loop: str, setpoint: float, measured: float, previous: float | None,
+def ctx(loop: Loop, setpoint: float, measured: float, previous: float | None,
         band: tuple[float, float]) -> DecisionContext:
-    return DecisionContext(loop, setpoint, measured, previous, {}, PlantConstants(), band)  # type: ignore[arg-type]
+    return DecisionContext(loop, setpoint, measured, previous, {}, PlantConstants(), band)
 
 
 async def test_fuzzy_controller_decides() -> None:
@@ -210,7 +214,7 @@ async def test_mamdani_and_closeloop_controllers() -> None:
 
 # ------------------------------------------------ cross-check with scikit-fuzzy
 
-def _reference_sugeno(loop: str, e: float, de: float) -> tuple[float, float] | None:
+def _reference_sugeno(loop: Loop, e: float, de: float) -> tuple[float, float] | None:
     """Independent Sugeno with scikit-fuzzy's membership functions, one point at a time."""
     fz = pytest.importorskip("skfuzzy")
     e_sets, de_sets, (elo, ehi), (dlo, dhi) = SETS_REF[loop]
@@ -230,13 +234,13 @@ def _reference_sugeno(loop: str, e: float, de: float) -> tuple[float, float] | N
 
 
 @pytest.mark.parametrize("loop", ["tds", "ph"])
-def test_sugeno_matches_scikit_fuzzy(loop: str) -> None:
+def test_sugeno_matches_scikit_fuzzy(loop: Loop) -> None:
     pytest.importorskip("skfuzzy")
     rng = np.random.default_rng(7)
     scale = (300.0, 200.0) if loop == "tds" else (1.8, 1.8)
     e = rng.uniform(-scale[0], scale[0], 400)
     de = rng.uniform(-scale[1], scale[1], 400)
-    got = SYSTEMS[loop].sugeno(e, de)  # type: ignore[index]
+    got = SYSTEMS[loop].sugeno(e, de)
     for k in range(len(e)):
         ref = _reference_sugeno(loop, float(e[k]), float(de[k]))
         assert ref is not None
@@ -245,10 +249,10 @@ def test_sugeno_matches_scikit_fuzzy(loop: str) -> None:
 
 
 @pytest.mark.parametrize("loop", ["tds", "ph"])
-def test_mamdani_matches_scikit_fuzzy(loop: str) -> None:
+def test_mamdani_matches_scikit_fuzzy(loop: Loop) -> None:
     fz = pytest.importorskip("skfuzzy")
     rng = np.random.default_rng(11)
-    system = SYSTEMS[loop]  # type: ignore[index]
+    system = SYSTEMS[loop]
     scale = (260.0, 160.0) if loop == "tds" else (1.6, 1.6)
     e = rng.uniform(-scale[0], scale[0], 60)
     de = rng.uniform(-scale[1], scale[1], 60)

@@ -62,7 +62,7 @@ async def serve(node: SimNode) -> str:
 def true_strength(node: SimNode, result: dict[str, Any]) -> float:
     """The plant's own ml/L per pH unit over the span the titration reports."""
     pump, low, high = result["actuator"], result["ph_from"], result["ph_to"]
-    return node.plant.titration_ml_per_l(pump, low, high) / abs(high - low)
+    return node.plant.titration_ml_per_l(pump, low, high) / abs(float(high) - float(low))
 
 
 def strength_near(params: PlantParams, pump: str, ph: float = 6.0) -> float:
@@ -109,7 +109,10 @@ async def test_two_chemistries_measured_within_15_percent(tmp_path: Path) -> Non
         config = write_config(tmp_path / "gw.yaml", data)
         async with running_gateway(data) as gw:
             for name in ("tank-a", "tank-b"):
-                await until(lambda name=name: "ph" in gw.runners[name].latest, what="pH")
+                def has_ph(name: str = name) -> bool:
+                    return "ph" in gw.runners[name].latest
+
+                await until(has_ph, what="pH")
             reply = await call(sock, "titrate", {"actuator": "ph_down"}, device="tank-a")
             assert reply["success"], reply
             assert isinstance(reply["started"], int)
@@ -148,6 +151,7 @@ async def test_two_chemistries_measured_within_15_percent(tmp_path: Path) -> Non
             assert any(e.get("titration") == "done" for e in entries)
             assert any("ph_down_ml_per_l_per_unit" in e for e in entries)
             assert any("titration_ph" in e for e in entries)
+            assert gw.store is not None
             stored = await gw.store.load_learned("tank-a", TITRATION_KEY)
             assert stored is not None and "ph_down" in stored[0]["results"]
     finally:
@@ -223,7 +227,9 @@ async def test_refusals_force_and_cancel_by_stop(tmp_path: Path) -> None:
             await node.close()
 
 
-async def test_result_survives_a_restart_until_the_plant_section_is_edited(tmp_path: Path) -> None:
+async def test_result_survives_a_restart_until_the_plant_section_is_edited(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     node = SimNode("tank-a", Reservoir.from_state(tds=800, ph=6.0, params=STRONG, seed=5))
     try:
         guess = round(0.8 * strength_near(STRONG, "ph_down"), 3)
@@ -237,11 +243,11 @@ async def test_result_survives_a_restart_until_the_plant_section_is_edited(tmp_p
             control = gw.runners["tank-a"].control
             save = control.save_knowledge
 
-            async def slow_save() -> None:
+            async def slow_save(*, envelope: bool = False) -> None:
                 await asyncio.sleep(1.0)
-                await save()
+                await save(envelope=envelope)
 
-            control.save_knowledge = slow_save  # type: ignore[method-assign]
+            monkeypatch.setattr(control, "save_knowledge", slow_save)
             assert (await call(sock, "titrate", {"actuator": "ph_down"}, device="tank-a"))[
                 "success"]
             status = await titration_end(sock, "tank-a")
@@ -271,6 +277,7 @@ async def test_result_survives_a_restart_until_the_plant_section_is_edited(tmp_p
             control = gw.runners["tank-a"].control
             assert control.plant.ph_ml_per_l_per_unit["ph_down"] == measured
             assert control.envelope.learned()["anchors"]["ph_down"] == anchors
+            assert gw.store is not None
             assert await gw.store.load_learned("tank-a", TITRATION_KEY) is None
     finally:
         await node.close()

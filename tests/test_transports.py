@@ -9,7 +9,7 @@ import socket
 import time
 import tty
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, TypedDict
 from urllib.parse import SplitResult
 
 import pytest
@@ -258,6 +258,15 @@ def test_backoff_jitter_is_seeded_and_bounded() -> None:
     assert len(set(delays[-5:])) == 5  # jitter applies at the cap too
 
 
+class BackoffArgs(TypedDict, total=False):
+    """Keyword arguments of `Backoff` (the numeric ones)."""
+
+    initial: float
+    maximum: float
+    factor: float
+    jitter: float
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [
@@ -268,6 +277,6 @@ def test_backoff_jitter_is_seeded_and_bounded() -> None:
         {"jitter": -0.1},
     ],
 )
-def test_backoff_refuses_nonsense(kwargs: dict[str, float]) -> None:
+def test_backoff_refuses_nonsense(kwargs: BackoffArgs) -> None:
     with pytest.raises(ValueError):
         Backoff(**kwargs)

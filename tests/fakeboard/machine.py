@@ -68,6 +68,8 @@ class Pin:
 
 
 class PWM:
+    _duty: int
+
     def __init__(self, pin: Pin, freq: int = 1000, duty_u16: int = 0) -> None:
         self.pin = pin
         self.freq = freq

@@ -9,6 +9,7 @@ its 2^30 wrap, so the firmware's clock crosses a wrap in every run.
 
 from __future__ import annotations
 
+import io
 import sys
 import time
 from pathlib import Path
@@ -30,7 +31,8 @@ def ticks_diff(a: int, b: int) -> int:
 
 
 def main() -> None:
-    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[attr-defined]
+    assert isinstance(sys.stdout, io.TextIOWrapper)  # a pipe to the test, never replaced
+    sys.stdout.reconfigure(line_buffering=True)
     time.ticks_ms = ticks_ms  # type: ignore[attr-defined]
     time.ticks_diff = ticks_diff  # type: ignore[attr-defined]
     time.sleep_us = lambda us: time.sleep(us / 1e6)  # type: ignore[attr-defined]
