@@ -1,10 +1,17 @@
-"""Shared fixtures: a real Mosquitto broker on a free loopback port, and a leak check."""
+"""Shared fixtures: a real Mosquitto broker on a free loopback port, and leak checks.
+
+Every test fails if it leaves behind descriptors (sockets, pipes, files), child
+processes, threads or asyncio tasks.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -14,6 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+from tests import leaks
+
+pytest_plugins = ["pytester"]  # tests/test_leaks.py runs the leak check on leaky tests
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 
@@ -59,11 +70,10 @@ class Broker:
             "max_queued_messages 0\n"
             "log_type error\n"
         )
-        self.proc = subprocess.Popen(
-            [MOSQUITTO, "-c", str(conf)],
-            stdout=subprocess.DEVNULL,
-            stderr=open(self.workdir / "mosquitto.log", "ab"),  # noqa: SIM115
-        )
+        with open(self.workdir / "mosquitto.log", "ab") as log:
+            self.proc = subprocess.Popen(
+                [MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=log
+            )
         wait_port(self.port)
 
     def stop(self) -> None:
@@ -89,6 +99,35 @@ def broker(tmp_path: Path) -> Iterator[Broker]:
         yield b
     finally:
         b.stop()
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_resources() -> Iterator[None]:
+    """Fail a test that leaves descriptors or child processes behind (see tests/leaks.py).
+
+    First of the autouse fixtures, so the others and the test's own fixtures (the
+    broker, the event loop) are set up after the first snapshot and torn down
+    before the second. What closes only once garbage is collected, or a few
+    moments later (a child that exits after SIGTERM), is given that chance. Left
+    children are killed once reported, so that the next tests do not inherit them.
+    """
+    before = leaks.snapshot()
+    yield
+    found = leaks.leaked(before, leaks.snapshot())
+    if found:
+        gc.collect()
+    deadline = time.monotonic() + leaks.GRACE_S
+    while found and time.monotonic() < deadline:
+        time.sleep(0.05)
+        found = leaks.leaked(before, leaks.snapshot())
+    if not found:
+        return
+    for pid in leaks.child_processes().keys() - before.children.keys():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+    pytest.fail("test left behind: " + "; ".join(found))
 
 
 @pytest.fixture(autouse=True)
