@@ -26,7 +26,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from .errors import LinkDown, NodeRefused, RequestTimeout, TransportError
 from .nodelink import (
@@ -101,6 +101,19 @@ class LinkStats:
         return sum(v for k, v in self._counts.items() if k not in _NOT_ERRORS)
 
 
+class MonotonicClock(Protocol):
+    """What a link reads of a clock: the daemon's `gateway.clock.Clock` is one."""
+
+    def monotonic(self) -> float: ...
+
+
+class HostMonotonic:
+    """The host's monotonic clock, what a link reads unless it is handed another."""
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+
 @dataclass(slots=True)
 class _Pending:
     id: int
@@ -123,11 +136,13 @@ class Link:
         retries: int,
         keepalive: float,
         first_id: int,
+        clock: MonotonicClock,
     ) -> None:
         self.url = url
         self.stats = stats
         self.last_rx: float | None = None
-        """``time.monotonic()`` when the last valid frame arrived (None before the first)."""
+        """``clock.monotonic()`` when the last valid frame arrived (None before the first)."""
+        self._clock = clock
         self._reader = reader
         self._writer = writer
         self._on_event = on_event
@@ -140,7 +155,7 @@ class Link:
         self._recent: deque[int] = deque(maxlen=_RECENT_IDS)
         self._down_reason: str | None = None
         self._down = asyncio.Event()
-        self._last_tx = time.monotonic()
+        self._last_tx = clock.monotonic()
         self._callback_failed = False
 
     @property
@@ -192,7 +207,7 @@ class Link:
     async def _send_and_wait(self, frame: bytes, waiter: asyncio.Future[Reply]) -> Reply:
         try:
             self._writer.write(frame)
-            self._last_tx = time.monotonic()
+            self._last_tx = self._clock.monotonic()
             self.stats.count("frames_out")
             await self._writer.drain()
         except OSError as exc:
@@ -264,7 +279,7 @@ class Link:
                 self._deliver(msg)
         if valid:
             stats.count("frames_in", valid)
-            self.last_rx = time.monotonic()
+            self.last_rx = self._clock.monotonic()
 
     def _on_reply(self, reply: Reply) -> None:
         pending = self._pending
@@ -298,12 +313,12 @@ class Link:
     async def _keepalive_loop(self) -> None:
         """Ping whenever nothing was sent for ``keepalive`` seconds."""
         while self._down_reason is None:
-            idle = time.monotonic() - self._last_tx
+            idle = self._clock.monotonic() - self._last_tx
             if idle < self._keepalive:
                 await asyncio.sleep(self._keepalive - idle)
                 continue
             async with self._lock:
-                if time.monotonic() - self._last_tx < self._keepalive:
+                if self._clock.monotonic() - self._last_tx < self._keepalive:
                     continue  # a request went out while we waited for the lock
                 try:
                     await self._exchange("ping", {})
@@ -333,14 +348,17 @@ async def open_link(
     keepalive: float = 10.0,
     connect_timeout: float = 10.0,
     first_id: int = ID_MIN,
+    clock: MonotonicClock | None = None,
 ) -> AsyncIterator[Link]:
     """Open the transport ``url`` names and run a NodeLink session on it.
 
     ``timeout`` is per attempt; ``retries`` extra attempts are made for the
     idempotent ops (``RETRYABLE``). ``keepalive`` must stay well under the
     node's 30 s watchdog. ``first_id`` is the first request id (tests use it
-    to cross the wrap at 2^31-1). Raises ``TransportError`` if the transport
-    cannot be opened within ``connect_timeout`` seconds.
+    to cross the wrap at 2^31-1). ``clock`` times the keepalive and ``last_rx``
+    (the daemon passes its own; the host's monotonic clock by default). Raises
+    ``TransportError`` if the transport cannot be opened within ``connect_timeout``
+    seconds.
     """
     if timeout <= 0 or keepalive <= 0 or connect_timeout <= 0:
         raise ValueError("timeout, keepalive and connect_timeout must be positive")
@@ -363,6 +381,7 @@ async def open_link(
         retries=retries,
         keepalive=keepalive,
         first_id=first_id,
+        clock=clock if clock is not None else HostMonotonic(),
     )
     tasks = (
         asyncio.create_task(link._guard(link._read_loop(), "reader"), name=f"nodelink-read {url}"),

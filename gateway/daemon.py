@@ -282,6 +282,7 @@ class Gateway:
             devices=lambda: list(self.runners),
             health_interval=self.config.gateway.health_interval,
             health_extra=self.health_extra,
+            clock=self.clock,
             faults=self.faults,
         )
         for name in self.runners:

@@ -133,6 +133,7 @@ class NodeRunner:
             timeout=cfg.timeout,
             retries=cfg.retries,
             keepalive=cfg.keepalive,
+            clock=self._clock,
         ) as link:
             hello = await link.request("hello")
             self._on_hello(hello)

@@ -37,7 +37,6 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -45,6 +44,7 @@ from typing import Any, Protocol
 import aiomqtt
 
 from gateway import tbmsg
+from gateway.clock import Clock, SystemClock
 from gateway.config import ThingsBoardConfig
 from gateway.faults import FaultLog, clip, quote
 from gateway.reconnect import PATIENT_MAX_S, RetryPolicy, patience_reason
@@ -137,7 +137,7 @@ class Uplink:
         health_interval: float = 60.0,
         health_extra: Callable[[], Mapping[str, Any]] | None = None,
         window: int = WINDOW,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Clock | None = None,
         faults: FaultLog | None = None,
     ) -> None:
         if window < 1:
@@ -151,7 +151,7 @@ class Uplink:
         self._health_interval = health_interval
         self._health_extra = health_extra
         self._window = window
-        self._clock = clock
+        self._clock: Clock = clock if clock is not None else SystemClock()
         self._limit = tbmsg.payload_limit(config.max_payload_bytes)
         self._rpc_limit = tbmsg.payload_limit(config.max_payload_bytes, tbmsg.RPC)
         self._attr_limit = tbmsg.payload_limit(config.max_payload_bytes, tbmsg.ATTRIBUTES)
@@ -161,7 +161,7 @@ class Uplink:
         self._attributes_changed = asyncio.Event()
         #: Faults of server input, by kind; shared with the daemon's when it passes one.
         self.faults = faults if faults is not None else FaultLog(log)
-        self._started = clock()
+        self._started = self._clock.monotonic()
         self._session: _Session | None = None
         self._sessions = 0
         self._connected_at: float | None = None  # when the current attempt got its session
@@ -219,10 +219,10 @@ class Uplink:
         """Keep a session up until cancelled (then say goodbye to every device)."""
         retry = RetryPolicy()
         while True:
-            attempt_start = self._clock()
+            attempt_start = self._clock.monotonic()
             self.stats.attempts += 1
             error = await self._attempt()
-            now = self._clock()
+            now = self._clock.monotonic()
             self.stats.last_error = f"{type(error).__name__}: {error}"
             patience = patience_reason(error)
             if self._connected_at is not None:  # this attempt had a session: it is gone now
@@ -286,10 +286,10 @@ class Uplink:
         return error if error is not None else ConnectionError("session ended")
 
     async def _serve(self, client: aiomqtt.Client) -> None:
-        session = _Session(client, started=self._clock())
+        session = _Session(client, started=self._clock.monotonic())
         await client.subscribe([(topic, 1) for topic in tbmsg.SUBSCRIPTIONS])
         await self._announce(session, self._devices())
-        self._connected_at = self._clock()
+        self._connected_at = self._clock.monotonic()
         self._session = session
         if self._down_since is not None:
             self.stats.last_outage_s = self._connected_at - self._down_since
@@ -460,7 +460,7 @@ class Uplink:
             "evicted": s.evicted,
             "received": s.received,
             "duplicates_resent": s.duplicates_resent,
-            "uptime_s": round(self._clock() - self._started, 1),
+            "uptime_s": round(self._clock.monotonic() - self._started, 1),
             "published": self.stats.published,
             "reconnects": self.stats.reconnects,
             "malformed_in": self.stats.malformed,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import gc
 import os
 import shutil
@@ -45,6 +46,40 @@ def wait_port(port: int, timeout: float = 10.0) -> None:
         except OSError:
             time.sleep(0.05)
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
+
+
+class FakeClock:
+    """The tests' clock: a `gateway.clock.Clock` whose wall and monotonic time move only
+    when the test says so. `advance` moves both; stepping ``wall`` alone is what NTP does.
+
+    ``now()`` is local time like `SystemClock`'s, or in ``tz`` when one is given. For
+    a component that takes a bare monotonic function (the simulated node), pass
+    ``clock.monotonic``.
+    """
+
+    def __init__(
+        self,
+        wall: float = 1_732_200_000.0,
+        mono: float = 1000.0,
+        tz: datetime.tzinfo | None = None,
+    ) -> None:
+        self.wall = wall
+        self.mono = mono
+        self.tz = tz
+
+    def time(self) -> float:
+        return self.wall
+
+    def monotonic(self) -> float:
+        return self.mono
+
+    def now(self) -> datetime.datetime:
+        when = datetime.datetime.fromtimestamp(self.wall, tz=self.tz)
+        return when if self.tz is not None else when.astimezone()
+
+    def advance(self, seconds: float) -> None:
+        self.wall += seconds
+        self.mono += seconds
 
 
 @dataclass

@@ -14,30 +14,10 @@ import pytest
 from bench.shims import build, set_clock
 from gateway.clock import STAMP_SEARCH_MS, ClockEvent, Stamps, TimeKeeper, describe_seconds
 from gateway.store import Store
+from tests.conftest import FakeClock
 
 ROOT = Path(__file__).resolve().parent.parent
 DAY_MS = 86_400_000
-
-
-class FakeClock:
-    """Wall and monotonic time set by the test; stepping ``wall`` is what NTP does."""
-
-    def __init__(self, wall: float = 1_732_200_000.0, mono: float = 1000.0) -> None:
-        self.wall = wall
-        self.mono = mono
-
-    def time(self) -> float:
-        return self.wall
-
-    def monotonic(self) -> float:
-        return self.mono
-
-    def now(self) -> datetime.datetime:
-        return datetime.datetime.fromtimestamp(self.wall).astimezone()
-
-    def advance(self, seconds: float) -> None:
-        self.wall += seconds
-        self.mono += seconds
 
 
 # ------------------------------------------------------------------ Stamps

@@ -33,6 +33,7 @@ from rules.controller import (
     PlantConstants,
     register,
 )
+from tests.conftest import FakeClock
 
 NAME = "test-tutor"
 NODE = "tank-a"
@@ -70,27 +71,6 @@ class Tutor:
         if not isinstance(decisions, int) or decisions < 1:
             raise ControllerError(f"decisions must be a positive integer, got {decisions!r}")
         self.decisions = decisions
-
-
-class FakeClock:
-    """Wall and monotonic time that move only when the test says so."""
-
-    def __init__(self) -> None:
-        self.wall = 1_732_200_000.0
-        self.mono = 1000.0
-
-    def time(self) -> float:
-        return self.wall
-
-    def monotonic(self) -> float:
-        return self.mono
-
-    def now(self) -> datetime.datetime:
-        return datetime.datetime.fromtimestamp(self.wall, tz=datetime.UTC)
-
-    def advance(self, seconds: float) -> None:
-        self.wall += seconds
-        self.mono += seconds
 
 
 @pytest.fixture
@@ -181,7 +161,7 @@ async def test_which_controllers_are_learners(tutors: list[Tutor]) -> None:
 async def test_learned_state_is_saved_when_it_changes_and_only_then(
     tutors: list[Tutor], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    clock = FakeClock()
+    clock = FakeClock(tz=datetime.UTC)
     async with started(tmp_path / "gw.sqlite", node_config(), clock) as (control, store, runner):
         saves = count_calls(monkeypatch, store, "save_learned")
         await control.tick()  # cycle started, nothing decided: nothing learned, nothing saved
@@ -209,7 +189,7 @@ async def test_a_restart_restores_what_was_learned(
     tutors: list[Tutor], tmp_path: Path, caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    path, clock = tmp_path / "gw.sqlite", FakeClock()
+    path, clock = tmp_path / "gw.sqlite", FakeClock(tz=datetime.UTC)
     async with started(path, node_config(), clock) as (control, _, _):
         await decide_once(control, clock)
         assert tutors[-1].learned() == {"decisions": 1, "ratio": 0.625}
@@ -218,7 +198,7 @@ async def test_a_restart_restores_what_was_learned(
     # plant written out with its default values is the same plant.
     explicit = {"tank_volume_l": 10, "stock_ppm": 10000,
                 "flow_ml_s": {"nutrient": 1.58, "ph_up": 1.58, "ph_down": 1.58, "refill": 1.58}}
-    async with started(path, node_config(plant=explicit), FakeClock()) as (control, store, runner):
+    async with started(path, node_config(plant=explicit), FakeClock(tz=datetime.UTC)) as (control, store, runner):
         assert len(tutors) == 2
         assert (tutors[1].decisions, tutors[1].ratio) == (1, 0.625)
         restored = [r for r in caplog.records if "restored what test-tutor learned" in r.message]
@@ -232,11 +212,11 @@ async def test_a_restart_restores_what_was_learned(
 async def test_changed_plant_constants_discard_what_was_learned(
     tutors: list[Tutor], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    path, clock = tmp_path / "gw.sqlite", FakeClock()
+    path, clock = tmp_path / "gw.sqlite", FakeClock(tz=datetime.UTC)
     async with started(path, node_config(), clock) as (control, _, _):
         await decide_once(control, clock)
     caplog.set_level(logging.INFO, logger="hydrogate.control")
-    clock = FakeClock()
+    clock = FakeClock(tz=datetime.UTC)
     bigger = node_config(plant={"tank_volume_l": 20})
     async with started(path, bigger, clock) as (control, store, runner):
         assert (tutors[-1].decisions, tutors[-1].ratio) == (0, None), "starts fresh"
@@ -266,7 +246,7 @@ async def test_a_state_the_controller_refuses_is_logged_and_it_starts_fresh(
     async with Store.open(path, max_rows=None, max_bytes=None) as store:
         await store.save_learned(NODE, NAME, state, plant_fingerprint(PlantConstants()))
     caplog.set_level(logging.INFO, logger="hydrogate.control")
-    clock = FakeClock()
+    clock = FakeClock(tz=datetime.UTC)
     async with started(path, node_config(), clock) as (control, store, runner):
         [warning] = [r for r in caplog.records if r.levelno == logging.WARNING]
         assert "test-tutor learned" in warning.message and why in warning.message
@@ -285,7 +265,7 @@ async def test_a_state_the_controller_refuses_is_logged_and_it_starts_fresh(
 async def test_a_damaged_row_is_logged_and_the_controller_starts_fresh(
     tutors: list[Tutor], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    path, clock = tmp_path / "gw.sqlite", FakeClock()
+    path, clock = tmp_path / "gw.sqlite", FakeClock(tz=datetime.UTC)
     async with started(path, node_config(), clock) as (control, _, _):
         await decide_once(control, clock)
     conn = sqlite3.connect(path)
@@ -303,7 +283,7 @@ async def test_a_damaged_row_is_logged_and_the_controller_starts_fresh(
 async def test_switching_controller_away_and_back_brings_the_knowledge_back(
     tutors: list[Tutor], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    clock = FakeClock()
+    clock = FakeClock(tz=datetime.UTC)
     async with started(tmp_path / "gw.sqlite", node_config(), clock) as (control, store, runner):
         await decide_once(control, clock)
         learned = tutors[-1].learned()
@@ -330,7 +310,7 @@ async def test_a_failing_save_is_logged_once_and_not_fatal(
     tutors: list[Tutor], tmp_path: Path, caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    clock = FakeClock()
+    clock = FakeClock(tz=datetime.UTC)
     async with started(tmp_path / "gw.sqlite", node_config(), clock) as (control, store, runner):
         real = store.save_learned
 
@@ -374,6 +354,6 @@ async def test_what_the_adaptive_controller_learns_survives_the_store(
         fresh.close()
     caplog.clear()
     caplog.set_level(logging.INFO, logger="hydrogate.control")
-    async with started(path, node_config(controller="adaptive"), FakeClock()):
+    async with started(path, node_config(controller="adaptive"), FakeClock(tz=datetime.UTC)):
         assert any("restored what adaptive learned" in r.message for r in caplog.records)
         assert not any(r.levelno >= logging.WARNING for r in caplog.records)

@@ -14,6 +14,7 @@ import pytest
 from drivers.errors import LinkDown, NodeRefused, RequestTimeout, TransportError
 from drivers.link import COUNTERS, LinkStats, open_link
 from drivers.nodelink import ID_MAX, Event, FrameError, LineSplitter, crc16, encode
+from tests.conftest import FakeClock
 
 HELLO = {"node": "tank-a", "fw": "1.0", "proto": 1, "sensors": ["ph"], "actuators": ["ph_up"]}
 FIELDS: dict[str, dict[str, Any]] = {
@@ -401,6 +402,20 @@ async def test_keepalive_pings_an_idle_link(node: FakeNode) -> None:
         assert node.ops == ["ping"]
         await link.request("read")
     assert stats["frames_out"] == 2 and stats.total_errors() == 0
+
+
+async def test_keepalive_and_last_rx_follow_the_clock_the_link_is_given(node: FakeNode) -> None:
+    clock = FakeClock()
+    async with open_link(node.url, stats=LinkStats(), keepalive=0.2, clock=clock) as link:
+        await link.request("read")
+        assert link.last_rx == clock.mono
+        await asyncio.sleep(0.5)  # real time passes, the link's clock stands still
+        assert node.ops == ["read"]
+        clock.advance(0.2)
+        async with asyncio.timeout(5):
+            while "ping" not in node.ops:
+                await asyncio.sleep(0.01)
+        assert node.ops == ["read", "ping"]
 
 
 async def test_no_keepalive_while_requests_flow(node: FakeNode) -> None:

@@ -21,6 +21,7 @@ import serial_asyncio
 from sim.__main__ import consecutive_name
 from sim.node import Faults, NodeError, SimNode, parse_request
 from sim.plant import PlantParams, Reservoir
+from tests.conftest import FakeClock
 
 ROOT = Path(__file__).resolve().parent.parent
 QUIET = PlantParams(uptake_per_h=0.0, evaporation_l_per_h=0.0)
@@ -48,16 +49,6 @@ def crc_ok(line: bytes) -> bool:
         return bool(star) and int(crc, 16) == binascii.crc_hqx(body, 0xFFFF)
     except ValueError:
         return False
-
-
-class FakeClock:
-    """The node's clock, advanced by the test."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class Peer:
@@ -222,13 +213,13 @@ async def test_actuate_duty_zero_switches_off() -> None:
 async def test_actuator_stops_on_the_node_clock_with_an_exact_dose() -> None:
     clock = FakeClock()
     plant = Reservoir(QUIET)
-    async with SimNode("n", plant, clock=clock) as node:
+    async with SimNode("n", plant, clock=clock.monotonic) as node:
         peer = await connect(node)
         await peer.request("actuate", actuator="nutrient", duty=204, ms=1500)
-        clock.now += 1.0
+        clock.advance(1.0)
         node.tick()
         assert node.running == {"nutrient": 204}
-        clock.now += 7.0  # far past the deadline: the dose is still exactly 1.5 s
+        clock.advance(7.0)  # far past the deadline: the dose is still exactly 1.5 s
         node.tick()
         assert node.running == {}
         assert plant.dosed_ml["nutrient"] == pytest.approx(1.58 * 1.5 * 204 / 255)
@@ -244,10 +235,10 @@ async def test_actuator_stops_on_the_node_clock_with_an_exact_dose() -> None:
 
 async def test_background_tick_stops_the_actuator_without_help() -> None:
     clock = FakeClock()
-    async with SimNode("n", clock=clock, tick_s=0.01) as node:
+    async with SimNode("n", clock=clock.monotonic, tick_s=0.01) as node:
         peer = await connect(node)
         await peer.request("actuate", actuator="ph_down", duty=255, ms=100)
-        clock.now += 0.2
+        clock.advance(0.2)
         assert (await peer.event("actuator"))["on"] == 1
         assert (await peer.event("actuator"))["on"] == 0
         assert node.running == {}
@@ -256,15 +247,15 @@ async def test_background_tick_stops_the_actuator_without_help() -> None:
 
 async def test_actuate_on_a_running_actuator_restarts_its_timer() -> None:
     clock = FakeClock()
-    async with SimNode("n", clock=clock) as node:
+    async with SimNode("n", clock=clock.monotonic) as node:
         peer = await connect(node)
         await peer.request("actuate", actuator="ph_up", duty=100, ms=1000)
-        clock.now += 0.8
+        clock.advance(0.8)
         await peer.request("actuate", actuator="ph_up", duty=200, ms=1000)
-        clock.now += 0.7  # 1.5 s after the first command, 0.7 s after the second
+        clock.advance(0.7)  # 1.5 s after the first command, 0.7 s after the second
         node.tick()
         assert node.running == {"ph_up": 200}
-        clock.now += 0.4
+        clock.advance(0.4)
         node.tick()
         assert node.running == {}
         # One "on" (the restart is not an on/off change), one "off".
@@ -275,13 +266,13 @@ async def test_actuate_on_a_running_actuator_restarts_its_timer() -> None:
 
 async def test_watchdog_stops_everything_without_valid_frames() -> None:
     clock = FakeClock()
-    async with SimNode("n", clock=clock, watchdog_s=30.0) as node:
+    async with SimNode("n", clock=clock.monotonic, watchdog_s=30.0) as node:
         peer = await connect(node)
         await peer.request("actuate", actuator="refill", duty=255, ms=600_000)
         await peer.request("actuate", actuator="nutrient", duty=255, ms=600_000)
-        clock.now += 20.0
+        clock.advance(20.0)
         await peer.request("ping")  # a valid frame feeds the watchdog
-        clock.now += 20.0
+        clock.advance(20.0)
         node.tick()
         assert set(node.running) == {"refill", "nutrient"}
         # Frames with a bad CRC do not feed it.
@@ -289,7 +280,7 @@ async def test_watchdog_stops_everything_without_valid_frames() -> None:
         await peer.send_raw(b"garbage\n")
         await peer.nothing_for(0.1)
         assert node.bad_frames == {"crc": 2}
-        clock.now += 10.5
+        clock.advance(10.5)
         node.tick()
         assert node.running == {}
         offs = [await peer.event("actuator") for _ in range(4)]
@@ -304,9 +295,9 @@ async def test_watchdog_stops_everything_without_valid_frames() -> None:
 
 async def test_uptime_follows_the_node_clock() -> None:
     clock = FakeClock()
-    async with SimNode("n", clock=clock) as node:
+    async with SimNode("n", clock=clock.monotonic) as node:
         peer = await connect(node)
-        clock.now += 81.234
+        clock.advance(81.234)
         assert (await peer.request("read"))["uptime_ms"] == 81234
         await peer.close()
 

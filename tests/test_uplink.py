@@ -17,6 +17,7 @@ from gateway import tbmsg
 from gateway.config import ThingsBoardConfig
 from gateway.store import Store
 from gateway.uplink import Uplink
+from tests.conftest import FakeClock
 
 DEVICES = ["tank-a", "tank-b"]
 
@@ -393,8 +394,11 @@ async def test_health_is_published(broker: Any, tmp_path: Path) -> None:
     assert "bad" not in health
 
 
-async def test_health_carries_extras(broker: Any, tmp_path: Path) -> None:
+async def test_health_carries_extras_and_the_uptime_of_its_clock(
+    broker: Any, tmp_path: Path
+) -> None:
     recorder = Recorder(broker.port)
+    clock = FakeClock()
     async with Store.open(tmp_path / "s.db", max_rows=None, max_bytes=None) as store:
         uplink = make_uplink(
             broker,
@@ -402,7 +406,9 @@ async def test_health_carries_extras(broker: Any, tmp_path: Path) -> None:
             Handler(),
             health_interval=10,
             health_extra=lambda: {"tank-a_link_errors": 3},
+            clock=clock,
         )
+        clock.advance(81.2)
         async with running(recorder.run()):
             await recorder.ready.wait()
             async with running(uplink.run()):
@@ -410,6 +416,7 @@ async def test_health_carries_extras(broker: Any, tmp_path: Path) -> None:
     [health] = recorder.on(tbmsg.GATEWAY_TELEMETRY)
     assert health["tank-a_link_errors"] == 3
     assert health["buffer_depth"] == 0
+    assert health["uptime_s"] == 81.2
 
 
 async def test_devices_added_and_removed_while_connected(broker: Any, tmp_path: Path) -> None:
