@@ -104,11 +104,12 @@ async def test_broker_outage_loses_nothing(broker: Broker, tmp_path: Path) -> No
             broker.stop()
             await asyncio.sleep(3.0)
             assert gw.store is not None and gw.store.stats.depth > 50, "buffered meanwhile"
+            assert gw.uplink is not None
             broker.start()
-            back = time.monotonic()
+            attempts_before = gw.uplink.stats.attempts
             before = len(rec.messages)
             await rec.wait_for(lambda: len(rec.messages) > before + 5, what="delivery resumes")
-            resumed_after = time.monotonic() - back
+            attempts_to_resume = gw.uplink.stats.attempts - attempts_before
             await asyncio.sleep(0.5)
             await node.close()
             last = node.seq
@@ -121,8 +122,10 @@ async def test_broker_outage_loses_nothing(broker: Broker, tmp_path: Path) -> No
         await node.close()
     seqs = rec.seqs("tank-a")
     duplicates = sum(n - 1 for n in seqs.values())
-    print(f"outage: {last} readings, resumed after {resumed_after:.2f} s, {duplicates} duplicates")
-    assert resumed_after < 10.0
+    print(f"outage: {last} readings, resumed after {attempts_to_resume} attempts, "
+          f"{duplicates} duplicates")
+    # The attempt under way when the broker came back, or the next one, got through.
+    assert attempts_to_resume <= 2
 
 
 def _committed_seqs(db: Path) -> set[int]:

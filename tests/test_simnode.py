@@ -9,9 +9,11 @@ import math
 import os
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -384,21 +386,20 @@ async def test_push_reports_carry_consecutive_seq() -> None:
         await peer.close()
 
 
-async def test_fast_push_batches_thousands_of_reports_per_second() -> None:
+async def test_fast_push_batches_reports_and_loses_none() -> None:
+    """Reports due every 0.2 ms go out in batches: one write, one node uptime, ten or so
+    reports each (the node sleeps 2 ms at least), however slow the machine; none lost.
+    The rate and its CPU cost are measured by bench.sim_speed (docs/benchmarks.md)."""
     async with SimNode("bench", push_interval=0.0002, seq=True) as node:
         peer = await connect(node)
-        cpu0, wall0 = time.process_time(), time.monotonic()
-        count, last = 0, None
-        while time.monotonic() - wall0 < 1.0:
-            line = await peer.line()
-            count += 1
-            if count % 500 == 0:
-                last = unframe(line)["values"]["seq"]
-        cpu = time.process_time() - cpu0
-        assert count >= 4000
-        assert last is not None
-        assert cpu < 0.9  # node and this reader together, one process
+        reports = [await peer.message() for _ in range(2000)]
         await peer.close()
+    assert all(r["event"] == "report" for r in reports)
+    seqs = [r["values"]["seq"] for r in reports]
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+    batches = Counter(r["uptime_ms"] for r in reports)
+    # Unbatched, a report every 0.2 ms would share its millisecond with four others at most.
+    assert statistics.median(batches.values()) >= 8, batches
 
 
 # --- faults --------------------------------------------------------------------

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -280,15 +279,17 @@ async def test_broker_outage_loses_nothing_and_resumes_fast(broker: Any, tmp_pat
             recorder.ready.clear()
             broker.start()
             await recorder.ready.wait()
+            attempts_before = uplink.stats.attempts
             await gate.open()
-            back = time.monotonic()
             await wait_until(lambda: store.stats.depth == 0, timeout=15)
-            resumed = time.monotonic() - back
+            attempts_to_resume = uplink.stats.attempts - attempts_before
             await recorder.wait_for(lambda: len(recorder.entries()) >= 5100, timeout=15)
         assert uplink.stats.reconnects >= 1
         assert uplink.stats.last_outage_s is not None
     await gate.shut()
-    assert resumed < 5.0, f"delivery resumed {resumed:.2f} s after the broker came back"
+    # Fast: the attempt under way when the broker came back, or the next one, got
+    # through (the retries had not backed off; the figure in seconds is bench.throughput's).
+    assert attempts_to_resume <= 2, f"{attempts_to_resume} attempts after the broker came back"
     values = [v["v"] for _, _, v in recorder.entries()]
     assert sorted(set(values)) == list(range(5100))  # nothing lost (duplicates allowed)
     first_seen = list(dict.fromkeys(values))
