@@ -70,6 +70,12 @@ class NotifySocket:
         self.drain()
         return sum(1 for at, m in self.messages if at >= t and m == "WATCHDOG=1")
 
+    async def wait_pings(self, since: float, count: int, timeout: float = 10.0) -> None:
+        """Wait (bounded) until ``count`` pings arrived at ``since`` or later."""
+        async with asyncio.timeout(timeout):
+            while self.pings_since(since) < count:
+                await asyncio.sleep(0.02)
+
     def close(self) -> None:
         self.sock.close()
 
@@ -151,16 +157,14 @@ async def test_the_watchdog_pings_only_while_the_writer_answers(
     async with Store.open(tmp_path / "w.sqlite", max_rows=None, max_bytes=None) as store:
         task = asyncio.create_task(run_watchdog(0.05, store.flush), name="watchdog")
         try:
-            await asyncio.sleep(0.5)
-            assert notify_socket.pings_since(0) >= 5
+            await notify_socket.wait_pings(0, 5)
             release = hang_writer(store)
             await asyncio.sleep(0.1)  # a probe sent before the hang may still answer
             hung_at = time.monotonic()
             await asyncio.sleep(0.5)
             assert notify_socket.pings_since(hung_at) == 0
             release.set()
-            await asyncio.sleep(0.3)
-            assert notify_socket.pings_since(hung_at) >= 3
+            await notify_socket.wait_pings(hung_at, 3)
         finally:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -191,8 +195,7 @@ async def test_the_daemon_says_ready_and_pings_while_its_writer_lives(
     async with gateway_from(path) as gw:
         ready = await notify_socket.wait_for(lambda m: m.startswith("READY=1"), "READY=1")
         assert "STATUS=0/1 nodes up · backlog 0 · offline (buffer only)" in ready
-        await asyncio.sleep(0.3)
-        assert notify_socket.pings_since(0) >= 3
+        await notify_socket.wait_pings(0, 3)
         assert gw.store is not None
         release = hang_writer(gw.store)
         await asyncio.sleep(0.1)
@@ -202,8 +205,7 @@ async def test_the_daemon_says_ready_and_pings_while_its_writer_lives(
         assert any("has not answered" in r.getMessage() and r.levelno == logging.ERROR
                    for r in caplog.records)
         release.set()
-        await asyncio.sleep(0.3)
-        assert notify_socket.pings_since(hung_at) >= 2
+        await notify_socket.wait_pings(hung_at, 2)
     assert any(m.startswith("STOPPING=1") for m in notify_socket.drain())
 
 
