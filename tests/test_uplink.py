@@ -155,8 +155,10 @@ async def running(*coros: Any) -> AsyncIterator[list[asyncio.Task[None]]]:
         for task in tasks:
             task.cancel()
         for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            # Bounded: a task that ignored its cancellation fails the test, never hangs it.
+            async with asyncio.timeout(15):
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
 
 def make_uplink(
@@ -201,7 +203,7 @@ async def test_telemetry_arrives_in_shape_after_connect(broker: Any, tmp_path: P
             store.append(DEVICES[i % 2], 1_732_200_000_000 + i, {"tds": 800.0 + i, "ph": 6.0})
         uplink = make_uplink(broker, store, handler, health_interval=0)
         async with running(recorder.run()):
-            await recorder.ready.wait()
+            await asyncio.wait_for(recorder.ready.wait(), 10)
             async with running(uplink.run()):
                 await recorder.wait_for(lambda: len(recorder.entries()) == 20)
                 await wait_until(lambda: store.stats.depth == 0)
@@ -240,7 +242,7 @@ async def test_messages_stay_within_max_payload_bytes(broker: Any, tmp_path: Pat
             store.append(DEVICES[i % 2], 1000 + i, {"tds": 800.5 + i, "note": "x" * (i % 50)})
         uplink = make_uplink(broker, store, Handler(), max_payload_bytes=2048, health_interval=0)
         async with running(recorder.run()):
-            await recorder.ready.wait()
+            await asyncio.wait_for(recorder.ready.wait(), 10)
             async with running(uplink.run()):
                 await recorder.wait_for(lambda: len(recorder.entries()) == 600)
     sizes = [n for topic, n in recorder.sizes if topic == tbmsg.TELEMETRY]
@@ -261,7 +263,7 @@ async def test_broker_outage_loses_nothing_and_resumes_fast(broker: Any, tmp_pat
     async with Store.open(tmp_path / "s.db", max_rows=None, max_bytes=None) as store:
         uplink = make_uplink(broker, store, Handler(), health_interval=0, port=gate.port)
         async with running(recorder.run()), running(uplink.run()):
-            await recorder.ready.wait()
+            await asyncio.wait_for(recorder.ready.wait(), 10)
             for i in range(100):
                 store.append("tank-a", 1000 + i, {"v": i})
             await wait_until(lambda: store.stats.depth == 0 and store.stats.received == 100)
@@ -278,7 +280,7 @@ async def test_broker_outage_loses_nothing_and_resumes_fast(broker: Any, tmp_pat
             await gate.shut()
             recorder.ready.clear()
             broker.start()
-            await recorder.ready.wait()
+            await asyncio.wait_for(recorder.ready.wait(), 10)
             attempts_before = uplink.stats.attempts
             await gate.open()
             await wait_until(lambda: store.stats.depth == 0, timeout=15)
@@ -301,7 +303,7 @@ async def test_rpc_round_trip_and_malformed_requests(broker: Any, tmp_path: Path
     async with Store.open(tmp_path / "s.db", max_rows=None, max_bytes=None) as store:
         uplink = make_uplink(broker, store, Handler(), health_interval=0)
         async with running(recorder.run()), running(uplink.run()):
-            await recorder.ready.wait()
+            await asyncio.wait_for(recorder.ready.wait(), 10)
             await wait_until(lambda: uplink.connected)
 
             def replies() -> dict[int, Any]:
@@ -344,7 +346,7 @@ async def test_attribute_updates_and_responses_reach_the_handler(
     async with Store.open(tmp_path / "s.db", max_rows=None, max_bytes=None) as store:
         uplink = make_uplink(broker, store, handler, health_interval=0)
         async with running(recorder.run()), running(uplink.run()):
-            await recorder.ready.wait()
+            await asyncio.wait_for(recorder.ready.wait(), 10)
             await recorder.wait_for(lambda: bool(recorder.on(tbmsg.ATTRIBUTES_REQUEST)))
             [request] = recorder.on(tbmsg.ATTRIBUTES_REQUEST)
             port = broker.port
@@ -384,7 +386,7 @@ async def test_health_is_published(broker: Any, tmp_path: Path) -> None:
             health_extra=lambda: {"tank-a_link_errors": 3, "bad": float("nan")},
         )
         async with running(recorder.run()):
-            await recorder.ready.wait()
+            await asyncio.wait_for(recorder.ready.wait(), 10)
             async with running(uplink.run()):
                 await recorder.wait_for(lambda: len(recorder.on(tbmsg.GATEWAY_TELEMETRY)) >= 3)
                 health = recorder.on(tbmsg.GATEWAY_TELEMETRY)[-1]
@@ -411,7 +413,7 @@ async def test_health_carries_extras_and_the_uptime_of_its_clock(
         )
         clock.advance(81.2)
         async with running(recorder.run()):
-            await recorder.ready.wait()
+            await asyncio.wait_for(recorder.ready.wait(), 10)
             async with running(uplink.run()):
                 await recorder.wait_for(lambda: bool(recorder.on(tbmsg.GATEWAY_TELEMETRY)))
     [health] = recorder.on(tbmsg.GATEWAY_TELEMETRY)
@@ -425,7 +427,7 @@ async def test_devices_added_and_removed_while_connected(broker: Any, tmp_path: 
     async with Store.open(tmp_path / "s.db", max_rows=None, max_bytes=None) as store:
         uplink = make_uplink(broker, store, Handler(), devices=["tank-a"], health_interval=0)
         async with running(recorder.run()):
-            await recorder.ready.wait()
+            await asyncio.wait_for(recorder.ready.wait(), 10)
             async with running(uplink.run()):
                 await wait_until(lambda: uplink.connected)
                 await uplink.device_added("tank-c")
