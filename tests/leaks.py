@@ -9,15 +9,21 @@ A descriptor is named by what it points to (``socket:[123]``, a path,
 ``pipe:[456]``), so a number closed and reused for something else counts as
 new. Whatever exists before the test — pytest's own files, the capture files,
 module- and session-scoped fixtures (set up before the first test's
-snapshot) — is in both snapshots and never reported.
+snapshot) — is in both snapshots and never reported. Files of the Python
+installation itself (the venv and the interpreter's prefix) are not reported
+either: a library may keep its own data open for the life of the process
+(matplotlib caches the font files it rendered with), which is no test's leak.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 FD_DIR = "/proc/self/fd"
+LIBRARY_DIRS = tuple({os.path.join(os.path.realpath(p), "") for p in (sys.prefix, sys.base_prefix)})
+"""Where the interpreter and the installed packages live (each ending with a separator)."""
 GRACE_S = 5.0
 """How long what a test leaves gets to close or exit by itself before the test fails."""
 
@@ -99,7 +105,7 @@ def leaked(before: Snapshot, after: Snapshot) -> list[str]:
     fds = [
         f"fd {fd} -> {target}"
         for fd, target in sorted(after.fds.items())
-        if before.fds.get(fd) != target
+        if before.fds.get(fd) != target and not target.startswith(LIBRARY_DIRS)
     ]
     children = [
         f"child {text}" for pid, text in sorted(after.children.items()) if pid not in before.children

@@ -45,6 +45,12 @@ def test_a_number_closed_and_reused_for_something_else_is_new(tmp_path: Path) ->
         second.close()
 
 
+def test_files_of_the_python_installation_are_the_libraries_business() -> None:
+    before = leaks.snapshot()
+    with open(os.__file__, "rb"):  # a file of the interpreter's own installation
+        assert leaks.leaked(before, leaks.snapshot()) == []
+
+
 def test_a_running_child_and_an_unreaped_one_are_named_until_waited_for() -> None:
     before = leaks.snapshot()
     running = subprocess.Popen(["sleep", "30"])
