@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.ingest import lines
-from drivers.nodelink import LineSplitter, decode
+from drivers.nodelink import Event, LineSplitter, decode
 from gateway.clock import SystemClock
 from gateway.config import parse_config
 from gateway.node import NodeRunner
@@ -71,7 +71,9 @@ async def store_run(n: int, history_days: float, workdir: Path) -> tuple[float, 
         t0 = time.perf_counter()
         for start in range(0, len(data), 65536):
             for line in splitter.feed(data[start:start + 65536]):
-                runner._on_event(decode(line))  # noqa: SLF001 - the node task's entry point
+                event = decode(line)
+                assert isinstance(event, Event)  # the producer writes events only
+                runner._on_event(event)  # noqa: SLF001 - the node task's entry point
             await asyncio.sleep(0)  # the uplink's turn, as in the daemon
         loop_s = time.perf_counter() - t0
         feeding = False

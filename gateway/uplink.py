@@ -178,7 +178,7 @@ class Uplink:
     def in_state_s(self) -> float:
         """Seconds since the session came up (when connected) or since the outage began."""
         since = self._connected_at if self._session is not None else self._down_since
-        return max(0.0, self._clock() - (self._started if since is None else since))
+        return max(0.0, self._clock.monotonic() - (self._started if since is None else since))
 
     def set_client_attributes(self, device: str, values: Mapping[str, Any]) -> None:
         """Publish ``values`` as ``device``'s client attributes (now, or when connected).

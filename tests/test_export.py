@@ -140,10 +140,11 @@ async def test_a_day_of_readings_to_csv(tmp_path: Path) -> None:
     )
     _, err = await proc.communicate()
     assert proc.returncode == 0, err
-    rows = list(csv.reader(out.open()))
-    assert rows[0] == ["time", "ts", "tds", "ph"]
-    assert len(rows) - 1 == 8640
-    assert int(rows[1][1]) == start and rows[1][0].startswith(yesterday.date().isoformat())
+    with out.open() as f:
+        lines = list(csv.reader(f))
+    assert lines[0] == ["time", "ts", "tds", "ph"]
+    assert len(lines) - 1 == 8640
+    assert int(lines[1][1]) == start and lines[1][0].startswith(yesterday.date().isoformat())
     assert b"8640 entries" in err
 
 

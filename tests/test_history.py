@@ -4,41 +4,32 @@
 from __future__ import annotations
 
 import asyncio
-import datetime
 import json
 import os
 import sqlite3
 import zlib
 from pathlib import Path
+from typing import Any, TypedDict
 
 import pytest
 
 from gateway import storefile, storehistory
 from gateway.history import HistoryError, HistoryFile
 from gateway.store import Store
+from tests.conftest import FakeClock
 
 DAY = 86_400.0
 T0 = 1_732_200_000.0
 
 
-class FakeClock:
-    """Wall and monotonic time set by the test."""
+class Entry(TypedDict):
+    """One reading as a history chunk holds it."""
 
-    def __init__(self, wall: float = T0, mono: float = 1000.0) -> None:
-        self.wall = wall
-        self.mono = mono
-
-    def time(self) -> float:
-        return self.wall
-
-    def monotonic(self) -> float:
-        return self.mono
-
-    def now(self) -> datetime.datetime:
-        return datetime.datetime.fromtimestamp(self.wall).astimezone()
+    ts: int
+    values: dict[str, Any]
 
 
-def history_rows(path: Path) -> list[tuple[str, int, int, int, list[dict[str, object]]]]:
+def history_rows(path: Path) -> list[tuple[str, int, int, int, list[Entry]]]:
     conn = sqlite3.connect(path)
     try:
         return [

@@ -200,7 +200,7 @@ def test_parse_attribute_update_and_deletion() -> None:
     upd = tbmsg.parse_attribute_update(b'{"device":"tank-a","data":{"tds_setpoint":900}}')
     assert upd == tbmsg.AttributeUpdate("tank-a", {"tds_setpoint": 900})
     upd = tbmsg.parse_attribute_update('{"device":"tank-a","data":{"deleted":["mode"]}}')
-    assert upd.deleted == ("mode",)
+    assert upd is not None and upd.deleted == ("mode",)
 
 
 def test_parse_attribute_response_one_several_none() -> None:
