@@ -283,7 +283,9 @@ class Uplink:
             error = _first_leaf(group)
             if isinstance(error, Exception):
                 self._failed("session", "the ThingsBoard session failed", error)
-        return error if error is not None else ConnectionError("session ended")
+        if error is None:
+            return ConnectionError("session ended")
+        return _frames_released(error)
 
     async def _serve(self, client: aiomqtt.Client) -> None:
         session = _Session(client, started=self._clock.monotonic())
@@ -586,6 +588,24 @@ class Uplink:
     async def _reply(self, session: _Session, payload: bytes) -> None:
         await self._publish(session.client, tbmsg.RPC, payload)
         self.stats.rpc += 1
+
+
+def _frames_released(error: BaseException) -> BaseException:
+    """``error`` without the tracebacks of it and its causes.
+
+    Only its type and text are used once an attempt is over (a bug of ours is
+    logged with its traceback before). The tracebacks would keep their frames'
+    locals alive until the garbage collector finds the cycle, among them the
+    socket of a failed TLS handshake, which paho leaves open: one open socket per
+    attempt while the certificate is refused. Released, it closes at once.
+    """
+    seen: set[int] = set()
+    exc: BaseException | None = error
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        exc.__traceback__ = None
+        exc = exc.__cause__ or exc.__context__
+    return error
 
 
 def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
