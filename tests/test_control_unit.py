@@ -11,7 +11,6 @@ local socket's do.
 from __future__ import annotations
 
 import asyncio
-import datetime
 from collections.abc import AsyncIterator, Coroutine, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -25,31 +24,12 @@ from gateway.errors import CommandError
 from gateway.ports import NodePort
 from gateway.rpc import answer_node
 from gateway.store import Store
+from rules.controller import ACTUATORS
+from tests.conftest import FakeClock
 
 NODE = "tank-a"
-PUMPS = ("nutrient", "ph_up", "ph_down", "refill")
+PUMPS = ACTUATORS
 TANK = {"tds": 500.0, "ph": 6.0, "water_level": 9.0, "water_temp": 21.0}
-
-
-class FakeClock:
-    """Wall and monotonic time that move only when the test says so."""
-
-    def __init__(self) -> None:
-        self.wall = 1_732_200_000.0
-        self.mono = 1000.0
-
-    def time(self) -> float:
-        return self.wall
-
-    def monotonic(self) -> float:
-        return self.mono
-
-    def now(self) -> datetime.datetime:
-        return datetime.datetime.fromtimestamp(self.wall, tz=datetime.UTC)
-
-    def advance(self, seconds: float) -> None:
-        self.wall += seconds
-        self.mono += seconds
 
 
 class FakeNode:
