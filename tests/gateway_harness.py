@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from gateway.config import parse_config
+from gateway.config import load_config, parse_config
 from gateway.daemon import Gateway
 from sim.node import SimNode
 
@@ -47,21 +48,46 @@ def write_config(path: Path, data: dict[str, Any]) -> Path:
 
 
 @contextlib.asynccontextmanager
-async def running_gateway(data: dict[str, Any]) -> AsyncIterator[Gateway]:
-    """The real Gateway in this event loop; stopped cleanly on exit."""
-    gateway = Gateway(parse_config(data))
+async def running_gateway(
+    config: dict[str, Any] | Path, *, connected: bool = True, serving: bool = False
+) -> AsyncIterator[Gateway]:
+    """The real Gateway in this event loop; stopped cleanly on exit.
+
+    ``config`` is config data, or a config *file* (which a SIGHUP reload reads
+    again). Yielded once ready; with ``serving``, once its local socket serves;
+    with ``connected``, once subscribed to the broker, as ThingsBoard would
+    queue RPCs.
+    """
+    if isinstance(config, Path):
+        gateway = Gateway(load_config(config), config_path=config)
+    else:
+        gateway = Gateway(parse_config(config))
     task = asyncio.create_task(gateway.run(), name="gateway-under-test")
     try:
         async with asyncio.timeout(10):
             await gateway.ready.wait()
-            # Subscribed before the test talks to it, as ThingsBoard would queue RPCs.
-            while gateway.uplink is not None and not gateway.uplink.connected:
+            if serving:
+                assert gateway.local is not None
+                await gateway.local.serving.wait()
+            while connected and gateway.uplink is not None and not gateway.uplink.connected:
                 await asyncio.sleep(0.02)
         yield gateway
     finally:
         gateway.request_stop()
         async with asyncio.timeout(15):
             await task
+
+
+async def hydrogate(*args: str, timeout: float = 60.0) -> tuple[int, str, str]:
+    """Run the `hydrogate` command without blocking the event loop the gateway runs on."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway.cli", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(timeout):
+        out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
 
 
 @contextlib.asynccontextmanager

@@ -21,22 +21,11 @@ from gateway.store import Store
 from gateway.storefile import SCHEMA_VERSION
 from sim.node import SimNode
 from tests.conftest import Broker
-from tests.gateway_harness import config_dict, node_entry, write_config
+from tests.gateway_harness import config_dict, hydrogate, node_entry, write_config
 from tests.mqtt_recorder import Recorder
 
 pytestmark = pytest.mark.slow
 
-
-async def hydrogate(*args: str, timeout: float = 60.0) -> tuple[int, str, str]:
-    """Run the `hydrogate` command without blocking the event loop the gateway runs on."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway.cli", *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )
-    async with asyncio.timeout(timeout):
-        out, err = await proc.communicate()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
 
 
 async def test_export_and_backup_while_the_gateway_runs(broker: Broker, tmp_path: Path) -> None:

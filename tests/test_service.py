@@ -9,15 +9,13 @@ import re
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from gateway.config import load_config
-from gateway.daemon import Gateway
 from gateway.service import (
     NODE,
     JournalFields,
@@ -30,7 +28,7 @@ from gateway.service import (
 from gateway.store import Store
 from sim.node import SimNode
 from sim.plant import Reservoir
-from tests.gateway_harness import config_dict, node_entry
+from tests.gateway_harness import config_dict, node_entry, running_gateway
 
 # ------------------------------------------------------------------ helpers
 
@@ -89,19 +87,6 @@ def notify_socket(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[N
     finally:
         sock.close()
 
-
-@contextlib.asynccontextmanager
-async def gateway_from(path: Path) -> AsyncIterator[Gateway]:
-    gateway = Gateway(load_config(path), config_path=path)
-    task = asyncio.create_task(gateway.run(), name="gateway-under-test")
-    try:
-        async with asyncio.timeout(10):
-            await gateway.ready.wait()
-        yield gateway
-    finally:
-        gateway.request_stop()
-        async with asyncio.timeout(15):
-            await task
 
 
 def one_node(storage: Path) -> dict[str, Any]:
@@ -192,7 +177,7 @@ async def test_the_daemon_says_ready_and_pings_while_its_writer_lives(
     monkeypatch.setenv("WATCHDOG_USEC", "100000")  # a ping every 50 ms
     path = tmp_path / "gw.yaml"
     path.write_text(yaml.safe_dump(one_node(tmp_path / "gw.sqlite")))
-    async with gateway_from(path) as gw:
+    async with running_gateway(path, connected=False) as gw:
         ready = await notify_socket.wait_for(lambda m: m.startswith("READY=1"), "READY=1")
         assert "STATUS=0/1 nodes up · backlog 0 · offline (buffer only)" in ready
         await notify_socket.wait_pings(0, 3)
@@ -215,7 +200,7 @@ async def test_without_watchdog_usec_there_are_no_pings(
     monkeypatch.delenv("WATCHDOG_USEC", raising=False)
     path = tmp_path / "gw.yaml"
     path.write_text(yaml.safe_dump(one_node(tmp_path / "gw.sqlite")))
-    async with gateway_from(path):
+    async with running_gateway(path, connected=False):
         await notify_socket.wait_for(lambda m: m.startswith("READY=1"), "READY=1")
         await asyncio.sleep(0.2)
     assert "WATCHDOG=1" not in notify_socket.drain()
@@ -227,7 +212,7 @@ async def test_reload_says_reloading_then_ready_with_what_was_refused(
     path = tmp_path / "gw.yaml"
     good = one_node(tmp_path / "gw.sqlite")
     path.write_text(yaml.safe_dump(good))
-    async with gateway_from(path) as gw:
+    async with running_gateway(path, connected=False) as gw:
         await notify_socket.wait_for(lambda m: m.startswith("READY=1"), "READY=1")
         bad = dict(good, gateway={"name": "gw", "health_interval": -5})
         path.write_text(yaml.safe_dump(bad))
@@ -336,7 +321,7 @@ async def test_cycle_safety_and_ml_fallback_lines_carry_node(
         ])
         path = tmp_path / "gw.yaml"
         path.write_text(yaml.safe_dump(data))
-        async with gateway_from(path) as gw:
+        async with running_gateway(path, connected=False) as gw:
             async with asyncio.timeout(10):
                 while not (gw.runners["tank-a"].latest and gw.runners["tank-m"].latest):
                     await asyncio.sleep(0.05)

@@ -8,18 +8,15 @@ import contextlib
 import json
 import os
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from gateway.config import load_config
-from gateway.daemon import Gateway
 from gateway.settings import FILE, RPC, THINGSBOARD, SettingsState
 from sim.node import SimNode
 from tests.conftest import Broker
-from tests.gateway_harness import config_dict, node_entry, write_config
+from tests.gateway_harness import config_dict, node_entry, running_gateway, write_config
 from tests.mqtt_recorder import Recorder
 
 pytestmark = pytest.mark.slow
@@ -110,22 +107,6 @@ def published(rec: Recorder, device: str) -> list[dict[str, Any]]:
             if isinstance(m.payload, dict) and device in m.payload]
 
 
-@contextlib.asynccontextmanager
-async def daemon(path: Path) -> AsyncIterator[Gateway]:
-    """The real Gateway on a config *file* (SIGHUP reloads read it again)."""
-    gateway = Gateway(load_config(path), config_path=path)
-    task = asyncio.create_task(gateway.run(), name="gateway-under-test")
-    try:
-        async with asyncio.timeout(10):
-            await gateway.ready.wait()
-            while gateway.uplink is not None and not gateway.uplink.connected:
-                await asyncio.sleep(0.02)
-        yield gateway
-    finally:
-        gateway.request_stop()
-        async with asyncio.timeout(15):
-            await task
-
 
 def edit(path: Path, data: dict[str, Any]) -> None:
     """Write the config file; its modification time is the edit's date."""
@@ -149,7 +130,7 @@ async def test_file_edits_and_later_attributes_across_reloads_and_restarts(
             server = Server(rec)
             answering = asyncio.create_task(server.run())
             try:
-                async with daemon(path) as gw:
+                async with running_gateway(path) as gw:
                     ctl = gw.runners["tank-a"].control
                     await rec.wait_for(lambda: published(rec, "tank-a"), what="first publish")
                     first = published(rec, "tank-a")[-1]
@@ -174,7 +155,7 @@ async def test_file_edits_and_later_attributes_across_reloads_and_restarts(
                     del ctl
                 # 3. A restart: ThingsBoard answers the request with the stale 900 again.
                 requests = len(rec.on("v1/gateway/attributes/request"))
-                async with daemon(path) as gw:
+                async with running_gateway(path) as gw:
                     await rec.wait_for(
                         lambda: len(rec.on("v1/gateway/attributes/request")) > requests,
                         what="the attribute request of the new session")
@@ -201,7 +182,7 @@ async def test_file_edits_and_later_attributes_across_reloads_and_restarts(
                 control["mode"] = "manual"
                 control["interval"] = 60
                 edit(path, data)
-                async with daemon(path) as gw:
+                async with running_gateway(path) as gw:
                     await asyncio.sleep(1.0)
                     state = (await rec.rpc("tank-a", 2, "get_state"))["data"]
                     # The file's mode is unchanged (manual) so the later RPC (auto) still wins;
@@ -234,7 +215,7 @@ async def test_what_is_in_force_is_published_again_after_an_outage(
         data = config_dict(tmp_path / "gw.sqlite", [node_entry("tank-a", url, control=control)],
                            broker.port)
         path = write_config(tmp_path / "config.yaml", data)
-        async with Recorder(broker.port) as rec, daemon(path) as gw:
+        async with Recorder(broker.port) as rec, running_gateway(path) as gw:
             await rec.wait_for(lambda: published(rec, "tank-a"), what="first publish")
             broker.stop()
             await rec.wait_for(lambda: gw.uplink is not None and not gw.uplink.connected,

@@ -3,55 +3,25 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import signal
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from gateway.config import load_config
-from gateway.daemon import Gateway
 from gateway.status import Sampler, backlog_text, summary
 from sim.node import SimNode
 from tests.conftest import Broker
-from tests.gateway_harness import config_dict, node_entry, write_config
+from tests.gateway_harness import config_dict, hydrogate, node_entry, running_gateway, write_config
 from tests.mqtt_recorder import Recorder
 
 pytestmark = pytest.mark.slow
 
 
-async def hydrogate(*args: str, timeout: float = 30.0) -> tuple[int, str, str]:
-    """Run the `hydrogate` command without blocking the event loop the gateway runs on."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway.cli", *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )
-    async with asyncio.timeout(timeout):
-        out, err = await proc.communicate()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
-
-
-@contextlib.asynccontextmanager
-async def daemon(path: Path) -> AsyncIterator[Gateway]:
-    gateway = Gateway(load_config(path), config_path=path)
-    task = asyncio.create_task(gateway.run(), name="gateway-under-test")
-    try:
-        async with asyncio.timeout(10):
-            await gateway.ready.wait()
-            assert gateway.local is not None
-            await gateway.local.serving.wait()
-        yield gateway
-    finally:
-        gateway.request_stop()
-        async with asyncio.timeout(15):
-            await task
 
 
 async def until(predicate: Any, what: str, timeout: float = 20.0) -> None:
@@ -75,7 +45,7 @@ async def test_status_shows_nodes_uplink_and_buffer_with_exit_codes(
         ]
         path = write_config(tmp_path / "config.yaml",
                             config_dict(tmp_path / "gw.sqlite", nodes, broker.port))
-        async with Recorder(broker.port) as rec, daemon(path) as gw:
+        async with Recorder(broker.port) as rec, running_gateway(path, connected=False, serving=True) as gw:
             await until(lambda: all(r.link_up for r in gw.runners.values()), "links up")
             reply = await rec.rpc("tank-a", 1, "actuate", {"actuator": "nutrient", "ms": 100})
             assert reply["data"]["success"]
@@ -136,7 +106,7 @@ async def test_watch_redraws_until_interrupted(tmp_path: Path) -> None:
         entry = node_entry("tank-a", f"tcp://127.0.0.1:{await node.serve_tcp('127.0.0.1', 0)}")
         path = write_config(tmp_path / "config.yaml",
                             config_dict(tmp_path / "gw.sqlite", [entry]))
-        async with daemon(path) as gw:
+        async with running_gateway(path, connected=False, serving=True) as gw:
             await until(lambda: gw.runners["tank-a"].link_up, "link up")
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "gateway.cli", "status", "-c", str(path), "--watch",
@@ -185,7 +155,7 @@ async def test_systemd_status_line_follows_the_facts_without_flooding(
                  for n in (a, b)]
         path = write_config(tmp_path / "config.yaml",
                             config_dict(tmp_path / "gw.sqlite", nodes, broker.port))
-        async with daemon(path):
+        async with running_gateway(path, connected=False, serving=True):
             await until(lambda: any(s.startswith("2/2 nodes up") and s.endswith(
                 "ThingsBoard connected") for _, s in sock.statuses()), "2/2 up, connected")
             # Steady state, readings flowing: the line is not re-sent every second.
