@@ -8,8 +8,12 @@ import asyncio
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gateway import __version__
+
+if TYPE_CHECKING:
+    from gateway.config import Config
 
 DEFAULT_CONFIG = "/etc/hydrogate/config.yaml"
 
@@ -43,15 +47,24 @@ def daemon_paths(args: argparse.Namespace) -> list[Path] | int:
     """
     if args.socket is not None:
         return [args.socket]
-    from gateway.config import ConfigError, load_config
     from gateway.localrpc import client_paths
 
+    config = load_config_or_exit(args)
+    return config if isinstance(config, int) else client_paths(config)
+
+
+def load_config_or_exit(args: argparse.Namespace) -> Config | int:
+    """The config of ``-c FILE``, or EXIT_CONFIG once the reason is printed.
+
+    For the commands that only read the config (export, backup, the socket lookup).
+    """
+    from gateway.config import ConfigError, load_config
+
     try:
-        config = load_config(args.config)
+        return load_config(args.config)
     except ConfigError as exc:
         print(f"hydrogate: invalid configuration {args.config}:\n{exc}", file=sys.stderr)
         return EXIT_CONFIG
-    return client_paths(config)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

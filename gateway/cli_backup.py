@@ -24,7 +24,7 @@ import os
 import sys
 from pathlib import Path
 
-from gateway.cli import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, add_config_option
+from gateway.cli import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, add_config_option, load_config_or_exit
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,15 +46,12 @@ def run(args: argparse.Namespace) -> int:
     """Back up; the exit code."""
     from tqdm import tqdm
 
-    from gateway.config import ConfigError, load_config
     from gateway.history import HistoryError, HistoryFile, step_aside
 
     step_aside()
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        print(f"hydrogate: invalid configuration {args.config}:\n{exc}", file=sys.stderr)
-        return EXIT_CONFIG
+    config = load_config_or_exit(args)
+    if isinstance(config, int):
+        return config
     source = config.storage.path
     target = target_path(args.out)
     if target.exists() and not args.force:

@@ -41,7 +41,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from gateway.cli import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, add_config_option
+from gateway.cli import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, add_config_option, load_config_or_exit
 
 #: Columns that come first in a CSV, in this order, when present (readings).
 FIRST_KEYS = ("tds", "ec", "ph", "water_temp", "water_level", "air_temp", "humidity")
@@ -100,15 +100,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Export; the exit code."""
-    from gateway.config import ConfigError, load_config
     from gateway.history import HistoryError, HistoryFile, step_aside
 
     step_aside()
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        print(f"hydrogate: invalid configuration {args.config}:\n{exc}", file=sys.stderr)
-        return EXIT_CONFIG
+    config = load_config_or_exit(args)
+    if isinstance(config, int):
+        return config
     try:
         since, until = parse_time(args.since), parse_time(args.until)
     except TimeError as exc:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from gateway.cli import main as cli_main
 from gateway.cli_export import TimeError, parse_time
 from gateway.config import load_config
 from gateway.daemon import Gateway
@@ -153,3 +154,17 @@ def test_time_arguments() -> None:
     for bad in ("", "soon", "12", "2024-13-01"):
         with pytest.raises(TimeError):
             parse_time(bad, now)
+
+
+@pytest.mark.parametrize("command", [["export", "--node", "tank-a"], ["backup"]])
+def test_a_bad_config_is_named_and_exit_2(
+    command: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "config.yaml"
+    bad.write_text("storage: [\n")
+    if command == ["backup"]:
+        command = ["backup", str(tmp_path / "copy.sqlite")]
+    assert cli_main([*command, "-c", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert f"invalid configuration {bad}" in err and "line 2" in err
+    assert not (tmp_path / "copy.sqlite").exists()
