@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import heapq
-import json
 import os
 import sqlite3
 import zlib
@@ -72,7 +71,7 @@ class HistoryFile:
             raise HistoryError(f"{path}: not a hydrogate buffer file")
         self._has_history = "history" in tables
         try:
-            self._bare_from = storefile.bare_from(self._conn)
+            self._rows = storefile.Rows(self._conn)
         except sqlite3.Error as exc:
             self._conn.close()
             raise HistoryError(f"{path}: cannot read it: {exc}") from exc
@@ -175,11 +174,10 @@ class HistoryFile:
         )
         for rid, ts, stored in cur:
             try:
-                entry = json.loads(storefile.entry_text(rid, ts, stored, self._bare_from))
-            except ValueError:
+                values = self._rows.values(rid, ts, stored)
+            except storefile.DamagedRow:
                 continue
-            if isinstance(entry, dict) and isinstance(entry.get("values"), dict):
-                yield entry
+            yield {"ts": ts, "values": values}
 
     # ---------------------------------------------------------------- backup
     def backup(

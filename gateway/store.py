@@ -474,11 +474,12 @@ class Store:
         """
         self._hand_over()  # what was appended so far can be forwarded now
         upto = self._hold_from
+        damaged: list[int] = []
 
         def read(conn: sqlite3.Connection) -> list[OutboxRow]:
             # Asked of the file read (the writer's, or a read-only view of a file that
             # could not be opened for writing, perhaps not migrated yet).
-            bare_from = storefile.bare_from(conn)
+            stored_rows = storefile.Rows(conn)
             cur = conn.execute(
                 "SELECT id, device, ts, entry FROM outbox WHERE id > ? AND id < ?"
                 " ORDER BY id LIMIT ?",
@@ -486,8 +487,13 @@ class Store:
             )
             rows: list[OutboxRow] = []
             total = 0
-            for rid, device, ts, stored in cur:  # the entry put back (storefile.entry_text)
-                entry = stored if rid < bare_from else f'{{"ts":{ts},"values":{stored}}}'
+            for rid, device, ts, stored in cur:
+                try:
+                    entry = stored_rows.entry(rid, ts, stored)
+                except storefile.DamagedRow as exc:
+                    log.error("%s: discarded", exc)
+                    damaged.append(rid)
+                    continue
                 total += len(device) + len(entry)
                 if rows and max_bytes is not None and total > max_bytes:
                     break
@@ -498,6 +504,8 @@ class Store:
         if self._tail_from is not None and after_id + 1 >= self._tail_from:
             return self._tail_peek(limit, after_id, max_bytes)
         result: list[OutboxRow] = await self._submit(read=read, fallback=list)
+        if damaged:  # never sendable: gone, counted as evicted
+            await self.discard(damaged)
         if not result:  # nothing on disk beyond after_id (or no disk): what waits in memory
             return self._tail_peek(limit, after_id, max_bytes)
         return result

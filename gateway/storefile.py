@@ -14,11 +14,16 @@ second, and every page it touches is written whole, so small pages are what
 keeps the bytes written per reading low (docs/benchmarks.md). Files created
 with larger pages are converted at start while they are small.
 
-For the same reason an outbox row keeps a reading's values only (``{"ph":6.1}``),
-not the ``{"ts":…,"values":…}`` entry ThingsBoard is sent: its ts is a column
-already, and the wrapper was a fifth of the row. `entry_text` puts it back.
-Rows written before schema version 5 keep the whole entry; they are told
-apart by id (`bare_from`), so an upgrade rewrites nothing.
+For the same reason an outbox row keeps a reading's values only, not the
+``{"ts":…,"values":…}`` entry ThingsBoard is sent (its ts is a column
+already), and keeps them as a JSON array after the id of their key list
+(``[3,701.66,5.99]`` for ``{"tds":701.66,"ph":5.99}``; the lists are rows of
+``keysets``): the keys were half of a row. `Rows` writes that form and reads
+every form. Rows of older versions stay as they were written, so an upgrade
+rewrites nothing: up to version 4 a row kept the whole entry (told apart by
+id, `bare_from`); version 5 kept the values as an object (told apart by its
+first character), as a row still does when its key list would be one too
+many (`MAX_KEYSETS`).
 """
 
 from __future__ import annotations
@@ -33,9 +38,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import orjson
+
+from gateway import storepages
+from gateway.tbmsg import compact_json
+
 log = logging.getLogger("hydrogate.store")
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 #: Page size of new files (bytes).
 PAGE_SIZE = 1024
 #: Files with another page size are converted (VACUUM) at start when no larger than this.
@@ -46,6 +56,8 @@ QUICK_CHECK_MAX_BYTES = 64 << 20
 WAL_KEEP_BYTES = 1 << 20
 #: Lifetime counters kept in ``meta``.
 COUNTERS = ("received", "forwarded", "evicted", "duplicates_resent", "unstored")
+#: Key lists a file keeps at most: a reading with yet another list is kept as an object.
+MAX_KEYSETS = 4096
 
 _OUTBOX = """
 CREATE TABLE outbox (
@@ -127,10 +139,16 @@ _V5 = """
 INSERT INTO meta (key, value) SELECT 'bare_from', COALESCE(MAX(id), 0) + 1 FROM outbox
     WHERE true ON CONFLICT (key) DO UPDATE SET value = excluded.value;
 """
+# Version 6: the key lists of rows that keep their values as an array (see the module's
+# docstring), ``keys`` a JSON array of strings. A list is written with the first row
+# that uses it, in the same transaction, and never changed or deleted.
+_KEYSETS = """
+CREATE TABLE keysets (id INTEGER PRIMARY KEY, keys TEXT NOT NULL);
+"""
 #: The schema of a new file (version SCHEMA_VERSION).
-_SCHEMA = _OUTBOX + _REST + _LEARNED + _HISTORY + _V5
+_SCHEMA = _OUTBOX + _REST + _LEARNED + _HISTORY + _V5 + _KEYSETS
 #: Each script brings a file from the version it is keyed by to the next one.
-_MIGRATIONS: Mapping[int, str] = {1: _LEARNED, 2: _V3, 3: _HISTORY, 4: _V5}
+_MIGRATIONS: Mapping[int, str] = {1: _LEARNED, 2: _V3, 3: _HISTORY, 4: _V5, 5: _KEYSETS}
 #: `bare_from` of a file older than version 5: every row holds its whole entry.
 ALL_WRAPPED = 1 << 62
 _TABLES = {"outbox", "meta", "settings", "actuations"}
@@ -180,13 +198,6 @@ def values_text(entry: str) -> str:
     return entry[entry.index("{", 1) : -1]
 
 
-def entry_text(rid: int, ts: int, stored: str, bare_from: int) -> str:
-    """The entry (``{"ts":…,"values":{…}}``) of outbox row ``rid`` stamped ``ts``, as sent."""
-    if rid < bare_from:
-        return stored
-    return f'{{"ts":{ts},"values":{stored}}}'
-
-
 def bare_from(conn: sqlite3.Connection) -> int:
     """The first outbox id whose row holds the values only (`ALL_WRAPPED` for an older file)."""
     row = conn.execute("SELECT value FROM meta WHERE key = 'bare_from'").fetchone()
@@ -195,16 +206,166 @@ def bare_from(conn: sqlite3.Connection) -> int:
     return 0 if _first(conn, "PRAGMA user_version") >= 5 else ALL_WRAPPED
 
 
+class DamagedRow(ValueError):
+    """An outbox row that does not read as any version wrote it."""
+
+
+class Rows:
+    """Outbox rows both ways, for one connection: values to what a row keeps, and back.
+
+    What a row keeps depends on the version that wrote it (the module's
+    docstring); `entry` and `values` read every form. `stored` writes the
+    current one, adding a new key list to ``keysets`` in the caller's open
+    transaction; the writer then calls `committed` or `rolled_back`, so that a
+    list that did not reach the file is never used.
+    """
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+        self.bare_from = bare_from(conn)
+        self._keys: dict[int, tuple[str, ...]] = {}
+        self._ids: dict[tuple[str, ...], int] = {}
+        self._new: list[int] = []
+        self._templates: dict[str, tuple[str, int] | None] = {}  # see _template
+        self._load()
+
+    def _load(self) -> None:
+        try:
+            found = self._conn.execute("SELECT id, keys FROM keysets").fetchall()
+        except sqlite3.OperationalError:  # a file older than version 6, read as it is
+            found = []
+        for kid, text in found:
+            keys = key_list(text)
+            if keys is not None and kid not in self._keys:
+                self._keys[kid] = keys
+                self._ids.setdefault(keys, kid)
+
+    # ------------------------------------------------------------- writing
+    def stored(self, values_text: str) -> str:
+        """What a row keeps of an entry's values (`values_text`: a JSON object)."""
+        values = orjson.loads(values_text)
+        keys = tuple(values)
+        kid = self._ids.get(keys)
+        if kid is None:
+            if len(self._keys) >= MAX_KEYSETS:
+                return values_text
+            kid = max(self._keys, default=0) + 1
+            self._conn.execute(
+                "INSERT INTO keysets (id, keys) VALUES (?, ?)", (kid, compact_json(list(keys)))
+            )
+            self._keys[kid] = keys
+            self._ids[keys] = kid
+            self._new.append(kid)
+        return compact_json([kid, *values.values()])
+
+    def committed(self) -> None:
+        """The transaction `stored` wrote in was committed."""
+        self._new.clear()
+
+    def rolled_back(self) -> None:
+        """The transaction `stored` wrote in was rolled back: the lists it added are gone."""
+        for kid in self._new:
+            del self._ids[self._keys.pop(kid)]
+            self._templates.pop(str(kid), None)
+        self._new.clear()
+
+    # ------------------------------------------------------------- reading
+    def entry(self, rid: int, ts: int, stored: str) -> str:
+        """The entry (``{"ts":…,"values":{…}}``) of outbox row ``rid`` stamped ``ts``, as sent.
+
+        Raises DamagedRow for a row that does not read.
+        """
+        if rid < self.bare_from:
+            return stored
+        if stored[:1] != "[":
+            return f'{{"ts":{ts},"values":{stored}}}'
+        # Numbers only (no string, array or object among the values): the array's
+        # own texts go into the entry as they are, without parsing them.
+        if '"' not in stored and "{" not in stored and stored.count("[") == 1:
+            parts = stored[1:-1].split(",")
+            head = parts[0]
+            found = self._templates[head] if head in self._templates else self._template(head)
+            if found is not None and found[1] == len(parts):
+                parts[0] = str(ts)
+                return found[0] % tuple(parts)
+        return compact_json({"ts": ts, "values": self._from_array(rid, stored)})
+
+    def _template(self, head: str) -> tuple[str, int] | None:
+        """The entry of the key list whose id is written ``head``, as a %-template.
+
+        The template takes the ts and the value texts; with it, how many parts
+        the array splits into. None when the entry cannot be put together that
+        way and stay what `compact_json` writes: a list not known, or a key that
+        is not ASCII (an entry with one is written by the standard encoder,
+        whose numbers may read differently).
+        """
+        keys = self._keys.get(int(head)) if head.isdigit() else None
+        if keys is None:
+            return None  # perhaps written since the lists were read: not remembered
+        template = None
+        if all(map(str.isascii, keys)):
+            # A value of "\0" is written "\u0000"; ':"' occurs in no key (its quotes
+            # are escaped), so the text splits exactly where the values go.
+            text = compact_json({"ts": 0, "values": dict.fromkeys(keys, "\0")})
+            pieces = [piece.replace("%", "%%") for piece in text.split(':"\\u0000"')]
+            if len(pieces) == len(keys) + 1 and pieces[0].startswith('{"ts":0,'):
+                template = ('{"ts":%s' + pieces[0][len('{"ts":0'):] + "".join(
+                    ":%s" + piece for piece in pieces[1:]
+                ), len(keys) + 1)
+        self._templates[head] = template
+        return template
+
+    def values(self, rid: int, ts: int, stored: str) -> dict[str, Any]:
+        """The values of outbox row ``rid``; raises DamagedRow if it does not read."""
+        if rid >= self.bare_from and stored[:1] == "[":
+            return self._from_array(rid, stored)
+        try:
+            obj = orjson.loads(self.entry(rid, ts, stored))
+        except orjson.JSONDecodeError as exc:
+            raise DamagedRow(f"outbox row {rid}: {exc}") from exc
+        values = obj.get("values") if isinstance(obj, dict) else None
+        if not isinstance(values, dict):
+            raise DamagedRow(f"outbox row {rid}: no values")
+        return values
+
+    def _from_array(self, rid: int, stored: str) -> dict[str, Any]:
+        try:
+            array = orjson.loads(stored)
+        except orjson.JSONDecodeError as exc:
+            raise DamagedRow(f"outbox row {rid}: {exc}") from exc
+        kid = array[0] if isinstance(array, list) and array else None
+        if type(kid) is not int:
+            raise DamagedRow(f"outbox row {rid}: no key list")
+        keys = self._keys.get(kid)
+        if keys is None:
+            self._load()  # written by another connection since this one read the lists
+            keys = self._keys.get(kid)
+        if keys is None or len(keys) != len(array) - 1:
+            raise DamagedRow(f"outbox row {rid}: its key list {kid} does not read")
+        return dict(zip(keys, array[1:], strict=True))
+
+
+def key_list(text: Any) -> tuple[str, ...] | None:
+    """A ``keysets`` row's keys, or None if it is not a JSON array of strings."""
+    try:
+        keys = orjson.loads(text)
+    except (TypeError, orjson.JSONDecodeError):
+        return None
+    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+        return None
+    return tuple(keys)
+
+
 def outbox_values(conn: sqlite3.Connection) -> Iterator[tuple[int, str, int, dict[str, Any]]]:
     """Every outbox row as ``(id, device, ts, values)``, in id order, whatever its version.
 
     For tools and tests that read a file directly; the gateway reads rows itself.
     """
-    first = bare_from(conn)
+    rows = Rows(conn)
     for rid, device, ts, stored in conn.execute(
         "SELECT id, device, ts, entry FROM outbox ORDER BY id"
     ):
-        yield rid, device, ts, json.loads(entry_text(rid, ts, stored, first))["values"]
+        yield rid, device, ts, rows.values(rid, ts, stored)
 
 
 def connect(path: Path, *, check: bool = True) -> sqlite3.Connection:
@@ -336,6 +497,7 @@ class Salvage:
     actuations: list[tuple[str, str, float, int]] = field(default_factory=list)
     learned: list[tuple[str, str, str, str, float]] = field(default_factory=list)
     history: list[tuple[int, str, int, int, int, int, bytes]] = field(default_factory=list)
+    keysets: list[tuple[int, str]] = field(default_factory=list)
     #: Parts that could not be read (e.g. ``outbox rows 1000-1999``).
     lost: list[str] = field(default_factory=list)
 
@@ -371,22 +533,26 @@ def salvage(path: Path, *, chunk: int = 1000) -> Salvage:
 
     A file shorter than its header says is read up to its end; a file whose
     header is garbage is read through a copy with a sound header put back.
+    Outbox rows below an interior page that does not read are read from
+    their leaf pages (gateway/storepages.py).
     """
     out = Salvage()
+    source = path
     conn = _open_damaged(path)
     if conn is None:
         repaired = _with_sound_header(path)
         conn = _open_damaged(repaired) if repaired is not None else None
-        if conn is None:
+        if conn is None or repaired is None:
             out.lost.append("everything (not readable as a database)")
             return out
+        source = repaired
     try:
         names = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
         if not names:
             out.lost.append("everything (no tables)")
             return out
         _salvage_meta(conn, out)
-        _salvage_outbox(conn, out, chunk)
+        _salvage_outbox(conn, out, chunk, source)
         for name, sql, target in (
             ("settings", "SELECT node, key, value FROM settings", out.settings),
             ("actuations", "SELECT node, actuator, ts, ms FROM actuations", out.actuations),
@@ -394,8 +560,9 @@ def salvage(path: Path, *, chunk: int = 1000) -> Salvage:
              out.learned),
             ("history", "SELECT id, device, ts_first, ts_last, n, size, data FROM history",
              out.history),
+            ("keysets", "SELECT id, keys FROM keysets", out.keysets),
         ):
-            if name == "history" and name not in names:  # a file older than version 4
+            if name in ("history", "keysets") and name not in names:  # an older file
                 continue
             try:
                 target.extend(conn.execute(sql))
@@ -471,8 +638,11 @@ def _salvage_meta(conn: sqlite3.Connection, out: Salvage) -> None:
         out.lost.append(f"counters ({exc})")
 
 
-def _salvage_outbox(conn: sqlite3.Connection, out: Salvage, chunk: int) -> None:
-    """Outbox rows by id ranges, split finer around unreadable pages: one costs only its rows."""
+def _salvage_outbox(conn: sqlite3.Connection, out: Salvage, chunk: int, source: Path) -> None:
+    """Outbox rows by id ranges, split finer around unreadable pages: one costs only its rows.
+
+    The ranges SQLite cannot reach are then looked for in ``source``'s leaf pages.
+    """
     try:
         columns = {row[1] for row in conn.execute("PRAGMA table_info(outbox)")}
     except sqlite3.Error as exc:
@@ -518,7 +688,14 @@ def _salvage_outbox(conn: sqlite3.Connection, out: Salvage, chunk: int) -> None:
 
     for start in range(0, top + 1, chunk):
         read(start, min(top + 1, start + chunk))
-    out.lost.extend(f"outbox ids {lo}-{hi - 1} (unreadable pages)" for lo, hi in bad)
+    if not bad:
+        return
+    scanned = storepages.outbox_rows(source, _first(conn, "PRAGMA page_size"), bad)
+    out.rows = sorted([*out.rows, *scanned.values()])
+    for lo, hi in bad:
+        n = sum(lo <= rid < hi for rid in scanned)
+        note = f"; {n} read from their leaf pages" if n else ""
+        out.lost.append(f"outbox ids {lo}-{hi - 1} (unreadable pages{note})")
 
 
 def check_entry(entry: str) -> bool:
@@ -532,19 +709,28 @@ def check_entry(entry: str) -> bool:
     )
 
 
-def check_values(stored: str) -> bool:
-    """True if ``stored`` is what an outbox row of version 5 keeps (a non-empty JSON object)."""
+def check_values(stored: str, keysets: Mapping[int, tuple[str, ...]]) -> bool:
+    """True if ``stored`` is what an outbox row of version 5 or later keeps.
+
+    That is a non-empty JSON object, or an array of values after the id of
+    their key list in ``keysets``.
+    """
     try:
         obj = json.loads(stored)
     except (TypeError, ValueError):
         return False
+    if isinstance(obj, list):
+        keys = keysets.get(obj[0]) if obj and type(obj[0]) is int else None
+        return keys is not None and len(keys) == len(obj) - 1
     return isinstance(obj, dict) and bool(obj)
 
 
 def _bare_row(
-    row: tuple[int, str, int, str, int | None], wrapped: bool | None
+    row: tuple[int, str, int, str, int | None],
+    wrapped: bool | None,
+    keysets: Mapping[int, tuple[str, ...]],
 ) -> tuple[int, str, int, str, int | None] | None:
-    """A salvaged row as version 5 keeps it, or None if it does not read.
+    """A salvaged row as version 5 or later keeps it, or None if it does not read.
 
     ``wrapped`` says whether the damaged file kept the whole entry in this row
     (None: its counters did not read; then a row that is exactly an entry
@@ -556,7 +742,7 @@ def _bare_row(
     if wrapped is None:
         wrapped = text.startswith(f'{{"ts":{ts},"values":{{') and check_entry(text)
     if not wrapped:
-        return row if check_values(text) else None
+        return row if check_values(text, keysets) else None
     if not check_entry(text):
         return None
     obj = json.loads(text)
@@ -567,8 +753,8 @@ def _bare_row(
 def restore(conn: sqlite3.Connection, found: Salvage) -> int:
     """Write what was salvaged into the fresh file at ``conn`` (one transaction); rows kept.
 
-    Rows go in as version 5 keeps them (values only), whatever the damaged
-    file's version was.
+    Rows go in as version 5 or later keeps them (values only), whatever the
+    damaged file's version was, with the key lists they use.
     """
     meta = {k: v for k, v in found.meta.items() if isinstance(k, str)}
     first: int | None = None  # the damaged file's first row holding values only
@@ -578,8 +764,10 @@ def restore(conn: sqlite3.Connection, found: Salvage) -> int:
     elif "next_id" in meta:  # its counters read, without the key: older than version 5
         first = ALL_WRAPPED
     meta["bare_from"] = 0
+    keysets = {kid: keys for kid, keys in ((kid, key_list(text)) for kid, text in found.keysets)
+               if type(kid) is int and keys is not None}
     rows = [
-        r for r in (_bare_row(row, None if first is None else row[0] < first)
+        r for r in (_bare_row(row, None if first is None else row[0] < first, keysets)
                     for row in found.rows) if r is not None
     ]
     if rows:
@@ -604,6 +792,10 @@ def restore(conn: sqlite3.Connection, found: Salvage) -> int:
             "INSERT OR REPLACE INTO learned (node, controller, state, plant, updated)"
             " VALUES (?, ?, ?, ?, ?)",
             found.learned,
+        )
+        conn.executemany(
+            "INSERT INTO keysets (id, keys) VALUES (?, ?)",
+            [(kid, compact_json(list(keys))) for kid, keys in keysets.items()],
         )
         conn.executemany(
             "INSERT OR IGNORE INTO history (id, device, ts_first, ts_last, n, size, data)"

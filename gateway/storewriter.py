@@ -85,7 +85,7 @@ PRUNE_S = 60.0
 EVICTION_HYSTERESIS = 0.9
 
 Row = tuple[int, str, int, str, int | None]  # id, device, ts, entry, mono (ms; None if stamped)
-#: As the outbox keeps it: the entry's values only (`storefile.values_text`).
+#: As the outbox keeps it: the entry's values only (`storefile.Rows.stored`).
 Stored = tuple[int, str, int, str, int | None]
 Result = tuple["asyncio.Future[Any] | None", Any, "BaseException | None"]
 _SIZE = "COALESCE(SUM(length(device) + length(entry)), 0)"
@@ -330,7 +330,7 @@ class Writer:
         self._loaded = False  # counters read from a file at least once
         self._last_ts: dict[str, int] = {}  # newest stamp per device since meta was written
         self._max_id = 0
-        self.bare_from = 0  # rows below this id keep their whole entry (storefile.bare_from)
+        self._rows: storefile.Rows | None = None  # what rows keep, both ways
         self._waiting = _Waiting()
         self._deletes: list[Delete] = []
         self._deletes_since: float | None = None
@@ -454,7 +454,7 @@ class Writer:
         self.depth, self.bytes = int(count), int(size)
         (top,) = conn.execute("SELECT MAX(id) FROM outbox").fetchone()
         self._max_id = max(self._max_id, marked - 1, top or 0)
-        self.bare_from = storefile.bare_from(conn)
+        self._rows = storefile.Rows(conn)
         if "history_bytes" in meta and "history_readings" in meta:
             self.history_bytes = int(meta["history_bytes"] or 0)
             self.history_readings = int(meta["history_readings"] or 0)
@@ -720,8 +720,10 @@ class Writer:
         started = time.monotonic()
         try:
             conn.execute("BEGIN IMMEDIATE")
+            codec = self._rows
+            assert codec is not None  # set with _conn
             if rows:
-                stored = _stored(rows)
+                stored = _stored(rows, codec)
                 conn.executemany(
                     "INSERT INTO outbox (id, device, ts, entry, mono) VALUES (?, ?, ?, ?, ?)",
                     stored,
@@ -733,7 +735,7 @@ class Writer:
             keep = self.history_days > 0
             for d in deletes:
                 if keep and d.counter == "forwarded":
-                    n, size = _move_ids(conn, d.ids, moved, self.bare_from)
+                    n, size = _move_ids(conn, d.ids, moved, codec)
                 else:
                     n, size = _delete_ids(conn, d.ids)
                 d.gone += n
@@ -741,7 +743,7 @@ class Writer:
                 tx.depth -= n
                 tx.bytes -= size
             answers = [(op, op.write(conn)) for op in (*self._deferred, *writes)]  # type: ignore[misc]
-            restamped = self._restamp(conn, tx) if self._releases else None
+            restamped = self._restamp(conn, tx, codec) if self._releases else None
             if keep:
                 self._write_history(conn, tx, moved, now, pending=history_now or bool(moved))
             self._evict(conn, tx)
@@ -756,6 +758,8 @@ class Writer:
         except sqlite3.Error as exc:
             if conn.in_transaction:
                 conn.rollback()
+            if self._rows is not None:
+                self._rows.rolled_back()
             self._degrade(exc, now)
             self._without_file(ops, results)
             self._post(self._on_results, results)
@@ -763,7 +767,10 @@ class Writer:
         except BaseException:
             if conn.in_transaction:
                 conn.rollback()
+            if self._rows is not None:
+                self._rows.rolled_back()
             raise
+        codec.committed()
         self._costs.append(time.monotonic() - started)
         if self.state != "ok":
             self._recovered(now)
@@ -848,7 +855,9 @@ class Writer:
                 )
         return self._ro
 
-    def _restamp(self, conn: sqlite3.Connection, tx: _Tx) -> tuple[int, int, bool]:
+    def _restamp(
+        self, conn: sqlite3.Connection, tx: _Tx, codec: storefile.Rows
+    ) -> tuple[int, int, bool]:
         """Re-stamp one chunk of held rows with the newest release's offset.
 
         Returns (last id re-stamped or -1, rows, whether none is left).
@@ -862,7 +871,7 @@ class Writer:
         for rid, stored, mono in rows:
             ts = int(mono) + offset
             new = stored
-            if rid < self.bare_from:  # the whole entry, stamped inside too
+            if rid < codec.bare_from:  # the whole entry, stamped inside too
                 new = with_ts(stored, ts)
                 tx.bytes += len(new) - len(stored)
             updates.append((ts, new, rid))
@@ -1159,14 +1168,14 @@ def checkpoint(conn: sqlite3.Connection) -> bool:
     return bool(busy)
 
 
-def _stored(rows: list[Row]) -> list[Stored]:
-    """``rows`` as the outbox keeps them: each entry's values only."""
-    values = storefile.values_text
-    return [(rid, device, ts, values(entry), mono) for rid, device, ts, entry, mono in rows]
+def _stored(rows: list[Row], codec: storefile.Rows) -> list[Stored]:
+    """``rows`` as the outbox keeps them (`storefile.Rows.stored`)."""
+    values, keep = storefile.values_text, codec.stored
+    return [(rid, device, ts, keep(values(entry)), mono) for rid, device, ts, entry, mono in rows]
 
 
 def _move_ids(
-    conn: sqlite3.Connection, ids: list[int], out: list[storehistory.Pending], bare_from: int
+    conn: sqlite3.Connection, ids: list[int], out: list[storehistory.Pending], codec: storefile.Rows
 ) -> tuple[int, int]:
     """Delete forwarded outbox rows, appending them (whole entries) to ``out`` for the history.
 
@@ -1179,10 +1188,12 @@ def _move_ids(
         ).fetchall()
         if found:
             conn.execute("DELETE FROM outbox WHERE id BETWEEN ? AND ?", (first, last))
-            for rid, device, ts, stored in found:  # whole entries (storefile.entry_text)
-                out.append((device, ts, stored if rid < bare_from
-                            else f'{{"ts":{ts},"values":{stored}}}'))
+            for rid, device, ts, stored in found:
                 size += len(device) + len(stored)
+                try:
+                    out.append((device, ts, codec.entry(rid, ts, stored)))
+                except storefile.DamagedRow as exc:  # forwarded all the same: not kept
+                    log.error("%s: not kept in the history", exc)
             rows += len(found)
     return rows, size
 

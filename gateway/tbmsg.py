@@ -76,6 +76,10 @@ def _dumps(obj: Any) -> str:
     return data.decode() if data.isascii() else _json_dumps(obj)
 
 
+#: Compact JSON as entries are written (the store keeps parts of entries).
+compact_json = _dumps
+
+
 class TbMessageError(ValueError):
     """Base of the errors of this module."""
 

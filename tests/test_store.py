@@ -15,17 +15,28 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.store import SCHEMA_VERSION, InvalidMessage, Store, StoreClosed, StoreError
-from gateway.storefile import values_text
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def _stored_bytes(path: Path) -> int:
+    """What the file's outbox holds, as the store counts it (device and stored text)."""
+    conn = sqlite3.connect(path)
+    try:
+        (size,) = conn.execute("SELECT SUM(length(device) + length(entry)) FROM outbox").fetchone()
+    finally:
+        conn.close()
+    return int(size)
 
 
 async def test_rows_come_back_in_order_with_their_entries(tmp_path: Path) -> None:
     async with Store.open(tmp_path / "s.db", max_rows=None, max_bytes=None) as store:
         for i in range(10):
-            store.append("tank-a" if i % 2 else "tank-b", 1000 + i, {"i": i})
+            store.append("tank-a" if i % 2 else "tank-b", 1000 + i, {"i": i, "ph": 6.0 + i})
         await store.flush()
         rows = await store.peek(100)
         assert [r.id for r in rows] == sorted(r.id for r in rows)
@@ -33,8 +44,9 @@ async def test_rows_come_back_in_order_with_their_entries(tmp_path: Path) -> Non
         assert all(json.loads(r.entry)["ts"] == r.ts for r in rows)
         assert store.stats.received == 10
         assert store.stats.depth == 10
-        # The outbox keeps each entry's values only: bytes counts what is stored.
-        assert store.stats.bytes == sum(len(r.device) + len(values_text(r.entry)) for r in rows)
+        # bytes counts what is stored (values against a key list: far less than the entries).
+        assert store.stats.bytes == _stored_bytes(tmp_path / "s.db")
+        assert store.stats.bytes < sum(len(r.device) + len(r.entry) for r in rows) / 2
         later = await store.peek(3, after_id=rows[4].id)
         assert later == rows[5:8]
 
@@ -129,7 +141,7 @@ async def test_ack_deletes_by_ranges_and_counts_forwarded(tmp_path: Path) -> Non
         assert [r.id for r in left] == ids[3:5] + ids[7:]
         stats = store.stats
         assert (stats.forwarded, stats.depth) == (5, 5)
-        assert stats.bytes == sum(len(r.device) + len(values_text(r.entry)) for r in left)
+        assert stats.bytes == _stored_bytes(path)
     async with Store.open(path, max_rows=None, max_bytes=None) as store:
         assert (store.stats.forwarded, store.stats.received, store.stats.depth) == (5, 10, 5)
 
@@ -469,10 +481,11 @@ async def test_a_version_1_file_is_migrated_and_keeps_its_rows(
     assert any("migrated from version 1 to 2" in r.getMessage() for r in caplog.records)
     assert any("migrated from version 2 to 3" in r.getMessage() for r in caplog.records)
     assert any("migrated from version 3 to 4" in r.getMessage() for r in caplog.records)
+    assert any("migrated from version 5 to 6" in r.getMessage() for r in caplog.records)
 
     conn = sqlite3.connect(path)
     try:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6
         assert conn.execute("SELECT node, controller FROM learned").fetchall() == [
             ("tank-a", "adaptive")
         ]
@@ -572,22 +585,151 @@ def _wrapped(ts: int, values: dict[str, object]) -> str:
     return json.dumps({"ts": ts, "values": values}, separators=(",", ":"))
 
 
-async def test_rows_keep_their_values_only_and_go_out_as_whole_entries(tmp_path: Path) -> None:
+async def test_rows_keep_their_values_against_a_key_list_and_go_out_as_whole_entries(
+    tmp_path: Path,
+) -> None:
     path = tmp_path / "s.db"
     async with Store.open(path, max_rows=None, max_bytes=None) as store:
         store.append("tank-a", 1000, {"ph": 6.1, "note": "a,b}"})
+        store.append("tank-b", 1001, {"ph": 6.2, "note": "c"})  # the same keys: the same list
+        store.append("tank-a", 1002, {"ph": 6.3})  # a reading missing a key: another list
         await store.flush()
         conn = sqlite3.connect(path)
         try:
-            assert conn.execute("SELECT ts, entry FROM outbox").fetchall() == [
-                (1000, '{"ph":6.1,"note":"a,b}"}')
+            assert conn.execute("SELECT ts, entry FROM outbox ORDER BY id").fetchall() == [
+                (1000, '[1,6.1,"a,b}"]'), (1001, '[1,6.2,"c"]'), (1002, '[2,6.3]')
+            ]
+            assert conn.execute("SELECT id, keys FROM keysets ORDER BY id").fetchall() == [
+                (1, '["ph","note"]'), (2, '["ph"]')
             ]
         finally:
             conn.close()
     async with Store.open(path, max_rows=None, max_bytes=None) as store:  # peeked from SQLite
-        [row] = await store.peek(10)
-        assert json.loads(row.entry) == {"ts": 1000, "values": {"ph": 6.1, "note": "a,b}"}}
-        assert row.entry == _wrapped(1000, {"ph": 6.1, "note": "a,b}"})
+        rows = await store.peek(10)
+        assert [r.entry for r in rows] == [
+            _wrapped(1000, {"ph": 6.1, "note": "a,b}"}),
+            _wrapped(1001, {"ph": 6.2, "note": "c"}),
+            _wrapped(1002, {"ph": 6.3}),
+        ]
+        store.append("tank-a", 2000, {"ph": 6.4})  # the lists are known after a restart
+        await store.flush()
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("SELECT entry FROM outbox WHERE ts = 2000").fetchone() == ("[2,6.4]",)
+        assert conn.execute("SELECT COUNT(*) FROM keysets").fetchone() == (2,)
+    finally:
+        conn.close()
+
+
+_KEY = st.text(min_size=1, max_size=12)
+_SCALAR = (
+    st.floats(allow_nan=False, allow_infinity=False)
+    | st.integers(min_value=-(2**63), max_value=2**63 - 1)
+    | st.text(max_size=12)
+    | st.booleans()
+)
+_VALUE = st.recursive(_SCALAR, lambda inner: st.lists(inner, max_size=3)
+                      | st.dictionaries(_KEY, inner, max_size=3), max_leaves=6)
+
+
+_NUMBER = (
+    st.floats(allow_nan=False, allow_infinity=False)
+    | st.integers(min_value=-(2**63), max_value=2**63 - 1)
+    | st.booleans()
+)
+_READING = st.dictionaries(_KEY, _VALUE, min_size=1, max_size=6) | st.dictionaries(
+    _KEY | st.text(alphabet="%s:\"\\,{}[]\x00\x7fé", min_size=1, max_size=6), _NUMBER,
+    min_size=1, max_size=6,
+)  # the second: numbers only, the entry put together from the row's text
+
+
+@settings(max_examples=400, deadline=None)
+@given(readings=st.lists(_READING, min_size=1, max_size=8))
+def test_a_row_gives_back_exactly_the_entry_that_was_sent(readings: list[dict[str, object]]) -> None:
+    from gateway import storefile, tbmsg
+
+    conn = sqlite3.connect(":memory:")
+    conn.executescript(storefile._SCHEMA)
+    rows = storefile.Rows(conn)
+    for rid, values in enumerate(readings, start=1):
+        entry = tbmsg.encode_entry("tank-a", 1000 + rid, values, 1 << 20)
+        stored = rows.stored(storefile.values_text(entry))
+        assert stored.startswith("[")
+        assert rows.entry(rid, 1000 + rid, stored) == entry
+        assert storefile.Rows(conn).entry(rid, 1000 + rid, stored) == entry  # from the file
+        assert rows.values(rid, 1000 + rid, stored) == json.loads(entry)["values"]
+    conn.close()
+
+
+def test_a_key_list_rolled_back_with_its_rows_is_written_again(tmp_path: Path) -> None:
+    from gateway import storefile
+
+    conn = storefile.connect(tmp_path / "s.db")
+    try:
+        rows = storefile.Rows(conn)
+        conn.execute("BEGIN IMMEDIATE")
+        assert rows.stored('{"ph":6.1}') == "[1,6.1]"
+        conn.rollback()  # e.g. the disk was full
+        rows.rolled_back()
+        conn.execute("BEGIN IMMEDIATE")
+        assert rows.stored('{"ph":6.2}') == "[1,6.2]"
+        assert rows.stored('{"ph":6.3}') == "[1,6.3]"
+        conn.execute("COMMIT")
+        rows.committed()
+        assert conn.execute("SELECT id, keys FROM keysets").fetchall() == [(1, '["ph"]')]
+        conn.execute("BEGIN IMMEDIATE")
+        assert rows.stored('{"ec":1.2}') == "[2,1.2]"
+        conn.rollback()
+        rows.rolled_back()  # only the list of the rolled-back transaction is forgotten
+        assert rows.entry(9, 5, "[1,6.2]") == '{"ts":5,"values":{"ph":6.2}}'
+        with pytest.raises(storefile.DamagedRow):
+            rows.entry(10, 5, "[2,1.2]")
+    finally:
+        conn.close()
+
+
+async def test_a_file_keeps_a_bounded_number_of_key_lists(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gateway import storefile
+
+    monkeypatch.setattr(storefile, "MAX_KEYSETS", 2)  # a node inventing keys at every reading
+    path = tmp_path / "s.db"
+    async with Store.open(path, max_rows=None, max_bytes=None) as store:
+        for i in range(4):
+            store.append("tank-a", 1000 + i, {f"k{i}": i})
+        await store.flush()
+        assert [json.loads(r.entry)["values"] for r in await store.peek(10)] == [
+            {"k0": 0}, {"k1": 1}, {"k2": 2}, {"k3": 3}
+        ]
+    conn = sqlite3.connect(path)
+    try:  # the lists beyond the limit: kept as objects, as version 5 did
+        assert [e for (e,) in conn.execute("SELECT entry FROM outbox ORDER BY id")] == [
+            "[1,0]", "[2,1]", '{"k2":2}', '{"k3":3}'
+        ]
+    finally:
+        conn.close()
+
+
+async def test_a_row_whose_key_list_does_not_read_is_discarded_and_counted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "s.db"
+    async with Store.open(path, max_rows=None, max_bytes=None) as store:
+        for i in range(3):
+            store.append("tank-a", 1000 + i, {"ph": 6.0 + i})
+        await store.flush()
+    conn = sqlite3.connect(path)
+    with conn:  # damage one row: a key list the file does not hold, or too many values
+        conn.execute("UPDATE outbox SET entry = '[7,6.1]' WHERE ts = 1001")
+        conn.execute("UPDATE outbox SET entry = '[1,6.2,9]' WHERE ts = 1002")
+    conn.close()
+    async with Store.open(path, max_rows=None, max_bytes=None) as store:
+        rows = await store.peek(10)
+        assert [json.loads(r.entry) for r in rows] == [{"ts": 1000, "values": {"ph": 6.0}}]
+        assert (store.stats.evicted, store.stats.depth) == (2, 1)
+        assert await store.peek(10, after_id=rows[0].id) == []
+    assert "key list 7 does not read: discarded" in caplog.text
 
 
 async def test_a_version_4_file_is_migrated_without_rewriting_its_rows(
@@ -619,8 +761,9 @@ async def test_a_version_4_file_is_migrated_without_rewriting_its_rows(
         try:  # the old rows keep their whole entry (re-stamped inside); the new one its values
             assert conn.execute("SELECT id, entry FROM outbox ORDER BY id").fetchall() == [
                 (1, old[0][3]), (2, old[1][3]), (3, _wrapped(T + 1_100, {"ph": 6.4, "seq": 3})),
-                (4, '{"ph":6.3,"seq":4}'),
+                (4, "[1,6.3,4]"),
             ]
+            assert conn.execute("SELECT id, keys FROM keysets").fetchall() == [(1, '["ph","seq"]')]
             assert conn.execute("SELECT value FROM meta WHERE key = 'bare_from'").fetchone() == (4,)
         finally:
             conn.close()
@@ -643,25 +786,32 @@ async def test_a_version_4_file_is_migrated_without_rewriting_its_rows(
         assert store.stats.depth == 0
 
 
-def test_salvaged_rows_of_either_version_are_restored_as_values_only(tmp_path: Path) -> None:
+def test_salvaged_rows_of_every_version_are_restored_as_values_only(tmp_path: Path) -> None:
     from gateway import storefile
 
     wrapped = [(1, "tank-a", 5000, _wrapped(5000, {"ph": 6.0}), None)]
     bare = [(2, "tank-a", 5001, '{"ph":6.1}', None)]
-    broken = [(3, "tank-a", 5002, "{not json", None)]
+    array = [(3, "tank-a", 5002, "[4,6.2,880]", None)]
+    broken = [
+        (4, "tank-a", 5003, "{not json", None),
+        (5, "tank-a", 5004, "[5,6.3]", None),  # its key list did not read
+        (6, "tank-a", 5005, "[4,6.3]", None),  # fewer values than keys
+    ]
+    keysets = [(4, '["ph","tds"]'), (5, "not json")]
     cases = [
         ({"next_id": 2}, wrapped + broken),  # a version 4 file
         ({"next_id": 3, "bare_from": 2}, wrapped + bare + broken),  # migrated
-        ({}, wrapped + bare + broken),  # counters unreadable: told apart by their text
+        ({"next_id": 4, "bare_from": 2}, wrapped + bare + array + broken),  # version 6
+        ({}, wrapped + bare + array + broken),  # counters unreadable: told apart by their text
     ]
+    expect = {1: {"ph": 6.0}, 2: {"ph": 6.1}, 3: {"ph": 6.2, "tds": 880}}
     for n, (meta, rows) in enumerate(cases):
         conn = storefile.connect(tmp_path / f"fresh{n}.db")
         try:
-            found = storefile.Salvage(rows=list(rows), meta=dict(meta))
-            assert storefile.restore(conn, found) == len(rows) - 1
+            found = storefile.Salvage(rows=list(rows), meta=dict(meta), keysets=list(keysets))
+            assert storefile.restore(conn, found) == len(rows) - len(broken)
             assert list(storefile.outbox_values(conn)) == [
-                (r[0], r[1], r[2], json.loads(storefile.entry_text(r[0], r[2], r[3], 2))["values"])
-                for r in rows[:-1]
+                (r[0], r[1], r[2], expect[r[0]]) for r in rows[: -len(broken)]
             ]
             assert conn.execute("SELECT entry FROM outbox WHERE id = 1").fetchone() == (
                 '{"ph":6.0}',
