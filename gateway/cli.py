@@ -1,5 +1,5 @@
 """The `hydrogate` command: run, check-config, demo, calibrate, evaluate, node, titrate,
-pump, status, export, backup."""
+pump, status, export, backup, storage."""
 
 from __future__ import annotations
 
@@ -159,6 +159,7 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "status": ("gateway.cli_status", "status"),
     "export": ("gateway.cli_export", "export"),
     "backup": ("gateway.cli_backup", "backup"),
+    "storage": ("gateway.cli_storage", "storage"),
 }
 
 
@@ -203,6 +204,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         "status": "the running daemon's state: nodes, values, control, uplink, buffer",
         "export": "one node's readings from the buffer and the local history, as CSV or JSONL",
         "backup": "a consistent copy of the database, while the daemon runs",
+        "storage": "storage downgrade --to N: the buffer file written back for an older release",
     }
     for name, (module, _) in LAZY_COMMANDS.items():
         lazy = sub.add_parser(name, help=helps[name])

@@ -33,7 +33,7 @@ import datetime
 import json
 import logging
 import sqlite3
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -484,6 +484,94 @@ def _convert_pages(conn: sqlite3.Connection, path: Path) -> None:
     conn.execute("VACUUM")
     conn.execute("PRAGMA journal_mode = WAL")
     log.info("%s: converted from %d-byte to %d-byte pages", path, size, PAGE_SIZE)
+
+
+# ------------------------------------------------------------ older releases
+class FileInUse(Exception):
+    """Another connection (a running daemon) has the file open."""
+
+
+#: Rows rewritten per statement when a step rewrites rows.
+_DOWN_CHUNK = 10_000
+
+
+def _down_to_5(conn: sqlite3.Connection) -> int:
+    """Version 6 to 5: rows that keep an array keep an object again; ``keysets`` goes.
+
+    Returns the rows dropped because they did not read.
+    """
+    rows = Rows(conn)
+    after, dropped = rows.bare_from - 1, 0
+    while True:
+        found = conn.execute(
+            "SELECT id, ts, entry FROM outbox WHERE id > ? ORDER BY id LIMIT ?",
+            (after, _DOWN_CHUNK),
+        ).fetchall()
+        if not found:
+            break
+        after = found[-1][0]
+        updates, damaged = [], []
+        for rid, ts, stored in found:
+            if stored[:1] != "[":
+                continue
+            try:
+                updates.append((values_text(rows.entry(rid, ts, stored)), rid))
+            except DamagedRow:
+                damaged.append((rid,))
+        conn.executemany("UPDATE outbox SET entry = ? WHERE id = ?", updates)
+        conn.executemany("DELETE FROM outbox WHERE id = ?", damaged)
+        dropped += len(damaged)
+    conn.execute("DROP TABLE keysets")
+    return dropped
+
+
+#: Each step brings a file from the version it is keyed by back to the one before.
+_DOWNGRADES: Mapping[int, Callable[[sqlite3.Connection], int]] = {6: _down_to_5}
+#: The oldest version this release can write a file back to.
+OLDEST_DOWNGRADE = min(_DOWNGRADES) - 1
+
+
+def downgrade(path: Path, version: int) -> tuple[int, int]:
+    """Write the file at ``path`` back to schema ``version``, for an older release.
+
+    What the installer does when it puts the previous release back after the
+    new one failed: the new one may have migrated the file already, and an
+    older gateway refuses a newer file (`NewerSchema`). One exclusive
+    transaction; nothing else may have the file open (the daemon stopped).
+    Returns (the version the file had, rows dropped because they did not
+    read). Raises FileInUse, ValueError for a version this release cannot
+    write, NewerSchema, sqlite3.Error for a disk or file that refuses.
+    """
+    if version < OLDEST_DOWNGRADE:
+        raise ValueError(
+            f"this release writes files back to schema version {OLDEST_DOWNGRADE} at the oldest"
+        )
+    conn = sqlite3.connect(path, isolation_level=None, timeout=0)
+    try:
+        conn.execute("PRAGMA locking_mode = EXCLUSIVE")
+        try:
+            conn.execute("BEGIN EXCLUSIVE")
+        except sqlite3.OperationalError as exc:
+            if error_kind(exc) == "busy":
+                raise FileInUse(
+                    f"{path} is open in another process (is the daemon running?)"
+                ) from exc
+            raise
+        had = int(_first(conn, "PRAGMA user_version"))
+        if had > SCHEMA_VERSION:
+            raise NewerSchema(f"{path}: schema version {had}, this gateway knows {SCHEMA_VERSION}")
+        dropped = 0
+        for step in range(had, version, -1):
+            dropped += _DOWNGRADES[step](conn)
+        conn.execute(f"PRAGMA user_version = {min(had, version)}")
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.rollback()
+        raise
+    finally:
+        conn.close()
+    return had, dropped
 
 
 # ------------------------------------------------------------ damaged files

@@ -148,6 +148,16 @@ $systemctl daemon-reload
 
 rollback() {
   say "$1; putting back $old"
+  # The new release may have migrated the buffer to its schema already, which the old
+  # one refuses: the new one writes it back to the old one's schema first.
+  $systemctl stop hydrogate || true
+  local schema
+  schema="$("$prefix/$old/bin/python" -c \
+    'from gateway.store import SCHEMA_VERSION; print(SCHEMA_VERSION)' 2>/dev/null || true)"
+  if [ -n "$schema" ]; then
+    (cd / && runuser -u "$user" -- "$new/bin/hydrogate" storage downgrade \
+       -c "$etc/config.yaml" --to "$schema" 2>&1 | sed 's/^/  /') || true
+  fi
   ln -sfn "$old" "$prefix/venv.new" && mv -Tf "$prefix/venv.new" "$prefix/venv"
   $systemctl restart hydrogate || true
   rm -rf "$new"

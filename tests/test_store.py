@@ -818,3 +818,54 @@ def test_salvaged_rows_of_every_version_are_restored_as_values_only(tmp_path: Pa
             )
         finally:
             conn.close()
+
+
+# ------------------------------------------- written back for an older release
+async def test_a_file_written_back_for_the_previous_release_is_what_it_wrote(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from gateway import storefile
+    from gateway.cli import main as cli_main
+
+    path = tmp_path / "gw.sqlite"
+    config = tmp_path / "config.yaml"
+    config.write_text(f"gateway: {{name: gw}}\nstorage: {{path: '{path}'}}\n"
+                      "nodes: [{name: tank-a, url: 'tcp://127.0.0.1:9'}]\n")
+    async with Store.open(path, max_rows=None, max_bytes=None) as store:
+        store.append("tank-a", 1000, {"ph": 6.1, "note": "a,b}"})
+        store.append("tank-a", 1001, {"ph": 6.2, "note": "c"})
+        store.append("tank-a", 1002, {"ph": 6.3})
+        await store.flush()
+        sent = [r.entry for r in await store.peek(10)]
+        # The daemon has the file open: refused, nothing changed.
+        assert cli_main(["storage", "downgrade", "-c", str(config), "--to", "5"]) == 1
+        assert "is the daemon running?" in capsys.readouterr().err
+    conn = sqlite3.connect(path)
+    with conn:
+        conn.execute("INSERT INTO outbox (id, device, ts, entry) VALUES (99, 'tank-a', 1003, '[9,1]')")
+    conn.close()
+
+    assert cli_main(["storage", "downgrade", "-c", str(config), "--to", "5"]) == 0
+    assert "from schema version 6 to 5; dropped 1 row that does not read" in capsys.readouterr().out
+    conn = sqlite3.connect(path)
+    try:  # exactly what version 5 wrote: each row's values as an object, no key lists
+        assert conn.execute("PRAGMA user_version").fetchone() == (5,)
+        assert conn.execute("SELECT entry FROM outbox ORDER BY id").fetchall() == [
+            ('{"ph":6.1,"note":"a,b}"}',), ('{"ph":6.2,"note":"c"}',), ('{"ph":6.3}',)
+        ]
+        assert conn.execute("SELECT name FROM sqlite_master WHERE name = 'keysets'").fetchall() == []
+    finally:
+        conn.close()
+    assert storefile.downgrade(path, 5) == (5, 0)  # at that version already: nothing to do
+    assert cli_main(["storage", "downgrade", "-c", str(config), "--to", "4"]) == 2
+    assert "schema version 5 at the oldest" in capsys.readouterr().err
+    async with Store.open(path, max_rows=None, max_bytes=None) as store:  # and forward again
+        assert [r.entry for r in await store.peek(10)] == sent
+        store.append("tank-a", 2000, {"ph": 6.4, "note": "d"})
+        await store.flush()
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("PRAGMA user_version").fetchone() == (6,)
+        assert conn.execute("SELECT entry FROM outbox WHERE ts = 2000").fetchone() == ('[1,6.4,"d"]',)
+    finally:
+        conn.close()

@@ -26,6 +26,7 @@ import pytest
 import yaml
 from paho.mqtt.enums import CallbackAPIVersion
 
+from gateway.storefile import SCHEMA_VERSION
 from tests.conftest import MOSQUITTO, free_port, wait_port
 from tests.systemd_harness import SystemdNamespace, available
 from tests.test_tls import make_ca_and_server
@@ -486,20 +487,33 @@ def test_upgrade_swaps_the_release_and_a_failed_one_leaves_the_old_running(
     assert second != first
     assert ns.run(["readlink", "/opt/hydrogate/venv"]).stdout.strip() == f"releases/{second}"
 
-    # A release that cannot run: check-config passes, the daemon dies at start.
+    # A release that cannot run: check-config passes, the daemon dies at start, just after
+    # migrating the buffer to a schema the running release does not know.
     broken = tmp_path / "broken"
     shutil.copytree(REPO, broken, ignore=shutil.ignore_patterns(".git", ".venv", ".cache",
                                                                 "*.egg-info", "__pycache__"))
-    daemon = broken / "gateway" / "daemon.py"
-    daemon.write_text(daemon.read_text().replace(
-        '    """`hydrogate run`: the gateway with its signal handlers; returns the exit code."""',
-        '    """`hydrogate run`: the gateway with its signal handlers; returns the exit code."""\n'
-        '    raise RuntimeError("a broken release")'))
+    storefile = broken / "gateway" / "storefile.py"
+    text = storefile.read_text()
+    for old, new in (
+        (f"SCHEMA_VERSION = {SCHEMA_VERSION}\n", f"SCHEMA_VERSION = {SCHEMA_VERSION + 1}\n"),
+        ("_MIGRATIONS: Mapping[int, str] = {",
+         f"_MIGRATIONS: Mapping[int, str] = {{{SCHEMA_VERSION}: 'CREATE TABLE newer (x);', "),
+        ("_DOWNGRADES: Mapping[int, Callable[[sqlite3.Connection], int]] = {",
+         "_DOWNGRADES: Mapping[int, Callable[[sqlite3.Connection], int]] = {"
+         f"{SCHEMA_VERSION + 1}: lambda conn: conn.execute('DROP TABLE newer').rowcount * 0, "),
+        ("        _upgrade(conn, path)\n", "        _upgrade(conn, path)\n        os._exit(1)\n"),
+        ("import contextlib\n", "import contextlib\nimport os\n"),
+    ):
+        assert text.count(old) == 1, old
+        text = text.replace(old, new)
+    storefile.write_text(text)
     time.sleep(1.1)
     done = install(ns, "--upgrade", src=broken)
     assert done.returncode != 0
     assert "previous release" in done.stderr
     assert ns.show(UNIT, "ActiveState")["ActiveState"] == "active"
+    assert (f"written back from schema version {SCHEMA_VERSION + 1} to {SCHEMA_VERSION}"
+            in done.stdout), done.stdout
     assert _release_of(ns) == second
     assert ns.run(["readlink", "/opt/hydrogate/venv"]).stdout.strip() == f"releases/{second}"
     kept = sorted(ns.run(["ls", "/opt/hydrogate/releases"]).stdout.split())
