@@ -226,6 +226,7 @@ class Rows:
         self._keys: dict[int, tuple[str, ...]] = {}
         self._ids: dict[tuple[str, ...], int] = {}
         self._new: list[int] = []
+        self._top = 0  # the highest id in the table, a row that does not read included
         self._templates: dict[str, tuple[str, int] | None] = {}  # see _template
         self._load()
 
@@ -235,6 +236,7 @@ class Rows:
         except sqlite3.OperationalError:  # a file older than version 6, read as it is
             found = []
         for kid, text in found:
+            self._top = max(self._top, kid)
             keys = key_list(text)
             if keys is not None and kid not in self._keys:
                 self._keys[kid] = keys
@@ -242,20 +244,30 @@ class Rows:
 
     # ------------------------------------------------------------- writing
     def stored(self, values_text: str) -> str:
-        """What a row keeps of an entry's values (`values_text`: a JSON object)."""
-        values = orjson.loads(values_text)
+        """What a row keeps of an entry's values (`values_text`: a JSON object).
+
+        Never raises: values it cannot put against a key list are kept as they
+        came, an object, which reads as well.
+        """
+        try:
+            values = orjson.loads(values_text)
+        except orjson.JSONDecodeError:
+            return values_text
+        if not isinstance(values, dict):
+            return values_text
         keys = tuple(values)
         kid = self._ids.get(keys)
         if kid is None:
             if len(self._keys) >= MAX_KEYSETS:
                 return values_text
-            kid = max(self._keys, default=0) + 1
+            kid = self._top + 1
             self._conn.execute(
                 "INSERT INTO keysets (id, keys) VALUES (?, ?)", (kid, compact_json(list(keys)))
             )
             self._keys[kid] = keys
             self._ids[keys] = kid
             self._new.append(kid)
+            self._top = kid
         return compact_json([kid, *values.values()])
 
     def committed(self) -> None:
@@ -264,6 +276,8 @@ class Rows:
 
     def rolled_back(self) -> None:
         """The transaction `stored` wrote in was rolled back: the lists it added are gone."""
+        if self._new:
+            self._top = self._new[0] - 1
         for kid in self._new:
             del self._ids[self._keys.pop(kid)]
             self._templates.pop(str(kid), None)

@@ -17,6 +17,8 @@ asks only for ids it could not read through SQLite.
 
 from __future__ import annotations
 
+import bisect
+import mmap
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,22 +41,30 @@ def outbox_rows(path: Path, page_size: int, wanted: list[tuple[int, int]]) -> di
     if not wanted:
         return {}
     try:
-        data = path.read_bytes()
-    except OSError:
+        with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            return _scan(data, Path(f"{path}-wal"), page_size, sorted(wanted))
+    except (OSError, ValueError):  # unreadable, or empty (mmap refuses 0 bytes)
         return {}
-    newer, pages = _wal_pages(Path(f"{path}-wal"), page_size)
+
+
+def _scan(
+    data: mmap.mmap, wal: Path, page_size: int, wanted: list[tuple[int, int]]
+) -> dict[int, Row]:
+    newer, pages = _wal_pages(wal, page_size)
     pages = pages or len(data) // page_size
     first = newer.get(1, data[:page_size])
     if pages == 0 or len(first) < 100:
         return {}
     file = _File(data, newer, page_size, page_size - first[20], pages)
     free = file.freelist()
+    starts = [lo for lo, _ in wanted]
     found: dict[int, Row] = {}
     for number in range(1, pages + 1):
         if number in free:
             continue
         for rid, record in file.cells(number):
-            if rid in found or not any(lo <= rid < hi for lo, hi in wanted):
+            i = bisect.bisect_right(starts, rid) - 1
+            if rid in found or i < 0 or rid >= wanted[i][1]:
                 continue
             row = _outbox_record(rid, record)
             if row is not None:
@@ -127,7 +137,7 @@ def _varint(buf: bytes, at: int) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class _File:
-    data: bytes
+    data: mmap.mmap  # the file
     newer: dict[int, bytes]  # the WAL's copies
     page_size: int
     usable: int  # bytes of a page that hold content (the page less its reserved tail)

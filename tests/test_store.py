@@ -869,3 +869,22 @@ async def test_a_file_written_back_for_the_previous_release_is_what_it_wrote(
         assert conn.execute("SELECT entry FROM outbox WHERE ts = 2000").fetchone() == ('[1,6.4,"d"]',)
     finally:
         conn.close()
+
+
+def test_a_key_list_that_does_not_read_keeps_its_id(tmp_path: Path) -> None:
+    from gateway import storefile
+
+    conn = storefile.connect(tmp_path / "s.db")
+    try:
+        conn.execute("INSERT INTO keysets (id, keys) VALUES (1, '[\"ph\"]'), (2, 'damaged')")
+        rows = storefile.Rows(conn)
+        conn.execute("BEGIN IMMEDIATE")
+        assert rows.stored('{"ec":1.2}') == "[3,1.2]"  # not 2: that id is taken
+        assert rows.stored("{not json") == "{not json"  # never raises: kept as it came
+        conn.execute("COMMIT")
+        rows.committed()
+        assert rows.entry(5, 7, "[3,1.2]") == '{"ts":7,"values":{"ec":1.2}}'
+        with pytest.raises(storefile.DamagedRow):
+            rows.entry(6, 7, "[2,1.2]")
+    finally:
+        conn.close()
