@@ -479,7 +479,7 @@ class Store:
         def read(conn: sqlite3.Connection) -> list[OutboxRow]:
             # Asked of the file read (the writer's, or a read-only view of a file that
             # could not be opened for writing, perhaps not migrated yet).
-            stored_rows = storefile.Rows(conn)
+            stored_rows = self._writer.rows_for(conn)
             cur = conn.execute(
                 "SELECT id, device, ts, entry FROM outbox WHERE id > ? AND id < ?"
                 " ORDER BY id LIMIT ?",

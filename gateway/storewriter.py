@@ -846,6 +846,16 @@ class Writer:
                 else:
                     results.append((op.future, None, as_store_error(exc)))
 
+    def rows_for(self, conn: sqlite3.Connection) -> storefile.Rows:
+        """The `storefile.Rows` for a read through ``conn`` (in the writer's thread).
+
+        The writer's own for its connection (it knows every key list written, no
+        need to read them again), a fresh one for a read-only view.
+        """
+        if conn is self._conn and self._rows is not None:
+            return self._rows
+        return storefile.Rows(conn)
+
     def _read_only(self) -> sqlite3.Connection | None:
         """While the file cannot be opened for writing: a read-only view of it, if it reads."""
         if self._ro is None:

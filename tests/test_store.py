@@ -564,7 +564,7 @@ async def test_acks_of_written_rows_are_deleted_with_the_next_commit(tmp_path: P
         assert (store.stats.depth, store.stats.forwarded) == (0, 5)
 
 
-# --------------------------------------------- stored entries: values only (version 5)
+# ------------------------------ stored entries: values only (version 5), against key lists (6)
 def _v4_file(path: Path, rows: list[tuple[int, str, int, str, int | None]], meta: dict[str, object]) -> None:
     """A file as version 4 wrote it: the same tables, rows keeping their whole entry."""
     from gateway import storefile
