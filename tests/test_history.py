@@ -205,6 +205,23 @@ async def test_reading_the_file_while_the_store_writes(tmp_path: Path) -> None:
             assert [e["values"]["i"] for e in db.entries("tank-a", base + 400, base + 600)] == [500]
 
 
+async def test_an_export_open_before_a_new_key_list_reads_the_rows_that_use_it(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "s.db"
+    base = int(T0 * 1000)
+    async with Store.open(path, max_rows=None, max_bytes=None) as store:
+        store.append("tank-a", base, {"ph": 6.0})
+        await store.flush()
+        with HistoryFile(path) as db:  # it read the file's key lists when it opened
+            store.append("tank-a", base + 1, {"ph": 6.1, "ec": 1.4})  # a list it does not know
+            await store.flush()
+            with db.snapshot():
+                assert [e["values"] for e in db.entries("tank-a", base, base + 10)] == [
+                    {"ph": 6.0}, {"ph": 6.1, "ec": 1.4}
+                ]
+
+
 async def test_backup_is_a_consistent_copy_while_the_store_writes(tmp_path: Path) -> None:
     path = tmp_path / "s.db"
     copy = tmp_path / "copy.db"
