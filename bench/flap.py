@@ -41,6 +41,7 @@ from typing import Any
 import aiomqtt
 import yaml
 
+from gateway.tasks import cancel_and_wait
 from sim.node import SimNode
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
@@ -269,9 +270,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             daemon.send_signal(signal.SIGTERM)
             code = daemon.wait(timeout=15)
             await node.close()
-            sub.cancel()
-            with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
-                await sub
+            await cancel_and_wait(sub)  # bounded: aiomqtt's exit may need a second cancel
             await gate.close()
         result = summary(rounds)
         result.update(readings=last, lost=lost, daemon_exit=code,

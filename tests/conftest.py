@@ -9,14 +9,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import faulthandler
 import gc
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
+import traceback
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +31,57 @@ from tests import leaks
 pytest_plugins = ["pytester"]  # tests/test_leaks.py runs the leak check on leaky tests
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+TEST_LIMIT_S = float(os.environ.get("HYDROGATE_TEST_LIMIT_S", "300"))
+"""Longest any one test may take, fixtures included (the slowest take about a minute)."""
+_terminal_stderr: list[int] = []  # a copy of the real descriptor 2, taken while not captured
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Output capture is paused here; while a test runs, descriptor 2 is pytest's file,
+    # which a process ended by the hang guard never prints.
+    _terminal_stderr.append(os.dup(sys.stderr.fileno()))
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    while _terminal_stderr:
+        os.close(_terminal_stderr.pop())
+
+
+def _hung(nodeid: str, fd: int) -> None:
+    """Print where a hung test is (each thread, each asyncio task), then end the run."""
+    with contextlib.suppress(BaseException), os.fdopen(os.dup(fd), "w") as out:
+        print(f"\n\n{nodeid} still runs after {TEST_LIMIT_S:.0f} s:", file=out)
+        names = {t.ident: t.name for t in threading.enumerate()}
+        for ident, frame in sys._current_frames().items():
+            print(f"\n--- thread {names.get(ident, ident)}, innermost calls", file=out)
+            traceback.print_stack(frame, limit=10, file=out)
+        loops = [o for o in gc.get_objects() if isinstance(o, asyncio.AbstractEventLoop)]
+        for task in (t for loop in loops if loop.is_running() for t in asyncio.all_tasks(loop)):
+            print(f"\n--- task {task.get_name()}", file=out)
+            task.print_stack(limit=10, file=out)
+        print(f"\nHUNG: {nodeid} (limit {TEST_LIMIT_S:.0f} s); the run ends here", file=out)
+    os._exit(3)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    """A hung test ends the run with where it hung printed, instead of holding CI until
+    its own time limit with nothing to show. faulthandler is the backstop for a thread
+    that holds the GIL."""
+    watchdog: threading.Timer | None = None
+    if _terminal_stderr:
+        fd = _terminal_stderr[0]
+        watchdog = threading.Timer(TEST_LIMIT_S, _hung, (item.nodeid, fd))
+        watchdog.name, watchdog.daemon = "test-hang-guard", True
+        watchdog.start()
+        faulthandler.dump_traceback_later(TEST_LIMIT_S + 30, exit=True, file=fd)
+    try:
+        return (yield)
+    finally:
+        if watchdog is not None:
+            watchdog.cancel()
+            watchdog.join()
+        faulthandler.cancel_dump_traceback_later()
 
 
 def free_port() -> int:

@@ -7,7 +7,6 @@ restart loses nothing addressed to it, and reconnects by itself.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import time
 from collections import Counter, defaultdict
@@ -15,6 +14,22 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiomqtt
+
+from gateway.tasks import cancel_and_wait
+
+
+async def stop_task(task: asyncio.Task[Any]) -> None:
+    """Stop a task that runs an aiomqtt client, bounded; raise what it failed with.
+
+    One cancel is not enough: cancelled while it connects or subscribes,
+    aiomqtt's exit waits for a disconnect with no time limit (a broker restarted
+    just before a test ends hung CI). `cancel_and_wait` cancels again, as the
+    daemon does; a task that still will not stop fails the test.
+    """
+    if not await cancel_and_wait(task):
+        raise AssertionError(f"task {task.get_name()} did not stop")
+    if not task.cancelled() and task.exception() is not None:
+        raise task.exception()  # type: ignore[misc]
 
 
 @dataclass
@@ -47,9 +62,7 @@ class Recorder:
 
     async def __aexit__(self, *exc: object) -> None:
         assert self._task is not None
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+        await stop_task(self._task)
 
     async def _run(self) -> None:
         while True:

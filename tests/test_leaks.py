@@ -57,8 +57,12 @@ def test_a_running_child_and_an_unreaped_one_are_named_until_waited_for() -> Non
     exited = subprocess.Popen(["true"])
     try:
         deadline = time.monotonic() + 10
-        while f"pid {exited.pid} [Z]" not in str(leaks.child_processes()):
-            assert time.monotonic() < deadline, "`true` did not exit"
+        # Until `true` has exited and `sleep` runs (not yet exec'd, or not yet asleep,
+        # on a loaded machine, it shows as this interpreter, or [R]).
+        while not {f"pid {exited.pid} [Z] true", f"pid {running.pid} [S] sleep 30"} <= set(
+            leaks.child_processes().values()
+        ):
+            assert time.monotonic() < deadline, "`true` did not exit or `sleep` did not start"
             time.sleep(0.01)
         found = leaks.leaked(before, leaks.snapshot())
         assert f"child pid {running.pid} [S] sleep 30" in found, found
@@ -115,3 +119,47 @@ def test_the_fixture_fails_the_tests_that_leak(
     # The left child was killed and reaped once reported: nothing of it outlives the run.
     pid = int((pytester.path / "child.pid").read_text())
     assert not Path(f"/proc/{pid}").exists()
+
+
+HANGING_TESTS = """
+import asyncio
+
+
+async def test_waits_for_nothing() -> None:
+    never = asyncio.Event()
+
+    async def waiter() -> None:
+        await never.wait()
+
+    await asyncio.create_task(waiter(), name="the-stuck-waiter")
+
+
+def test_never_runs() -> None:
+    pass
+"""
+
+
+def test_a_hung_test_ends_the_run_showing_where_it_waits(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    monkeypatch.setenv("HYDROGATE_TEST_LIMIT_S", "2")
+    pytester.makeconftest(
+        "from tests.conftest import pytest_configure, pytest_unconfigure  # noqa: F401\n"
+        "from tests.conftest import pytest_runtest_protocol  # noqa: F401\n"
+    )
+    pytester.makepyfile(test_hangs=HANGING_TESTS)
+    started = time.monotonic()
+    result = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "-o", "asyncio_mode=auto",
+        "-o", "asyncio_default_fixture_loop_scope=function", timeout=60,
+    )
+    assert result.ret == 3
+    assert time.monotonic() - started < 30
+    result.stderr.fnmatch_lines([
+        "*test_hangs.py::test_waits_for_nothing still runs after 2 s:*",
+        "*--- task the-stuck-waiter*",
+        "*in waiter*",
+        "*HUNG: test_hangs.py::test_waits_for_nothing (limit 2 s); the run ends here*",
+    ])
+    assert "test_never_runs" not in result.stdout.str() + result.stderr.str()

@@ -17,6 +17,7 @@ from gateway.config import ThingsBoardConfig
 from gateway.store import Store
 from gateway.uplink import Uplink
 from tests.conftest import FakeClock
+from tests.mqtt_recorder import stop_task
 
 DEVICES = ["tank-a", "tank-b"]
 
@@ -153,12 +154,7 @@ async def running(*coros: Any) -> AsyncIterator[list[asyncio.Task[None]]]:
         yield tasks
     finally:
         for task in tasks:
-            task.cancel()
-        for task in tasks:
-            # Bounded: a task that ignored its cancellation fails the test, never hangs it.
-            async with asyncio.timeout(15):
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            await stop_task(task)
 
 
 def make_uplink(
