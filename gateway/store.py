@@ -480,6 +480,7 @@ class Store:
             # Asked of the file read (the writer's, or a read-only view of a file that
             # could not be opened for writing, perhaps not migrated yet).
             stored_rows = self._writer.rows_for(conn)
+            keep = self._writer.history_days > 0  # their entries go to the history once sent
             cur = conn.execute(
                 "SELECT id, device, ts, entry FROM outbox WHERE id > ? AND id < ?"
                 " ORDER BY id LIMIT ?",
@@ -489,7 +490,7 @@ class Store:
             total = 0
             for rid, device, ts, stored in cur:
                 try:
-                    entry = stored_rows.entry(rid, ts, stored)
+                    entry = stored_rows.entry(rid, ts, stored, keep=keep)
                 except storefile.DamagedRow as exc:
                     log.error("%s: discarded", exc)
                     damaged.append(rid)

@@ -58,6 +58,9 @@ WAL_KEEP_BYTES = 1 << 20
 COUNTERS = ("received", "forwarded", "evicted", "duplicates_resent", "unstored")
 #: Key lists a file keeps at most: a reading with yet another list is kept as an object.
 MAX_KEYSETS = 4096
+#: Entries a peek keeps until their rows move to the history (`Rows.entry`): more
+#: than the uplink has in flight (gateway/uplink.py, PEEK_ROWS), a few MB at most.
+KEPT_ENTRIES = 32_768
 
 _OUTBOX = """
 CREATE TABLE outbox (
@@ -228,6 +231,7 @@ class Rows:
         self._new: list[int] = []
         self._top = 0  # the highest id in the table, a row that does not read included
         self._templates: dict[str, tuple[str, int] | None] = {}  # see _template
+        self._kept: dict[int, tuple[int, str]] = {}  # id -> (ts, entry), see entry(keep=True)
         self._load()
 
     def _load(self) -> None:
@@ -284,11 +288,30 @@ class Rows:
         self._new.clear()
 
     # ------------------------------------------------------------- reading
-    def entry(self, rid: int, ts: int, stored: str) -> str:
+    def entry(self, rid: int, ts: int, stored: str, *, keep: bool = False) -> str:
         """The entry (``{"ts":…,"values":{…}}``) of outbox row ``rid`` stamped ``ts``, as sent.
 
-        Raises DamagedRow for a row that does not read.
+        With ``keep`` (a peek, while forwarded rows go to the history), the entry
+        is also kept for `moved`, so that a row is not put together twice; at
+        most KEPT_ENTRIES, the oldest given up first. Raises DamagedRow for a
+        row that does not read.
         """
+        text = self._entry(rid, ts, stored)
+        if keep:
+            kept = self._kept
+            kept[rid] = (ts, text)
+            if len(kept) > KEPT_ENTRIES:
+                del kept[next(iter(kept))]
+        return text
+
+    def moved(self, rid: int, ts: int, stored: str) -> str:
+        """`entry` of a row leaving the outbox for the history: the one a peek kept, if any."""
+        found = self._kept.pop(rid, None)
+        if found is not None and found[0] == ts:
+            return found[1]
+        return self._entry(rid, ts, stored)
+
+    def _entry(self, rid: int, ts: int, stored: str) -> str:
         if rid < self.bare_from:
             return stored
         if stored[:1] != "[":

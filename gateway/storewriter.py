@@ -1201,7 +1201,7 @@ def _move_ids(
             for rid, device, ts, stored in found:
                 size += len(device) + len(stored)
                 try:
-                    out.append((device, ts, codec.entry(rid, ts, stored)))
+                    out.append((device, ts, codec.moved(rid, ts, stored)))
                 except storefile.DamagedRow as exc:  # forwarded all the same: not kept
                     log.error("%s: not kept in the history", exc)
             rows += len(found)

@@ -688,6 +688,34 @@ def test_a_key_list_rolled_back_with_its_rows_is_written_again(tmp_path: Path) -
         conn.close()
 
 
+def test_a_peeked_entry_is_kept_for_the_history_once_and_within_a_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from gateway import storefile
+
+    monkeypatch.setattr(storefile, "KEPT_ENTRIES", 3)
+    conn = sqlite3.connect(":memory:")
+    conn.executescript(storefile._SCHEMA)
+    rows = storefile.Rows(conn)
+    stored = rows.stored('{"ph":6.1}')
+    unreadable = "[99,1.0]"  # a list not in the file: put together, it raises
+    entry = rows.entry(1, 5, stored, keep=True)
+    assert rows.moved(1, 5, unreadable) is entry  # the peek's own, not read again
+    with pytest.raises(storefile.DamagedRow):
+        rows.moved(1, 5, unreadable)  # given once
+    rows.entry(2, 5, stored, keep=True)
+    assert rows.moved(2, 6, stored) == '{"ts":6,"values":{"ph":6.1}}'  # re-stamped since
+    for rid in (3, 4, 5, 6):
+        rows.entry(rid, 5, stored, keep=True)
+    with pytest.raises(storefile.DamagedRow):
+        rows.moved(3, 5, unreadable)  # the oldest, given up past the bound
+    assert [rows.moved(rid, 5, unreadable) for rid in (4, 5, 6)] == [entry] * 3
+    rows.entry(7, 5, stored)  # without keep (no history): nothing kept
+    with pytest.raises(storefile.DamagedRow):
+        rows.moved(7, 5, unreadable)
+    conn.close()
+
+
 async def test_a_file_keeps_a_bounded_number_of_key_lists(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
