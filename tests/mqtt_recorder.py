@@ -21,10 +21,11 @@ from gateway.tasks import cancel_and_wait
 async def stop_task(task: asyncio.Task[Any]) -> None:
     """Stop a task that runs an aiomqtt client, bounded; raise what it failed with.
 
-    One cancel is not enough: cancelled while it connects or subscribes,
-    aiomqtt's exit waits for a disconnect with no time limit (a broker restarted
-    just before a test ends hung CI). `cancel_and_wait` cancels again, as the
-    daemon does; a task that still will not stop fails the test.
+    One cancel is not always enough: cancelled just after the broker came back,
+    aiomqtt's exit can wait for a disconnect that never comes, with no time
+    limit (4 hangs in 150 broker restarts here; the suite's run in CI hung where
+    a test restarts its broker and ends). `cancel_and_wait` cancels again, as
+    the daemon does; a task that still will not stop fails the test.
     """
     if not await cancel_and_wait(task):
         raise AssertionError(f"task {task.get_name()} did not stop")
